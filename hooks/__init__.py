@@ -1,0 +1,1 @@
+"""nbdsnap server side: the nbd-server hooks, sessions and the libvirt boundary."""

@@ -1,0 +1,133 @@
+"""Command lines of nbd-prerun, nbd-postrun and nbdsnap: parsing and exits.
+
+nbd-server runs the hooks through /bin/sh with no terminal and throws their
+output away, so every outcome, including a bug's traceback, is logged (to
+syslog and stderr) before the process exits.
+"""
+
+import argparse
+import logging
+import sys
+import textwrap
+
+from . import config as config_mod
+from . import log as log_mod
+from .errors import Error, USAGE
+
+log = logging.getLogger("nbdsnap")
+
+EPILOG_CONFIG = """\
+environment:
+  NBDSNAP_CONFIG        configuration file (default /etc/nbdsnap.conf)
+  LIBVIRT_DEFAULT_URI   libvirt connection (default qemu:///system)
+"""
+
+
+def _run(prog, func, verbose=False):
+    """Run func() with logging set up; map outcomes to exit statuses."""
+    log_mod.setup(prog, verbose)
+    try:
+        return func()
+    except Error as e:
+        log.error("%s", e)
+        return e.status
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 1
+    except Exception:
+        # A bug.  nbd-server discards stderr, so make sure syslog has it.
+        log.critical("internal error, please report it", exc_info=True)
+        return 1
+
+
+def _load_config():
+    return config_mod.load()
+
+
+def _hook_parser(prog, description, statuses):
+    """The parser both hooks share: EXPORT, -v, and the exit statuses."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=textwrap.fill(description, 78),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="%s\n\n%s" % (textwrap.fill("exit status: " + statuses, 78),
+                               EPILOG_CONFIG))
+    p.add_argument("export", metavar="EXPORT",
+                   help="the exported path (nbd-server's %%s)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log debugging detail too")
+    return p
+
+
+def prerun_main(argv=None):
+    p = _hook_parser(
+        "nbd-prerun",
+        "Freeze the base disk behind an nbd-server export for this "
+        "connection: the first connection takes an external disk-only "
+        "libvirt snapshot, later ones join it.  Run from nbd-server's config "
+        "as 'prerun = nbd-prerun %s'.",
+        "0 serve the export, 1 refused (see syslog), 2 usage or "
+        "configuration error")
+    p.add_argument("--domain", help="skip the search: the domain's name "
+                   "(still checked against EXPORT)")
+    p.add_argument("--disk", metavar="TARGET",
+                   help="skip the search: the disk's target, e.g. vda")
+    p.add_argument("--quiesce", choices=config_mod.QUIESCE_POLICIES,
+                   help="override the configuration's quiesce policy")
+    args = p.parse_args(argv)
+    if bool(args.domain) != bool(args.disk):
+        p.error("--domain and --disk go together")
+
+    def run():
+        from .freeze import Freezer
+        Freezer(_load_config()).prerun(args.export, quiesce=args.quiesce,
+                                       domain=args.domain, disk=args.disk)
+        return 0
+    return _run("nbd-prerun", run, args.verbose)
+
+
+def postrun_main(argv=None):
+    p = _hook_parser(
+        "nbd-postrun",
+        "Release this connection's hold on a frozen export; the last live "
+        "connection commits the overlay back into the base and removes it.  "
+        "Run from nbd-server's config as 'postrun = nbd-postrun %s'.",
+        "0 released or committed, 1 left for recovery (see syslog and "
+        "'nbdsnap status')")
+    args = p.parse_args(argv)
+
+    def run():
+        from .freeze import Freezer
+        Freezer(_load_config()).postrun(args.export)
+        return 0
+    return _run("nbd-postrun", run, args.verbose)
+
+
+def nbdsnap_main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="nbdsnap",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Inspect nbdsnap's freezes of libvirt disks.",
+        epilog=EPILOG_CONFIG)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    st = sub.add_parser(
+        "status", help="list sessions, holders and overlays",
+        description="List every session: export, domain, disk, phase, "
+                    "holders (alive or dead), overlay and its size, age and "
+                    "consistency.  Exit status 0.")
+    st.add_argument("--json", action="store_true",
+                    help="machine-readable output")
+    args = p.parse_args(argv)
+
+    def status():
+        from . import status as status_mod
+        entries = status_mod.collect(_load_config())
+        print(status_mod.format_json(entries) if args.json
+              else status_mod.format_text(entries))
+        return 0
+    if args.command == "status":
+        return _run("nbdsnap", status)
+    return USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(nbdsnap_main())

@@ -1,0 +1,95 @@
+"""Settings from /etc/nbdsnap.conf (or the file named by NBDSNAP_CONFIG).
+
+The file is INI with one section, ``[nbdsnap]``.  A missing default file
+means all defaults; a file named by NBDSNAP_CONFIG must exist.
+"""
+
+import configparser
+import dataclasses
+import os
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/nbdsnap.conf"
+SECTION = "nbdsnap"
+QUIESCE_POLICIES = ("require", "try", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Session state files and locks (root only).
+    state_dir: str = "/var/lib/nbdsnap"
+    # Where overlays go; QEMU (libvirt-qemu) must be able to reach it.
+    snapshot_dir: str = "/var/lib/nbdsnap/overlays"
+    # Quiesce the guest's filesystems through the guest agent.
+    quiesce: str = "try"
+    # Seconds a hook waits for another hook holding the same disk's lock.
+    lock_timeout: float = 120.0
+    # Seconds the block commit may take before it is cancelled.
+    commit_timeout: float = 600.0
+    # Where the configuration came from, for messages.
+    path: str = ""
+
+    @property
+    def locks_dir(self):
+        return os.path.join(self.state_dir, "locks")
+
+    @property
+    def sessions_dir(self):
+        return os.path.join(self.state_dir, "sessions")
+
+
+def load(path=None):
+    """Return the Config from ``path``, NBDSNAP_CONFIG or the default file."""
+    explicit = path or os.environ.get("NBDSNAP_CONFIG")
+    path = explicit or DEFAULT_PATH
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("configuration file %s does not exist" % path)
+        return Config(path="(defaults)")
+    except (OSError, configparser.Error) as e:
+        raise ConfigError("cannot read configuration %s: %s" % (path, e))
+
+    if not parser.has_section(SECTION):
+        return Config(path=path)
+    values = dict(parser.items(SECTION))
+    known = {f.name for f in dataclasses.fields(Config)} - {"path"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError("%s: unknown setting %s in [%s]"
+                          % (path, ", ".join(unknown), SECTION))
+    return _validated(values, path)
+
+
+def _validated(values, path):
+    kw = {"path": path}
+    for name in ("state_dir", "snapshot_dir"):
+        if name in values:
+            if not os.path.isabs(values[name]):
+                raise ConfigError("%s: %s must be an absolute path, not %r"
+                                  % (path, name, values[name]))
+            kw[name] = os.path.normpath(values[name])
+    if "quiesce" in values:
+        kw["quiesce"] = parse_quiesce(values["quiesce"], path)
+    for name in ("lock_timeout", "commit_timeout"):
+        if name in values:
+            try:
+                kw[name] = float(values[name])
+            except ValueError:
+                kw[name] = -1.0
+            if kw[name] <= 0:
+                raise ConfigError("%s: %s must be a positive number of "
+                                  "seconds, not %r" % (path, name, values[name]))
+    return Config(**kw)
+
+
+def parse_quiesce(value, where="--quiesce"):
+    value = value.strip().lower()
+    if value not in QUIESCE_POLICIES:
+        raise ConfigError("%s: quiesce must be one of %s, not %r"
+                          % (where, ", ".join(QUIESCE_POLICIES), value))
+    return value

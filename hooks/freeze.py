@@ -1,0 +1,305 @@
+"""What nbd-prerun and nbd-postrun do: freeze a base disk, release it.
+
+Everything here runs under the base disk's lock, held across the
+read-modify-write of the session state and the libvirt calls, so that the
+4 connections of one nbdcopy, in any interleaving, make one freeze.
+"""
+
+import logging
+import os
+import stat
+import time
+
+from . import locate, procs, sessions, virt
+from . import domxml
+from .errors import CommitFailed, NotFound, Stale, Unsupported, VirtError
+from .sessions import FROZEN, OFFLINE, ONLINE
+
+log = logging.getLogger(__name__)
+
+OVERLAY_PREFIX = "nbdsnap-"
+
+
+def describe(state):
+    """The words every log line about a session carries."""
+    return "session %s (domain %s disk %s export %s)" % (
+        state["id"], state["domain"], state["disk"], state["export"])
+
+
+def disk_key(export):
+    try:
+        return sessions.disk_key(os.stat(export))
+    except OSError as e:
+        raise NotFound("cannot open export %s: %s" % (export, e.strerror))
+
+
+class Freezer:
+    """The hooks' operations for one configuration."""
+
+    def __init__(self, config):
+        self.config = config
+        self.store = sessions.SessionStore(config)
+
+    def is_ours(self, path):
+        return (path is not None
+                and os.path.dirname(os.path.normpath(path))
+                == self.config.snapshot_dir
+                and os.path.basename(path).startswith(OVERLAY_PREFIX))
+
+    # -- prerun ------------------------------------------------------------
+
+    def prerun(self, export, quiesce=None, domain=None, disk=None,
+               holder=None):
+        """Freeze export's base for this connection; return the session."""
+        self.store.prepare()
+        key = disk_key(export)
+        holder = holder or procs.connection_holder()
+        with self.store.lock(key):
+            state = self.store.load(key)
+            if state is not None:
+                return self._join(state, holder, export)
+            conn = virt.connect()
+            try:
+                return self._freeze(conn, export, key, holder, domain, disk,
+                                    quiesce or self.config.quiesce)
+            finally:
+                conn.close()
+
+    def _join(self, state, holder, export):
+        verdict = sessions.assess(state, procs.is_alive)
+        if verdict == sessions.LIVE:
+            state = sessions.join(state, holder)
+            self.store.save(state)
+            log.info("%s: joined by pid %d, %d holders", describe(state),
+                     holder.pid, len(state["holders"]))
+            return state
+        why = ("its commit failed: %s" % state.get("error")
+               if verdict == sessions.BROKEN else
+               "no holder of it is alive (phase %s)" % state["phase"])
+        raise Stale("%s is stale, %s; refusing until "
+                    "'nbdsnap recover %s' has run"
+                    % (describe(state), why, export))
+
+    def _locate(self, conn, export, key, domain, disk):
+        if domain or disk:
+            if not (domain and disk):
+                raise NotFound("--domain and --disk go together")
+            found = virt.lookup(conn, name=domain)
+            if found is None:
+                raise NotFound("no libvirt domain is named %s" % domain)
+            dom, parsed = found
+            return dom, locate.check_named(parsed, disk, export, key,
+                                           locate.key_of, self.is_ours)
+        doms = virt.all_domains(conn)
+        found = locate.matches([p for _, p in doms], key, locate.key_of,
+                               self.is_ours)
+        match = locate.choose(found, export, len(doms))
+        dom = next(d for d, p in doms if p is match.domain)
+        return dom, match
+
+    def _freeze(self, conn, export, key, holder, domain, disk, quiesce):
+        dom, match = self._locate(conn, export, key, domain, disk)
+        where = "domain %s disk %s export %s" % (match.domain.name,
+                                                  match.disk.target, export)
+        if match.how == locate.FROZEN:
+            raise Stale("%s runs on overlay %s from an earlier freeze that "
+                        "has no session; refusing until 'nbdsnap recover "
+                        "%s' has run" % (where, match.disk.top.path, export))
+        dstate = virt.state(dom)
+        base = match.disk.top.path
+        if dstate == virt.SHUTOFF:
+            state = sessions.new_session(
+                key, export, match.domain.name, match.domain.uuid,
+                match.disk.target, base, OFFLINE, holder)
+            self.store.save(state)
+            log.info("%s: domain is shut off, nothing to snapshot; frozen "
+                     "for pid %d", describe(state), holder.pid)
+            return state
+        if dstate not in (virt.RUNNING, virt.PAUSED):
+            raise Unsupported("%s: domain is %s; it can be frozen only when "
+                              "running, paused or shut off" % (where, dstate))
+        return self._snapshot(dom, match, export, key, holder, base, quiesce)
+
+    def _overlay_path(self, match, session_id):
+        return os.path.join(self.config.snapshot_dir, "%s%s-%s-%s.qcow2" % (
+            OVERLAY_PREFIX, match.domain.uuid, match.disk.target, session_id))
+
+    def _snapshot(self, dom, match, export, key, holder, base, quiesce):
+        state = sessions.new_session(key, export, match.domain.name,
+                                     match.domain.uuid, match.disk.target,
+                                     base, ONLINE, holder)
+        overlay = self._overlay_path(match, state["id"])
+        state["overlay"] = overlay
+        # Never over an existing path or a planted symlink.  snapshot_dir is
+        # root's and closed to others (SessionStore.prepare), so nothing can
+        # appear there between this check and libvirt's create.
+        if os.path.lexists(overlay):
+            raise Unsupported("overlay path %s already exists" % overlay)
+        self.store.save(state)          # intent: before the snapshot call
+        log.info("%s: snapshot into %s (quiesce %s)", describe(state),
+                 overlay, quiesce)
+        try:
+            consistency = self._take(dom, match.domain, match.disk.target,
+                                     overlay, quiesce, state)
+        except BaseException:
+            self._undo_intent(dom, match.disk.target, overlay, state)
+            raise
+        state = sessions.with_phase(state, FROZEN, consistency=consistency)
+        self.store.save(state)
+        log.info("%s: frozen (%s) for pid %d", describe(state), consistency,
+                 holder.pid)
+        return state
+
+    def _take(self, dom, domain, target, overlay, quiesce, state):
+        xml = domxml.snapshot_xml(domain, target, overlay,
+                                  "nbdsnap %s" % describe(state))
+        if quiesce == "off":
+            virt.snapshot(dom, xml, quiesce=False)
+            return "crash-consistent"
+        try:
+            virt.snapshot(dom, xml, quiesce=True)
+            return "quiesced"
+        except VirtError as e:
+            if quiesce == "require":
+                raise VirtError("%s (quiesce = require)" % e)
+            log.warning("%s: quiesced snapshot failed (%s); taking it "
+                        "crash-consistent (quiesce = try)", describe(state), e)
+        self._remove_unused(dom, target, overlay)
+        virt.snapshot(dom, xml, quiesce=False)
+        return "crash-consistent"
+
+    def _remove_unused(self, dom, target, overlay):
+        """Remove an overlay of ours that a failed snapshot left behind."""
+        if not os.path.lexists(overlay):
+            return
+        disk = domxml.find_disk(virt.reread(dom), target)
+        if disk is not None and overlay in [l.path for l in disk.layers]:
+            raise Unsupported("snapshot failed but the domain uses %s"
+                              % overlay)
+        os.unlink(overlay)
+
+    def _undo_intent(self, dom, target, overlay, state):
+        try:
+            self._remove_unused(dom, target, overlay)
+        except Exception as e:   # keep the intent: recovery will see it
+            log.error("%s: snapshot failed and the intent is kept for "
+                      "recovery: %s", describe(state), e)
+            return
+        self.store.delete(state["key"])
+
+    # -- postrun -----------------------------------------------------------
+
+    def postrun(self, export, holder=None):
+        """Release this connection; the last live holder commits.
+
+        Returns the session as it was when released, or None if this
+        connection held nothing.
+        """
+        self.store.prepare()
+        key = disk_key(export)
+        holder = holder or procs.connection_holder()
+        with self.store.lock(key):
+            state = self.store.load(key)
+            if state is None:
+                log.warning("no session for export %s; nothing to release "
+                            "(pid %d)", export, holder.pid)
+                return None
+            new, was, left = sessions.leave(state, holder, procs.is_alive)
+            if not was:
+                log.warning("%s: pid %d holds no part of it; nothing to "
+                            "release", describe(state), holder.pid)
+                return None
+            if left or state["phase"] != FROZEN:
+                self.store.save(new)
+                log.info("%s: released by pid %d, %d live holders left",
+                         describe(new), holder.pid, len(left))
+                return new
+            if new["mode"] == OFFLINE:
+                return self._end_offline(new)
+            return self._commit(new)
+
+    def _end_offline(self, state):
+        conn = None
+        try:
+            conn = virt.connect()
+            found = virt.lookup(conn, uuid=state["uuid"])
+            if found and virt.state(found[0]) != virt.SHUTOFF:
+                log.warning("%s: the domain was started during the freeze; "
+                            "copies taken meanwhile may be inconsistent",
+                            describe(state))
+        except VirtError as e:
+            log.warning("%s: cannot check the domain: %s", describe(state), e)
+        finally:
+            if conn is not None:
+                conn.close()
+        self.store.delete(state["key"])
+        log.info("%s: ended; the domain was shut off, nothing to commit",
+                 describe(state))
+        return state
+
+    def _commit(self, state):
+        state = sessions.with_phase(state, sessions.COMMITTING)
+        self.store.save(state)
+        started = time.monotonic()
+        log.info("%s: last holder gone; committing %s", describe(state),
+                 state["overlay"])
+        try:
+            self._merge(state)
+        except (CommitFailed, VirtError, NotFound, Unsupported) as e:
+            failed = sessions.with_phase(state, sessions.FAILED, error=str(e))
+            self.store.save(failed)
+            raise CommitFailed("%s: %s; overlay %s kept, run 'nbdsnap "
+                               "recover %s'" % (describe(state), e,
+                                                state["overlay"],
+                                                state["export"]))
+        size = _size(state["overlay"])
+        os.unlink(state["overlay"])
+        self.store.delete(state["key"])
+        log.info("%s: committed %s of overlay in %.2f s; domain back on its "
+                 "base, overlay removed", describe(state), _human(size),
+                 time.monotonic() - started)
+        return state
+
+    def _merge(self, state):
+        conn = virt.connect()
+        try:
+            found = virt.lookup(conn, uuid=state["uuid"])
+            if found is None:
+                raise NotFound("the domain was undefined during the freeze")
+            dom, parsed = found
+            dstate = virt.state(dom)
+            if dstate not in (virt.RUNNING, virt.PAUSED):
+                raise Unsupported("the domain is %s: it was stopped during "
+                                  "the freeze, so it needs an offline "
+                                  "commit" % dstate)
+            disk = domxml.find_disk(parsed, state["disk"])
+            if disk is None or disk.top.path != state["overlay"]:
+                raise Unsupported("disk %s no longer runs on the overlay"
+                                  % state["disk"])
+            if locate.relation(disk, state["key"], locate.key_of,
+                               self.is_ours) != locate.FROZEN:
+                raise Unsupported("the overlay's backing file is no longer "
+                                  "the exported base")
+            virt.commit(conn, dom, state["disk"], self.config.commit_timeout)
+            disk = domxml.find_disk(virt.reread(dom), state["disk"])
+            if (disk is None or locate.key_of(disk.top.path) != state["key"]
+                    or state["overlay"] in [l.path for l in disk.layers]):
+                raise CommitFailed("after the pivot disk %s is not back on "
+                                   "its base" % state["disk"])
+        finally:
+            conn.close()
+
+
+def _size(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0
+    return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else 0
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return "%.0f %s" % (n, unit) if unit == "B" else "%.1f %s" % (n, unit)
+        n /= 1024

@@ -1,0 +1,44 @@
+"""Logging for commands that nbd-server runs with no terminal.
+
+Every record goes to syslog (facility daemon, tagged ``prog[pid]``) and to
+stderr as ``prog: message``.  nbd-server throws the hooks' output away, so
+syslog is where an operator finds what a hook decided; when /dev/log is
+missing (no syslog daemon) the hooks go on with stderr alone.
+"""
+
+import logging
+import logging.handlers
+import os
+import sys
+
+SYSLOG_SOCKET = "/dev/log"
+
+
+class _QuietSyslogHandler(logging.handlers.SysLogHandler):
+    # A syslog daemon that goes away must not turn a hook's decision into a
+    # "--- Logging error ---" traceback on stderr: the stderr handler still
+    # has the record.
+    def handleError(self, record):
+        pass
+
+
+def setup(prog, verbose=False):
+    """Route the root logger to syslog and stderr for command ``prog``."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter(prog + ": %(message)s"))
+    root.addHandler(stderr)
+
+    try:
+        syslog = _QuietSyslogHandler(
+            address=SYSLOG_SOCKET,
+            facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        return
+    syslog.ident = "%s[%d]: " % (prog, os.getpid())
+    syslog.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(syslog)

@@ -1,0 +1,278 @@
+"""Sessions: one freeze of one base disk, shared by every connection to it.
+
+A session's life, one JSON file per base disk, under that disk's lock::
+
+      (no file)  --prerun, domain running-->  intent --snapshot--> frozen
+          ^      --prerun, domain shut off------------------------> frozen
+          |                                                          |
+          |           last live holder's postrun                     |
+          +---- (file removed) <-- committing <----------------------+
+                                        |
+                                        +--commit fails--> failed
+
+"intent" is written before the snapshot call and "committing" before the
+commit, so a hook that dies half way leaves a trace that recovery reads.
+Holders are the nbd-server children serving the session's connections; a
+session none of whose holders is alive is stale.
+
+The functions on states are pure; SessionStore does the I/O.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import stat
+import tempfile
+import time
+
+from . import procs
+from .errors import ConfigError, CorruptState, LockTimeout
+
+VERSION = 1
+
+INTENT = "intent"
+FROZEN = "frozen"
+COMMITTING = "committing"
+FAILED = "failed"
+PHASES = (INTENT, FROZEN, COMMITTING, FAILED)
+
+ONLINE = "online"     # the domain ran: an overlay takes its writes
+OFFLINE = "offline"   # the domain was shut off: nothing to snapshot
+
+# What assess() says of a session seen under its lock.
+LIVE = "live"         # frozen, with at least one live holder: join it
+STALE = "stale"       # no live holder, or a hook died half way
+BROKEN = "failed"     # a commit failed: left for recovery
+
+
+# -- pure state ------------------------------------------------------------
+
+def disk_key(st):
+    """A file name that is the same for every path to the same disk.
+
+    Block devices by device number (so /dev/vg/lv, /dev/mapper/vg-lv and
+    /dev/dm-3 share it), files by device and inode.
+    """
+    if stat.S_ISBLK(st.st_mode):
+        return "b-%d-%d" % (os.major(st.st_rdev), os.minor(st.st_rdev))
+    return "f-%x-%d" % (st.st_dev, st.st_ino)
+
+
+def new_session(key, export, domain, uuid, disk, base, mode, holder,
+                overlay=None, consistency=None, now=None):
+    now = time.time() if now is None else now
+    return {
+        "version": VERSION,
+        "id": "%s-%s" % (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)),
+                         secrets.token_hex(3)),
+        "key": key,
+        "export": export,
+        "domain": domain,
+        "uuid": uuid,
+        "disk": disk,
+        "base": base,
+        "mode": mode,
+        "phase": INTENT if mode == ONLINE else FROZEN,
+        "overlay": overlay,
+        "consistency": consistency or ("offline" if mode == OFFLINE else None),
+        "holders": [holder.to_json()],
+        "created": now,
+        "updated": now,
+        "error": None,
+    }
+
+
+def holders(state):
+    return [procs.Holder.from_json(h) for h in state["holders"]]
+
+
+def live_holders(state, alive):
+    return [h for h in holders(state) if alive(h)]
+
+
+def assess(state, alive):
+    """What a hook holding the lock may do with an existing session.
+
+    intent and committing are only ever seen under the lock when the hook
+    that wrote them died before it finished: they are stale.
+    """
+    if state["phase"] == FAILED:
+        return BROKEN
+    if state["phase"] == FROZEN and live_holders(state, alive):
+        return LIVE
+    return STALE
+
+
+def with_phase(state, phase, now=None, **changes):
+    new = dict(state, phase=phase, **changes)
+    new["updated"] = time.time() if now is None else now
+    return new
+
+
+def join(state, holder, now=None):
+    """Add a holder (a second hook run for the same connection is a no-op)."""
+    hs = state["holders"]
+    if holder.to_json() not in hs:
+        hs = hs + [holder.to_json()]
+    return with_phase(state, state["phase"], now=now, holders=hs)
+
+
+def leave(state, holder, alive, now=None):
+    """Remove holder; return (new state, was it a holder, live holders left)."""
+    me = holder.to_json()
+    was = me in state["holders"]
+    rest = [h for h in state["holders"] if h != me]
+    new = with_phase(state, state["phase"], now=now, holders=rest)
+    left = [h for h in holders(new) if alive(h)]
+    return new, was, left
+
+
+# -- the store -------------------------------------------------------------
+
+def _secure_dir(path, mode):
+    """Create path (and parents) or check that it is ours and safe.
+
+    Hooks run as root: a directory that others can write, or a symlink
+    planted in its place, could redirect an overlay or a state file.
+    """
+    try:
+        os.makedirs(path, mode=mode, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("cannot create %s: %s" % (path, e.strerror))
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError("%s is not a directory (a symlink?)" % path)
+    if st.st_uid != os.geteuid():
+        raise ConfigError("%s belongs to uid %d, not to us (uid %d)"
+                          % (path, st.st_uid, os.geteuid()))
+    if st.st_mode & 0o022:
+        raise ConfigError("%s is writable by group or others (mode %o)"
+                          % (path, stat.S_IMODE(st.st_mode)))
+
+
+class DiskLock:
+    """An exclusive flock on one base disk's lock file.
+
+    flock, not a lock file that exists or not: the kernel releases it when
+    the holder dies, even by SIGKILL, so a crashed hook never wedges a disk.
+    """
+
+    def __init__(self, path, timeout, poll=0.05):
+        self.path = path
+        self.timeout = timeout
+        self.poll = poll
+        self.fd = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise LockTimeout(
+                    "another nbdsnap process has held the lock %s for more "
+                    "than %g s; giving up" % (self.path, self.timeout))
+            time.sleep(self.poll)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)   # closing the last descriptor releases the flock
+        self.fd = None
+
+
+class SessionStore:
+    def __init__(self, config):
+        self.config = config
+
+    def prepare(self):
+        """Create or check state_dir, its sub-folders and snapshot_dir."""
+        # state_dir must be traversable when snapshot_dir lies inside it,
+        # so that QEMU (libvirt-qemu) can reach the overlays; the session
+        # and lock folders below it stay root-only.
+        _secure_dir(self.config.state_dir, 0o711)
+        _secure_dir(self.config.sessions_dir, 0o700)
+        _secure_dir(self.config.locks_dir, 0o700)
+        _secure_dir(self.config.snapshot_dir, 0o711)
+
+    def lock(self, key):
+        return DiskLock(os.path.join(self.config.locks_dir, key + ".lock"),
+                        self.config.lock_timeout)
+
+    def _path(self, key):
+        return os.path.join(self.config.sessions_dir, key + ".json")
+
+    def load(self, key):
+        """The session of disk key, or None.  CorruptState if unreadable."""
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise CorruptState("cannot open session state %s: %s"
+                               % (path, e.strerror))
+        with os.fdopen(fd, encoding="utf-8") as f:
+            try:
+                state = json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CorruptState("session state %s is corrupt: %s"
+                                   % (path, e))
+        if (not isinstance(state, dict) or state.get("version") != VERSION
+                or state.get("phase") not in PHASES
+                or state.get("key") != key):
+            raise CorruptState("session state %s is not a version %d "
+                               "session of this disk" % (path, VERSION))
+        return state
+
+    def save(self, state):
+        """Write atomically: temp file 0600, fsync, rename, fsync folder."""
+        folder = self.config.sessions_dir
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(state, f, sort_keys=True, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path(state["key"]))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        _fsync_dir(folder)
+
+    def delete(self, key):
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.config.sessions_dir)
+
+    def keys(self):
+        try:
+            names = os.listdir(self.config.sessions_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names
+                      if n.endswith(".json") and not n.startswith("."))
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

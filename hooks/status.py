@@ -1,0 +1,85 @@
+"""nbdsnap status: what every session looks like now."""
+
+import json
+import os
+import time
+
+from . import procs, sessions
+from .errors import CorruptState
+
+
+def collect(config, now=None):
+    """One dict per session file; a corrupt file is an entry too."""
+    store = sessions.SessionStore(config)
+    now = time.time() if now is None else now
+    boot = procs.boot_id()
+    result = []
+    for key in store.keys():
+        try:
+            state = store.load(key)
+        except CorruptState as e:
+            result.append({"key": key, "phase": "corrupt", "error": str(e),
+                           "verdict": "corrupt"})
+            continue
+        if state is None:      # ended while we listed
+            continue
+        alive = lambda h: procs.is_alive(h, boot)   # noqa: E731
+        entry = dict(state)
+        entry["holders"] = [dict(h.to_json(), alive=alive(h))
+                            for h in sessions.holders(state)]
+        entry["verdict"] = sessions.assess(state, alive)
+        entry["age"] = round(now - state["created"], 1)
+        entry["overlay_bytes"] = _allocated(state.get("overlay"))
+        result.append(entry)
+    return result
+
+
+def _allocated(path):
+    if not path:
+        return None
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return None
+
+
+def format_json(entries):
+    return json.dumps({"sessions": entries}, sort_keys=True, indent=2)
+
+
+def format_text(entries):
+    if not entries:
+        return "no sessions: every exported disk is clean"
+    lines = []
+    for e in entries:
+        if e["phase"] == "corrupt":
+            lines.append("%s: CORRUPT: %s" % (e["key"], e["error"]))
+            continue
+        holders = ", ".join("%d (%s)" % (h["pid"], "alive" if h["alive"]
+                                         else "dead")
+                            for h in e["holders"]) or "none"
+        lines.append("%s  %s" % (e["export"], e["verdict"].upper()))
+        lines.append("    session      %s" % e["id"])
+        lines.append("    domain/disk  %s %s (%s)" % (e["domain"], e["disk"],
+                                                     e["mode"]))
+        lines.append("    phase        %s, %s old" % (e["phase"],
+                                                      _age(e["age"])))
+        lines.append("    consistency  %s" % (e["consistency"] or "-"))
+        lines.append("    holders      %s" % holders)
+        if e.get("overlay"):
+            size = e["overlay_bytes"]
+            lines.append("    overlay      %s (%s)" % (
+                e["overlay"], "missing" if size is None
+                else "%d bytes allocated" % size))
+        if e.get("error"):
+            lines.append("    error        %s" % e["error"])
+    return "\n".join(lines)
+
+
+def _age(seconds):
+    seconds = int(seconds)
+    if seconds < 120:
+        return "%d s" % seconds
+    if seconds < 7200:
+        return "%d min" % (seconds // 60)
+    return "%.1f h" % (seconds / 3600)
