@@ -1,0 +1,1 @@
+"""nbd-verify: prove that a copy of a disk image equals the frozen base."""
