@@ -1,0 +1,417 @@
+"""The lab: real parts for the tests, the demo and the benchmarks.
+
+Used by the real tests (tests/real), the demo (lab/demo.py) and the
+benchmarks (lab/bench.py).  Everything runs as root on this machine: domains are
+software-emulated (type='qemu') and need no operating system, nbd-server
+listens on a loopback port of its own, clients are userspace (nbdcopy and
+the tiny NBD client below).
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid as uuid_mod
+
+import libvirt
+import libvirt_qemu
+
+URI = "qemu:///system"
+# The hooks are the entry points installed beside the running interpreter.
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def wait_until(pred, timeout=30.0, interval=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out after %g s waiting for %s"
+                               % (timeout, what))
+        time.sleep(interval)
+
+
+# -- the host ----------------------------------------------------------------
+
+def _running(name):
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open("/proc/%s/comm" % pid) as f:
+                    if f.read().strip() == name:
+                        return True
+            except OSError:
+                pass
+    return False
+
+
+def _libvirt_answers():
+    try:
+        libvirt.open(URI).close()
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
+def ensure_host():
+    """/dev/kvm with Debian's permissions, virtlogd and libvirtd running.
+
+    With /dev/kvm root-only, libvirt re-probes QEMU on every define (about
+    40 s here); with group kvm it takes a fraction of a second.
+    """
+    libvirt.registerErrorHandler(lambda *a: None, None)
+    if os.path.exists("/dev/kvm"):
+        st = os.stat("/dev/kvm")
+        if st.st_mode & 0o060 != 0o060:
+            subprocess.run(["chgrp", "kvm", "/dev/kvm"], check=True)
+            os.chmod("/dev/kvm", 0o660)
+    if not _running("virtlogd"):
+        subprocess.run(["virtlogd", "-d"], check=True)
+    if not _libvirt_answers():
+        if not _running("libvirtd"):
+            subprocess.run(["libvirtd", "-d"], check=True)
+        wait_until(_libvirt_answers, 60, 0.2, "libvirtd to answer")
+
+
+def workdir(prefix="nbdsnap-lab-"):
+    """A folder QEMU (user libvirt-qemu) can reach: 0711, not in /tmp."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
+    os.chmod(path, 0o711)
+    return path
+
+
+def write_config(path, state_dir, snapshot_dir, **settings):
+    lines = ["[nbdsnap]", "state_dir = %s" % state_dir,
+             "snapshot_dir = %s" % snapshot_dir]
+    lines += ["%s = %s" % kv for kv in settings.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+# -- images ------------------------------------------------------------------
+
+def make_image(path, size_mib, fmt="raw", backing=None, backing_fmt="raw",
+               fill=None):
+    """A raw or qcow2 image; fill=byte writes that pattern over all of it."""
+    cmd = ["qemu-img", "create", "-q", "-f", fmt]
+    if backing:
+        cmd += ["-b", backing, "-F", backing_fmt]
+    cmd += [path]
+    if not backing:
+        cmd += ["%dM" % size_mib]
+    subprocess.run(cmd, check=True)
+    if fill is not None:
+        with open(path, "r+b") as f:
+            chunk = bytes([fill]) * (1 << 20)
+            for _ in range(size_mib):
+                f.write(chunk)
+    return path
+
+
+def read_range(path, offset, length):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def loop_device(image):
+    dev = subprocess.run(["losetup", "-f", "--show", image], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+# -- domains -----------------------------------------------------------------
+
+def disk_xml(path, target, kind="file", fmt="raw", device="disk",
+             shareable=False):
+    attr = "dev" if kind == "block" else "file"
+    source = "<source %s='%s'/>" % (attr, path) if path else ""
+    bus = "virtio" if device == "disk" else "sata"
+    extra = "<shareable/>" if shareable else ""
+    if device == "cdrom":
+        extra += "<readonly/>"
+    return ("<disk type='%s' device='%s'><driver name='qemu' type='%s'/>%s"
+            "<target dev='%s' bus='%s'/>%s</disk>"
+            % (kind, device, fmt, source, target, bus, extra))
+
+
+def domain_xml(name, disks):
+    return textwrap.dedent("""\
+        <domain type='qemu'>
+          <name>%s</name>
+          <uuid>%s</uuid>
+          <memory unit='MiB'>64</memory>
+          <vcpu>1</vcpu>
+          <os><type arch='x86_64' machine='pc'>hvm</type></os>
+          <on_poweroff>destroy</on_poweroff>
+          <devices>
+            %s
+            <controller type='sata' index='0'/>
+          </devices>
+        </domain>
+        """) % (name, uuid_mod.uuid4(), "\n    ".join(disks))
+
+
+class Lab:
+    """Domains and servers made by one test, all removed by close()."""
+
+    def __init__(self):
+        ensure_host()
+        self.conn = libvirt.open(URI)
+        self.domains = []
+        self.servers = []
+
+    def define(self, name, disks, start=True):
+        dom = self.conn.defineXML(domain_xml(name, disks))
+        self.domains.append(dom)
+        if start:
+            dom.create()
+        return dom
+
+    def close(self):
+        for server in self.servers:
+            server.stop()
+        for dom in self.domains:
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.isActive():
+                    dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefine()
+        self.conn.close()
+
+    def nbd_server(self, folder, exports, env):
+        server = NbdServer(folder, exports, env)
+        server.start()
+        self.servers.append(server)
+        return server
+
+
+def disk_alias(dom, target):
+    from lxml import etree
+    root = etree.fromstring(dom.XMLDesc(0).encode())
+    for d in root.findall("devices/disk"):
+        if d.find("target").get("dev") == target:
+            return d.find("alias").get("name")
+    raise KeyError(target)
+
+
+def disk_source(dom, target, inactive=False):
+    from lxml import etree
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+    root = etree.fromstring(dom.XMLDesc(flags).encode())
+    for d in root.findall("devices/disk"):
+        if d.find("target").get("dev") == target:
+            src = d.find("source")
+            return src.get("file") or src.get("dev")
+    raise KeyError(target)
+
+
+def _qemu_io(dom, target, command):
+    hmp = 'qemu-io -d /machine/peripheral/%s/virtio-backend "%s"' % (
+        disk_alias(dom, target), command)
+    return libvirt_qemu.qemuMonitorCommand(
+        dom, hmp, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+
+def guest_write(dom, target, pattern, offset, length):
+    """Write as if the guest did, through the disk's active layer."""
+    out = _qemu_io(dom, target, "write -P 0x%02x %d %d"
+                   % (pattern, offset, length))
+    if "error" in out.lower() or "failed" in out.lower():
+        raise RuntimeError("qemu-io write failed: %s" % out)
+
+
+def guest_reads(dom, target, pattern, offset, length):
+    out = _qemu_io(dom, target, "read -P 0x%02x %d %d"
+                   % (pattern, offset, length))
+    return "pattern verification failed" not in out and "error" not in out
+
+
+# -- nbd-server --------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NbdServer:
+    """nbd-server with our hooks on a loopback port of its own.
+
+    exports: {name: (path, extra settings dict)}.  Hooks are the venv's
+    entry points, by absolute path, as an operator would write them.
+    """
+
+    def __init__(self, folder, exports, env, prerun=None, postrun=None):
+        self.folder = folder
+        self.exports = exports
+        self.env = env
+        self.port = free_port()
+        self.conf = os.path.join(folder, "nbd-server.conf")
+        self.pidfile = os.path.join(folder, "nbd-server.pid")
+        self.prerun = prerun or os.path.join(VENV_BIN, "nbd-prerun") + " %s"
+        self.postrun = postrun or os.path.join(VENV_BIN, "nbd-postrun") + " %s"
+        self.pid = None
+
+    def write_config(self):
+        lines = ["[generic]", "    listenaddr = 127.0.0.1",
+                 "    port = %d" % self.port]
+        for name, (path, extra) in self.exports.items():
+            lines += ["[%s]" % name, "    exportname = %s" % path,
+                      "    readonly = true"]
+            settings = {"prerun": self.prerun, "postrun": self.postrun}
+            settings.update(extra or {})
+            lines += ["    %s = %s" % kv for kv in settings.items() if kv[1]]
+        with open(self.conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def start(self):
+        self.write_config()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.pidfile)
+        env = dict(os.environ, **self.env)
+        log = open(os.path.join(self.folder, "nbd-server.log"), "ab")
+        subprocess.run(["nbd-server", "-C", self.conf, "-p", self.pidfile],
+                       env=env, check=True, stdout=log, stderr=log)
+        wait_until(lambda: os.path.exists(self.pidfile)
+                   and open(self.pidfile).read().strip(), 10,
+                   what="nbd-server's pid file")
+        self.pid = int(open(self.pidfile).read())
+        wait_until(self._accepts, 10, what="nbd-server to listen")
+
+    def _accepts(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 1).close()
+            return True
+        except OSError:
+            return False
+
+    def uri(self, name):
+        return "nbd://127.0.0.1:%d/%s" % (self.port, name)
+
+    def children(self):
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.pid)],
+                             capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: not os.path.exists("/proc/%d" % self.pid), 10)
+        self.pid = None
+
+
+def nbdcopy(uri, dest, connections=4, timeout=300):
+    # nbdcopy caps its connections at its threads, which default to the
+    # number of cores (2 here): ask for both to get real multi-connection.
+    subprocess.run(["nbdcopy", "--connections=%d" % connections,
+                    "--threads=%d" % connections, uri, dest],
+                   check=True, timeout=timeout)
+
+
+# -- a client that holds a connection ------------------------------------------
+
+NBD_MAGIC = 0x4e42444d41474943          # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3e889045565a9
+NBD_OPT_GO = 7
+NBD_REP_ACK = 1
+NBD_REP_INFO = 3
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+NBD_CMD_READ = 0
+NBD_CMD_DISC = 2
+
+
+class RefusedError(Exception):
+    pass
+
+
+class HeldConnection:
+    """One NBD connection, opened with NBD_OPT_GO and held until close().
+
+    nbd-server runs prerun while it handles NBD_OPT_GO, so once open()
+    returns, this connection's prerun has finished and succeeded.
+    """
+
+    def __init__(self, port, name, host="127.0.0.1"):
+        self.sock = socket.create_connection((host, port), 30)
+        self.size = None
+        self._handshake(name.encode())
+
+    def _recv(self, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise RefusedError("server closed the connection")
+            buf += chunk
+        return buf
+
+    def _handshake(self, name):
+        magic, opt, _flags = struct.unpack(">QQH", self._recv(18))
+        assert magic == NBD_MAGIC and opt == IHAVEOPT
+        self.sock.sendall(struct.pack(">I", 3))   # FIXED_NEWSTYLE|NO_ZEROES
+        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        self.sock.sendall(struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, len(data))
+                          + data)
+        while True:
+            magic, _opt, rtype, length = struct.unpack(">QIII",
+                                                       self._recv(20))
+            payload = self._recv(length)
+            if rtype == NBD_REP_ACK:
+                return
+            if rtype & 0x80000000:
+                raise RefusedError("export refused (reply 0x%x): %r"
+                                   % (rtype, payload))
+            if rtype == NBD_REP_INFO and payload[:2] == b"\0\0":
+                self.size = struct.unpack(">Q", payload[2:10])[0]
+
+    def read(self, offset, length):
+        self.sock.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0,
+                                      NBD_CMD_READ, 1, offset, length))
+        magic, error, _handle = struct.unpack(">IIQ", self._recv(16))
+        assert magic == NBD_SIMPLE_REPLY_MAGIC
+        if error:
+            raise OSError(error, "NBD read error")
+        return self._recv(length)
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0,
+                                          NBD_CMD_DISC, 2, 0, 0))
+        self.sock.close()
+
+    def drop(self):
+        """Vanish without NBD_CMD_DISC, as a killed client does."""
+        self.sock.close()
+
+
+def cleanup_folder(path):
+    shutil.rmtree(path, ignore_errors=True)

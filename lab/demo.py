@@ -1,0 +1,194 @@
+"""The main job end to end, on this machine, with a throwaway VM.
+
+    make demo        (or: .venv/bin/python -m lab.demo)
+
+1. a domain is defined and started (software emulation, no OS needed);
+2. nbd-server serves its disk on loopback with prerun/postrun = our hooks;
+3. the guest writes without pause while a client copies the disk over
+   4 NBD connections (nbdcopy), which share one freeze;
+4. nbd-verify proves the copy equals the frozen base;
+5. the last connection ends: the overlay is committed back, and every guest
+   write made during the copy is in the base;
+6. everything is removed.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import lab
+
+MiB = 1 << 20
+SIZE = 256
+BIN = lab.VENV_BIN
+
+
+def say(step, text):
+    print("\n\033[1m== %s. %s\033[0m" % (step, text) if sys.stdout.isatty()
+          else "\n== %s. %s" % (step, text), flush=True)
+
+
+def show(text):
+    for line in text.rstrip("\n").splitlines():
+        print("   " + line)
+    sys.stdout.flush()
+
+
+class Syslog:
+    """Listen on /dev/log when no syslog daemon does, to show the hooks'
+    records; where a daemon runs, they are in its log instead."""
+
+    def __init__(self):
+        self.records = []
+        self.sock = None
+        if os.path.exists("/dev/log"):
+            return
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("/dev/log")
+        self.sock.settimeout(0.1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+
+    def _collect(self):
+        while not self.stop.is_set():
+            try:
+                self.records.append(self.sock.recv(65536).decode())
+            except socket.timeout:
+                pass
+
+    def take(self):
+        out, self.records = self.records, []
+        # "<30>nbd-prerun[123]: message": drop the priority, keep the tag.
+        return [(r.split(">", 1)[1] if r.startswith("<") else r).rstrip("\0 ")
+                for r in out]
+
+    def close(self):
+        if self.sock is not None:
+            self.stop.set()
+            self.thread.join()
+            self.sock.close()
+            os.unlink("/dev/log")
+
+
+class GuestWriter(threading.Thread):
+    """Writes 64 KiB records at a moving offset, like a busy guest."""
+
+    def __init__(self, dom):
+        super().__init__(daemon=True)
+        self.dom = dom
+        self.done = threading.Event()
+        self.writes = []
+
+    def run(self):
+        offset, n = 64 * MiB, 0
+        while not self.done.is_set():
+            pattern = 0x40 + n % 64
+            lab.guest_write(self.dom, "vda", pattern, offset, 65536)
+            self.writes.append((offset, pattern))
+            offset += 65536 * 3
+            n += 1
+
+
+def main():
+    t0 = time.monotonic()
+    say(1, "Host: libvirtd and virtlogd running, /dev/kvm usable")
+    lab.ensure_host()
+    folder = lab.workdir("nbdsnap-demo-")
+    virt = lab.Lab()
+    syslog = Syslog()
+    try:
+        run(virt, folder, syslog)
+    finally:
+        virt.close()
+        syslog.close()
+        lab.cleanup_folder(folder)
+    say(9, "Cleaned up: domain undefined, nbd-server stopped, files removed "
+        "(%.1f s in all)" % (time.monotonic() - t0))
+
+
+def run(virt, folder, syslog):
+    base = os.path.join(folder, "demo-vda.raw")
+    lab.make_image(base, SIZE)
+    with open(base, "r+b") as f:               # some data, some holes
+        f.write(os.urandom(32 * MiB))
+    name = "nbdsnap-demo-" + os.path.basename(folder)[-6:]
+    dom = virt.define(name, [lab.disk_xml(base, "vda")])
+    show("domain %s running, disk vda = %s (%d MiB)" % (name, base, SIZE))
+
+    say(2, "nbd-server on loopback, with our hooks")
+    config = lab.write_config(os.path.join(folder, "nbdsnap.conf"),
+                              os.path.join(folder, "state"),
+                              os.path.join(folder, "overlays"),
+                              quiesce="try")
+    env = {"NBDSNAP_CONFIG": config, "LIBVIRT_DEFAULT_URI": lab.URI}
+    server = virt.nbd_server(folder, {"vm": (base, None)}, env)
+    show(open(config).read())
+    show(open(server.conf).read())
+
+    say(3, "A client connects: the first prerun freezes the base")
+    held = lab.HeldConnection(server.port, "vm")
+    status = subprocess.run([os.path.join(BIN, "nbdsnap"), "status"],
+                            env=dict(os.environ, **env), capture_output=True,
+                            text=True).stdout
+    show("$ nbdsnap status\n" + status)
+    frozen = subprocess.run([os.path.join(BIN, "nbd-verify"), "digest", base],
+                            capture_output=True, text=True,
+                            check=True).stdout.split()[0]
+
+    say(4, "The guest writes without pause while nbdcopy copies over "
+        "4 connections")
+    writer = GuestWriter(dom)
+    writer.start()
+    copy = os.path.join(folder, "copy.raw")
+    start = time.monotonic()
+    lab.nbdcopy(server.uri("vm"), copy, connections=4)
+    took = time.monotonic() - start
+    writer.done.set()
+    writer.join()
+    show("copied %d MiB in %.2f s; the guest made %d writes meanwhile"
+         % (SIZE, took, len(writer.writes)))
+
+    say(5, "nbd-verify: the copy equals the frozen base")
+    cmp = subprocess.run([os.path.join(BIN, "nbd-verify"), "compare", base,
+                          copy], capture_output=True, text=True)
+    digest = subprocess.run([os.path.join(BIN, "nbd-verify"), "digest",
+                             copy], capture_output=True, text=True).stdout
+    show("$ nbd-verify compare %s %s\nexit status %d%s" % (
+        base, copy, cmp.returncode, cmp.stdout and "\n" + cmp.stdout))
+    show("$ nbd-verify digest %s\n%s" % (copy, digest))
+    show("frozen base digest, taken at the freeze: %s" % frozen)
+    assert cmp.returncode == 0 and digest.split()[0] == frozen
+
+    say(6, "The last connection ends: postrun commits the overlay")
+    held.close()
+    start = time.monotonic()
+    lab.wait_until(lambda: not os.listdir(os.path.join(folder, "state",
+                                                       "sessions")), 120,
+                   what="the commit")
+    show("session ended %.2f s after the last disconnect" %
+         (time.monotonic() - start))
+
+    say(7, "What the hooks told syslog")
+    records = syslog.take()
+    show("\n".join(records) if records else
+         "(a syslog daemon runs here: see its log, tags nbd-prerun and "
+         "nbd-postrun)")
+
+    say(8, "Nothing lost, nothing left")
+    source = lab.disk_source(dom, "vda")
+    lost = [(o, p) for o, p in writer.writes
+            if lab.read_range(base, o, 65536) != bytes([p]) * 65536]
+    show("domain disk vda is back on %s: %s" % (source, source == base))
+    show("overlays left: %d" % len(os.listdir(os.path.join(folder,
+                                                           "overlays"))))
+    show("guest writes made during the copy found in the base: %d of %d"
+         % (len(writer.writes) - len(lost), len(writer.writes)))
+    assert source == base and not lost
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The freeze end to end: nbd-server runs our hooks, real clients copy.
+
+Each test asserts what an operator would check: the copy equals the base as
+it was at the freeze, every guest write made while frozen is in the base
+after the commit, the domain is back on its base, and no overlay is left.
+"""
+
+import json
+import os
+import signal
+import subprocess
+
+import libvirt
+import pytest
+
+import lab
+
+MiB = 1 << 20
+SIZE = 32   # MiB per test disk
+
+
+def export_domain(virt, env, name="d", disks=None, start=True):
+    """A domain whose vda is a fresh raw image filled with 0x11."""
+    base = lab.make_image(env.path("base.raw"), SIZE, fill=0x11)
+    disks = disks or []
+    dom = virt.define(name + "-" + os.path.basename(env.folder)[-6:],
+                      [lab.disk_xml(base, "vda")] + disks, start=start)
+    return dom, base
+
+
+def serve(virt, env, exports):
+    return virt.nbd_server(env.folder, {n: (p, None)
+                                        for n, p in exports.items()},
+                           env.vars)
+
+
+def assert_clean(env, dom, base, target="vda"):
+    env.wait_clean()
+    assert lab.disk_source(dom, target) == base
+    if dom.isActive():
+        assert lab.disk_source(dom, target, inactive=True) == base
+    assert env.overlays() == []
+
+
+def test_multiconnection_copy_is_the_frozen_base_and_writes_survive(virt, env):
+    dom, base = export_domain(virt, env)
+    frozen = lab.sha256(base)
+    server = serve(virt, env, {"vm": base})
+
+    held = lab.HeldConnection(server.port, "vm")       # the freeze starts
+    lab.guest_write(dom, "vda", 0x5a, 1 * MiB, 1 * MiB)
+    lab.guest_write(dom, "vda", 0x6b, (SIZE - 1) * MiB, MiB)
+    copy = env.path("copy.raw")
+    lab.nbdcopy(server.uri("vm"), copy, connections=4)
+    lab.guest_write(dom, "vda", 0x7c, 3 * MiB, 4096)
+    assert lab.sha256(copy) == frozen
+    assert lab.sha256(base) == frozen           # nothing reached the base
+    held.close()
+
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 1 * MiB, MiB) == b"\x5a" * MiB
+    assert lab.read_range(base, (SIZE - 1) * MiB, MiB) == b"\x6b" * MiB
+    assert lab.read_range(base, 3 * MiB, 4096) == b"\x7c" * 4096
+    assert lab.read_range(base, 0, MiB) == b"\x11" * MiB
+    assert lab.guest_reads(dom, "vda", 0x5a, 1 * MiB, MiB)
+
+
+def test_single_connection_copy(virt, env):
+    dom, base = export_domain(virt, env)
+    frozen = lab.sha256(base)
+    server = serve(virt, env, {"vm": base})
+    copy = env.path("copy.raw")
+    lab.nbdcopy(server.uri("vm"), copy, connections=1)
+    assert lab.sha256(copy) == frozen
+    assert_clean(env, dom, base)
+
+
+def test_two_clients_share_one_freeze(virt, env):
+    dom, base = export_domain(virt, env)
+    frozen = lab.sha256(base)
+    server = serve(virt, env, {"vm": base})
+    first = lab.HeldConnection(server.port, "vm")
+    lab.guest_write(dom, "vda", 0x22, 0, MiB)
+    second = lab.HeldConnection(server.port, "vm")
+    (name,) = env.sessions()
+    with open(os.path.join(env.state_dir, "sessions", name)) as f:
+        state = json.load(f)
+    assert len(state["holders"]) == 2
+    assert len(env.overlays()) == 1
+    assert second.read(0, 4096) == b"\x11" * 4096   # still the frozen base
+    copies = [env.path("a.raw"), env.path("b.raw")]
+    procs = [subprocess.Popen(["nbdcopy", server.uri("vm"), c])
+             for c in copies]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    assert [lab.sha256(c) for c in copies] == [frozen, frozen]
+    first.close()
+    assert env.sessions() != [] or pytest.fail("committed with a holder left")
+    assert len(env.overlays()) == 1
+    second.close()
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 0, MiB) == b"\x22" * MiB
+
+
+def test_second_disk_is_untouched(virt, env):
+    other = lab.make_image(env.path("other.raw"), 8, fill=0x33)
+    dom, base = export_domain(virt, env,
+                              disks=[lab.disk_xml(other, "vdb")])
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    assert lab.disk_source(dom, "vdb") == other     # no overlay for vdb
+    lab.guest_write(dom, "vdb", 0x44, 0, MiB)
+    assert lab.read_range(other, 0, MiB) == b"\x44" * MiB   # written through
+    held.close()
+    assert_clean(env, dom, base)
+    assert lab.disk_source(dom, "vdb") == other
+    assert len(env.overlays()) == 0
+
+
+def test_linked_clone_stays_on_its_top_and_template_is_not_written(virt, env):
+    template = lab.make_image(env.path("template.raw"), SIZE, fill=0x55)
+    top = lab.make_image(env.path("top.qcow2"), SIZE, fmt="qcow2",
+                         backing=template)
+    template_sum = lab.sha256(template)
+    dom = virt.define("clone-" + os.path.basename(env.folder)[-6:],
+                      [lab.disk_xml(top, "vda", fmt="qcow2")])
+    lab.guest_write(dom, "vda", 0x66, 0, MiB)         # before: into top
+    server = serve(virt, env, {"vm": top})
+    held = lab.HeldConnection(server.port, "vm")
+    # QEMU flushes top.qcow2's cached metadata when the snapshot reopens it
+    # read-only: the frozen image is the file as it is now, not before.
+    top_frozen = lab.sha256(top)
+    lab.guest_write(dom, "vda", 0x77, 2 * MiB, MiB)    # during: overlay
+    copy = env.path("copy.qcow2")
+    lab.nbdcopy(server.uri("vm"), copy)
+    assert lab.sha256(copy) == top_frozen
+    subprocess.run(["qemu-img", "check", "-q", copy], check=True)
+    held.close()
+
+    assert_clean(env, dom, top)
+    assert lab.sha256(template) == template_sum
+    assert lab.guest_reads(dom, "vda", 0x77, 2 * MiB, MiB)
+    assert lab.guest_reads(dom, "vda", 0x66, 0, MiB)
+    assert lab.guest_reads(dom, "vda", 0x55, 4 * MiB, MiB)
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", top], check=True,
+        capture_output=True, text=True).stdout)
+    assert info["backing-filename"] == template
+
+
+def test_shut_off_domain_is_served_twice_unchanged(virt, env):
+    dom, base = export_domain(virt, env, start=False)
+    before_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    frozen = lab.sha256(base)
+    server = serve(virt, env, {"vm": base})
+    for i in range(2):
+        copy = env.path("copy%d.raw" % i)
+        lab.nbdcopy(server.uri("vm"), copy)
+        assert lab.sha256(copy) == frozen
+        env.wait_clean()
+    assert dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before_xml
+    assert not dom.isActive()
+    assert env.overlays() == []
+    assert lab.sha256(base) == frozen
+
+
+def test_paused_domain_is_frozen_and_committed(virt, env):
+    dom, base = export_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    lab.guest_write(dom, "vda", 0x21, 0, MiB)
+    dom.suspend()
+    held = lab.HeldConnection(server.port, "vm")
+    assert held.read(0, 4096) == b"\x21" * 4096
+    dom.resume()
+    lab.guest_write(dom, "vda", 0x31, MiB, MiB)
+    dom.suspend()
+    held.close()
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, MiB, MiB) == b"\x31" * MiB
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+
+
+def test_stale_session_is_refused(virt, env):
+    dom, base = export_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    lab.guest_write(dom, "vda", 0x5a, 0, MiB)
+    # SIGTERM to nbd-server kills its children without running postrun.
+    server.stop(signal.SIGTERM)
+    held.drop()
+    assert len(env.sessions()) == 1
+    server.start()
+    with pytest.raises(lab.RefusedError):
+        lab.HeldConnection(server.port, "vm")
+    proc = env.hook("nbd-prerun", base, check=1)
+    assert "stale" in proc.stderr and "nbdsnap recover %s" % base in proc.stderr
+    assert proc.stderr.count("\n") == 1                  # one clear line
+    status = json.loads(env.hook("nbdsnap", "status", "--json",
+                                 check=0).stdout)
+    (entry,) = status["sessions"]
+    assert entry["verdict"] == "stale"
+    assert [h["alive"] for h in entry["holders"]] == [False]
+    # Nothing was lost: the guest's write is in the overlay it still runs on.
+    assert lab.disk_source(dom, "vda") == entry["overlay"]
+    assert lab.guest_reads(dom, "vda", 0x5a, 0, MiB)
