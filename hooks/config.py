@@ -5,6 +5,7 @@ means all defaults; a file named by NBDSNAP_CONFIG must exist.
 """
 
 import configparser
+import math
 import dataclasses
 import os
 
@@ -55,6 +56,10 @@ def load(path=None):
         raise ConfigError("cannot read configuration %s: %s" % (path, e))
 
     if not parser.has_section(SECTION):
+        if parser.sections():
+            # A misspelt header would otherwise drop every setting silently.
+            raise ConfigError("%s: no [%s] section (found %s)" % (
+                path, SECTION, ", ".join("[%s]" % s for s in parser.sections())))
         return Config(path=path)
     values = dict(parser.items(SECTION))
     known = {f.name for f in dataclasses.fields(Config)} - {"path"}
@@ -81,7 +86,8 @@ def _validated(values, path):
                 kw[name] = float(values[name])
             except ValueError:
                 kw[name] = -1.0
-            if kw[name] <= 0:
+            # "not >" also refuses nan, whose deadline would never come.
+            if not 0 < kw[name] < math.inf:
                 raise ConfigError("%s: %s must be a positive number of "
                                   "seconds, not %r" % (path, name, values[name]))
     return Config(**kw)

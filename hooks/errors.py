@@ -31,7 +31,11 @@ class Unsupported(Error):
     """The disk exists but cannot be frozen (cdrom, network, foreign overlay)."""
 
 
-class LockTimeout(Error):
+class LockError(Error):
+    """The base disk's lock cannot be taken."""
+
+
+class LockTimeout(LockError):
     """Another nbdsnap process held the base disk's lock for too long."""
 
 

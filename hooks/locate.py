@@ -32,11 +32,17 @@ class Match:
 
 
 def key_of(path):
-    """The identity key of a local path, or None if it cannot be stat'ed."""
+    """The identity key of a local path, or None if there is nothing there.
+
+    Only absence means "no key": any other failure (permission, I/O) is
+    reported, not read as "this is not the disk".
+    """
     try:
         return sessions.disk_key(os.stat(path))
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        raise NotFound("cannot stat %s: %s" % (path, e.strerror))
 
 
 def relation(disk, key, key_of, is_ours):

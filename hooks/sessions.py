@@ -28,7 +28,7 @@ import tempfile
 import time
 
 from . import procs
-from .errors import ConfigError, CorruptState, LockTimeout
+from .errors import ConfigError, CorruptState, LockError, LockTimeout
 
 VERSION = 1
 
@@ -138,10 +138,12 @@ def _secure_dir(path, mode):
     planted in its place, could redirect an overlay or a state file.
     """
     try:
-        os.makedirs(path, mode=mode, exist_ok=True)
+        if not os.path.lexists(path):
+            os.makedirs(path, mode=mode, exist_ok=True)
+            os.chmod(path, mode)   # makedirs' mode is masked by the umask
+        st = os.lstat(path)
     except OSError as e:
         raise ConfigError("cannot create %s: %s" % (path, e.strerror))
-    st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError("%s is not a directory (a symlink?)" % path)
     if st.st_uid != os.geteuid():
@@ -166,8 +168,13 @@ class DiskLock:
         self.fd = None
 
     def __enter__(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            # ELOOP: a symlink planted in place of the lock file.
+            raise LockError("cannot open lock file %s: %s"
+                              % (self.path, e.strerror))
         deadline = time.monotonic() + self.timeout
         while True:
             try:

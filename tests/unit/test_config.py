@@ -1,0 +1,151 @@
+"""nbdsnap.hooks.config: the INI settings, their defaults and their checks."""
+
+import pytest
+
+from nbdsnap.hooks import config
+from nbdsnap.hooks.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def no_system_config(tmp_path, monkeypatch):
+    """Never read the machine's /etc/nbdsnap.conf or the caller's variable."""
+    monkeypatch.delenv("NBDSNAP_CONFIG", raising=False)
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "absent.conf"))
+
+
+@pytest.fixture
+def conf(tmp_path, monkeypatch):
+    """conf(text) writes a config file and names it in NBDSNAP_CONFIG."""
+    def write(text):
+        path = tmp_path / "nbdsnap.conf"
+        path.write_text(text)
+        monkeypatch.setenv("NBDSNAP_CONFIG", str(path))
+        return str(path)
+    return write
+
+
+def test_no_file_means_all_defaults():
+    c = config.load()
+    assert c.state_dir == "/var/lib/nbdsnap"
+    assert c.snapshot_dir == "/var/lib/nbdsnap/overlays"
+    assert c.quiesce == "try"
+    assert c.lock_timeout > 0 and c.commit_timeout > 0
+    assert c.path == "(defaults)"
+
+
+def test_lock_and_session_folders_live_in_state_dir():
+    c = config.Config(state_dir="/srv/nbdsnap")
+    assert c.locks_dir == "/srv/nbdsnap/locks"
+    assert c.sessions_dir == "/srv/nbdsnap/sessions"
+
+
+def test_missing_file_named_by_nbdsnap_config_is_an_error(tmp_path,
+                                                          monkeypatch):
+    missing = str(tmp_path / "nope.conf")
+    monkeypatch.setenv("NBDSNAP_CONFIG", missing)
+    with pytest.raises(ConfigError, match="nope.conf does not exist"):
+        config.load()
+
+
+def test_missing_file_passed_explicitly_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(str(tmp_path / "nope.conf"))
+
+
+def test_usage_error_exit_status():
+    assert ConfigError("x").status == 2
+
+
+def test_settings_are_read_from_nbdsnap_config(conf):
+    path = conf("[nbdsnap]\n"
+                "state_dir = /srv/state/\n"
+                "snapshot_dir = /srv/overlays\n"
+                "quiesce = require\n"
+                "lock_timeout = 2.5\n"
+                "commit_timeout = 30\n")
+    c = config.load()
+    assert c == config.Config(state_dir="/srv/state",
+                              snapshot_dir="/srv/overlays", quiesce="require",
+                              lock_timeout=2.5, commit_timeout=30.0, path=path)
+
+
+def test_explicit_path_beats_the_environment(conf, tmp_path):
+    conf("[nbdsnap]\nquiesce = off\n")
+    other = tmp_path / "other.conf"
+    other.write_text("[nbdsnap]\nquiesce = require\n")
+    assert config.load(str(other)).quiesce == "require"
+
+
+def test_unset_settings_keep_their_defaults(conf):
+    conf("[nbdsnap]\nquiesce = off\n")
+    c = config.load()
+    assert c.state_dir == "/var/lib/nbdsnap"
+    assert c.lock_timeout == config.Config().lock_timeout
+
+
+def test_unknown_setting_is_named(conf):
+    conf("[nbdsnap]\nstate_dir = /srv/s\nsnapshot_directory = /srv/o\n")
+    with pytest.raises(ConfigError, match="unknown setting "
+                                          "snapshot_directory"):
+        config.load()
+
+
+def test_settings_in_a_misspelled_section_are_not_ignored(conf):
+    conf("[nbdsnp]\nstate_dir = /srv/state\n")
+    with pytest.raises(ConfigError, match="nbdsnp"):
+        config.load()
+
+
+def test_setting_outside_any_section_is_an_error(conf):
+    conf("state_dir = /srv/state\n")
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        config.load()
+
+
+@pytest.mark.parametrize("name", ["state_dir", "snapshot_dir"])
+@pytest.mark.parametrize("value", ["var/lib/nbdsnap", "./overlays", ""])
+def test_relative_folder_is_an_error(conf, name, value):
+    conf("[nbdsnap]\n%s = %s\n" % (name, value))
+    with pytest.raises(ConfigError, match="%s must be an absolute path" % name):
+        config.load()
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("require", "require"), ("try", "try"), ("off", "off"),
+    ("Require", "require"), ("  OFF ", "off"),
+])
+def test_quiesce_policies(value, expected):
+    assert config.parse_quiesce(value) == expected
+
+
+@pytest.mark.parametrize("value", ["yes", "", "required", "no"])
+def test_unknown_quiesce_policy_is_refused_listing_the_choices(conf, value):
+    conf("[nbdsnap]\nquiesce = %s\n" % value)
+    with pytest.raises(ConfigError, match="require, try, off"):
+        config.load()
+
+
+def test_quiesce_error_names_where_it_came_from():
+    with pytest.raises(ConfigError, match="^--quiesce: "):
+        config.parse_quiesce("always")
+
+
+@pytest.mark.parametrize("name", ["lock_timeout", "commit_timeout"])
+@pytest.mark.parametrize("value", ["0", "-1", "-0.5", "soon", ""])
+def test_timeout_must_be_positive_seconds(conf, name, value):
+    conf("[nbdsnap]\n%s = %s\n" % (name, value))
+    with pytest.raises(ConfigError, match="%s must be a positive" % name):
+        config.load()
+
+
+@pytest.mark.parametrize("name", ["lock_timeout", "commit_timeout"])
+def test_nan_timeout_is_refused(conf, name):
+    conf("[nbdsnap]\n%s = nan\n" % name)
+    with pytest.raises(ConfigError, match="positive"):
+        config.load()
+
+
+def test_duplicate_setting_is_an_error(conf):
+    conf("[nbdsnap]\nquiesce = off\nquiesce = try\n")
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        config.load()
