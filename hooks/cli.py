@@ -23,9 +23,9 @@ environment:
 """
 
 
-def _run(prog, func, verbose=False):
+def _run(prog, func, verbose=False, stderr_level=logging.INFO):
     """Run func() with logging set up; map outcomes to exit statuses."""
-    log_mod.setup(prog, verbose)
+    log_mod.setup(prog, verbose, stderr_level)
     try:
         return func()
     except Error as e:
@@ -116,7 +116,38 @@ def nbdsnap_main(argv=None):
                     "consistency.  Exit status 0.")
     st.add_argument("--json", action="store_true",
                     help="machine-readable output")
+    rc = sub.add_parser(
+        "recover", help="commit or clean stale and failed sessions",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Bring back every stale or failed freeze of the named exports "
+            "(or all of them): a running domain on its overlay is committed "
+            "online, a shut-off one offline with qemu-img and its definition "
+            "pointed back at the base; an overlay left behind is deleted "
+            "only if its content is in the base.  Live sessions are left "
+            "alone.  Safe to run while hooks run, and twice at once.", 78),
+        epilog="exit status: 0 nothing left stuck, 1 something still stuck "
+               "(see the output and syslog), 2 usage or configuration error")
+    what = rc.add_mutually_exclusive_group(required=True)
+    what.add_argument("exports", metavar="EXPORT", nargs="*", default=[],
+                      help="an exported path, as in nbd-server's config")
+    what.add_argument("--all", action="store_true",
+                      help="every session and every orphaned overlay")
+    rc.add_argument("--dry-run", action="store_true",
+                    help="print the plan, change nothing")
     args = p.parse_args(argv)
+
+    def recover():
+        from .freeze import Freezer
+        from .recover import Recovery
+        stuck = Recovery(Freezer(_load_config())).run(
+            args.exports, dry_run=args.dry_run)
+        return 1 if stuck else 0
+
+    if args.command == "recover":
+        if not args.all and not args.exports:
+            p.error("recover: name EXPORTs or give --all")
+        return _run("nbdsnap", recover, stderr_level=logging.WARNING)
 
     def status():
         from . import status as status_mod
@@ -125,7 +156,7 @@ def nbdsnap_main(argv=None):
               else status_mod.format_text(entries))
         return 0
     if args.command == "status":
-        return _run("nbdsnap", status)
+        return _run("nbdsnap", status, stderr_level=logging.WARNING)
     return USAGE
 
 

@@ -120,3 +120,39 @@ def find_disk(domain, target):
         if disk.target == target:
             return disk
     return None
+
+
+_SOURCE_ATTR = {"file": "file", "block": "dev"}
+
+
+def pointed_back(xml, target, base):
+    """The domain XML with disk target's top replaced by base (a Layer).
+
+    Used after an offline commit: the persistent definition points at the
+    overlay, and must point at the base again.  Only the disk's type, its
+    driver's format, the source path and the backing chain change; every
+    other detail of the disk element (cache, io, discard, serial, boot
+    order, seclabels, address...) is kept.
+    """
+    root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml,
+                            _PARSER)
+    for disk in root.findall("devices/disk"):
+        if disk.find("target").get("dev") != target:
+            continue
+        if base.type not in _SOURCE_ATTR or not base.path:
+            raise ValueError("cannot point a disk at a %s base" % base.type)
+        disk.set("type", base.type)
+        driver = disk.find("driver")
+        if driver is not None and base.format:
+            driver.set("type", base.format)
+        source = disk.find("source")
+        if source is None:
+            source = etree.SubElement(disk, "source")
+        for attr in _SOURCE_ATTR.values():
+            source.attrib.pop(attr, None)
+        source.attrib.pop("index", None)
+        source.set(_SOURCE_ATTR[base.type], base.path)
+        for store in disk.findall("backingStore"):
+            disk.remove(store)
+        return etree.tostring(root, encoding="unicode")
+    raise ValueError("the domain has no disk %s" % target)

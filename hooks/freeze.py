@@ -10,9 +10,9 @@ import os
 import stat
 import time
 
-from . import locate, procs, sessions, virt
-from . import domxml
-from .errors import CommitFailed, NotFound, Stale, Unsupported, VirtError
+from . import commit, domxml, locate, procs, sessions, virt
+from .errors import (CommitFailed, Error, NotFound, Stale, Unsupported,
+                     VirtError)
 from .sessions import FROZEN, OFFLINE, ONLINE
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ class Freezer:
         if dstate == virt.SHUTOFF:
             state = sessions.new_session(
                 key, export, match.domain.name, match.domain.uuid,
-                match.disk.target, base, OFFLINE, holder)
+                match.disk.target, base, OFFLINE, holder,
+                base_type=match.disk.top.type,
+                base_format=match.disk.top.format)
             self.store.save(state)
             log.info("%s: domain is shut off, nothing to snapshot; frozen "
                      "for pid %d", describe(state), holder.pid)
@@ -127,7 +129,9 @@ class Freezer:
     def _snapshot(self, dom, match, export, key, holder, base, quiesce):
         state = sessions.new_session(key, export, match.domain.name,
                                      match.domain.uuid, match.disk.target,
-                                     base, ONLINE, holder)
+                                     base, ONLINE, holder,
+                                     base_type=match.disk.top.type,
+                                     base_format=match.disk.top.format)
         overlay = self._overlay_path(match, state["id"])
         state["overlay"] = overlay
         # Never over an existing path or a planted symlink.  snapshot_dir is
@@ -238,56 +242,34 @@ class Freezer:
         return state
 
     def _commit(self, state):
+        """The last live holder is gone: put the disk back on its base."""
+        # The plan sees the session as frozen: were the domain found on its
+        # base already, the overlay is compared, not assumed merged.
+        freeze = commit.Freeze.from_session(state)
         state = sessions.with_phase(state, sessions.COMMITTING)
         self.store.save(state)
         started = time.monotonic()
-        log.info("%s: last holder gone; committing %s", describe(state),
-                 state["overlay"])
+        size = _size(state["overlay"])
         try:
-            self._merge(state)
-        except (CommitFailed, VirtError, NotFound, Unsupported) as e:
+            conn = virt.connect()
+            try:
+                step = commit.plan(conn, freeze)
+                log.info("%s: last holder gone; %s", describe(state), step)
+                commit.run(conn, freeze, step, self.config.commit_timeout)
+            finally:
+                conn.close()
+        except Error as e:
             failed = sessions.with_phase(state, sessions.FAILED, error=str(e))
             self.store.save(failed)
             raise CommitFailed("%s: %s; overlay %s kept, run 'nbdsnap "
                                "recover %s'" % (describe(state), e,
                                                 state["overlay"],
                                                 state["export"]))
-        size = _size(state["overlay"])
-        os.unlink(state["overlay"])
         self.store.delete(state["key"])
-        log.info("%s: committed %s of overlay in %.2f s; domain back on its "
-                 "base, overlay removed", describe(state), _human(size),
-                 time.monotonic() - started)
+        log.info("%s: %s of %s done in %.2f s; domain back on its base, "
+                 "overlay removed", describe(state), step.action,
+                 _human(size), time.monotonic() - started)
         return state
-
-    def _merge(self, state):
-        conn = virt.connect()
-        try:
-            found = virt.lookup(conn, uuid=state["uuid"])
-            if found is None:
-                raise NotFound("the domain was undefined during the freeze")
-            dom, parsed = found
-            dstate = virt.state(dom)
-            if dstate not in (virt.RUNNING, virt.PAUSED):
-                raise Unsupported("the domain is %s: it was stopped during "
-                                  "the freeze, so it needs an offline "
-                                  "commit" % dstate)
-            disk = domxml.find_disk(parsed, state["disk"])
-            if disk is None or disk.top.path != state["overlay"]:
-                raise Unsupported("disk %s no longer runs on the overlay"
-                                  % state["disk"])
-            if locate.relation(disk, state["key"], locate.key_of,
-                               self.is_ours) != locate.FROZEN:
-                raise Unsupported("the overlay's backing file is no longer "
-                                  "the exported base")
-            virt.commit(conn, dom, state["disk"], self.config.commit_timeout)
-            disk = domxml.find_disk(virt.reread(dom), state["disk"])
-            if (disk is None or locate.key_of(disk.top.path) != state["key"]
-                    or state["overlay"] in [l.path for l in disk.layers]):
-                raise CommitFailed("after the pivot disk %s is not back on "
-                                   "its base" % state["disk"])
-        finally:
-            conn.close()
 
 
 def _size(path):

@@ -22,8 +22,12 @@ class _QuietSyslogHandler(logging.handlers.SysLogHandler):
         pass
 
 
-def setup(prog, verbose=False):
-    """Route the root logger to syslog and stderr for command ``prog``."""
+def setup(prog, verbose=False, stderr_level=logging.INFO):
+    """Route the root logger to syslog and stderr for command ``prog``.
+
+    The hooks show everything on stderr too (when run by hand); nbdsnap's
+    own report goes to stdout, so it shows only warnings and errors there.
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -31,6 +35,7 @@ def setup(prog, verbose=False):
 
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(logging.Formatter(prog + ": %(message)s"))
+    stderr.setLevel(logging.DEBUG if verbose else stderr_level)
     root.addHandler(stderr)
 
     try:

@@ -61,7 +61,8 @@ def disk_key(st):
 
 
 def new_session(key, export, domain, uuid, disk, base, mode, holder,
-                overlay=None, consistency=None, now=None):
+                overlay=None, consistency=None, now=None, base_type="file",
+                base_format="raw"):
     now = time.time() if now is None else now
     return {
         "version": VERSION,
@@ -72,7 +73,9 @@ def new_session(key, export, domain, uuid, disk, base, mode, holder,
         "domain": domain,
         "uuid": uuid,
         "disk": disk,
-        "base": base,
+        "base": base,              # the path as the domain XML spells it,
+        "base_type": base_type,    # file or block, and its format: enough
+        "base_format": base_format,  # to point the domain back at it
         "mode": mode,
         "phase": INTENT if mode == ONLINE else FROZEN,
         "overlay": overlay,

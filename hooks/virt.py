@@ -100,7 +100,7 @@ def all_domains(conn):
 
 
 def lookup(conn, name=None, uuid=None):
-    """(virDomain, domxml.Domain) by UUID or name; None if undefined."""
+    """(virDomain, domxml.Domain) by UUID (else name); None if undefined."""
     try:
         dom = (conn.lookupByUUIDString(uuid) if uuid
                else conn.lookupByName(name))
@@ -240,3 +240,26 @@ def _cancel(dom, target):
     except libvirt.libvirtError as e:
         log.warning("cannot cancel the block job of %s %s: %s",
                     dom.name(), target, e.get_error_message())
+
+
+def cancel_job(dom, target, timeout=60):
+    """Cancel a block job left on target (by a killed commit), if any.
+
+    Cancelling an active commit, even a ready one, leaves the domain on its
+    overlay with every write in it; the commit can then start afresh.
+    """
+    try:
+        if not dom.blockJobInfo(target, 0):
+            return
+        log.info("cancelling the block job left on %s %s", dom.name(), target)
+        dom.blockJobAbort(target, 0)
+        deadline = time.monotonic() + timeout
+        while dom.blockJobInfo(target, 0):
+            if time.monotonic() > deadline:
+                raise CommitFailed("the block job left on %s %s did not go "
+                                   "away in %d s" % (dom.name(), target,
+                                                     timeout))
+            time.sleep(0.1)
+    except libvirt.libvirtError as e:
+        raise VirtError("cannot cancel the block job of %s %s: %s"
+                        % (dom.name(), target, e.get_error_message()))

@@ -415,3 +415,27 @@ class HeldConnection:
 
 def cleanup_folder(path):
     shutil.rmtree(path, ignore_errors=True)
+
+
+# -- more nodes and images -------------------------------------------------------
+
+def device_node(device, path):
+    """A second node of device's numbers at path, as /dev/mapper/vg-lv and
+    /dev/dm-N are of one LV; removed with the folder it is made in."""
+    rdev = os.stat(device).st_rdev
+    subprocess.run(["mknod", path, "b", str(os.major(rdev)),
+                    str(os.minor(rdev))], check=True)
+    return path
+
+
+def image_reads(path, pattern, offset, length):
+    """True if the image chain at path reads pattern over the range
+    (qemu-io, read-only: the image must not be open for writing)."""
+    proc = subprocess.run(["qemu-io", "-r", "-c", "read -P 0x%02x %d %d"
+                           % (pattern, offset, length), path],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode and "Pattern verification failed" not in proc.stdout:
+        raise RuntimeError("qemu-io cannot read %s: %s%s"
+                           % (path, proc.stdout, proc.stderr))
+    return proc.returncode == 0
+

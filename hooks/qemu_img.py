@@ -1,0 +1,64 @@
+"""qemu-img, one function per subcommand used.
+
+Exit codes become errors with qemu-img's own message.
+"""
+
+import json
+import subprocess
+
+from .errors import Error
+
+TIMEOUT = 3600
+
+
+class QemuImgError(Error):
+    pass
+
+
+def _run(args, timeout=TIMEOUT):
+    cmd = ["qemu-img"] + args
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise QemuImgError("qemu-img is not installed (%s)" % cmd[0])
+    except subprocess.TimeoutExpired:
+        raise QemuImgError("qemu-img %s took more than %d s"
+                           % (args[0], timeout))
+
+
+def _last_line(text):
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else "no message"
+
+
+def info(path):
+    """qemu-img info of the image itself (not its chain), as a dict.
+
+    -U (force share): the image may be open in a running QEMU.
+    """
+    p = _run(["info", "-U", "--output=json", path], timeout=60)
+    if p.returncode != 0:
+        raise QemuImgError("qemu-img info %s: %s" % (path, _last_line(p.stderr)))
+    return json.loads(p.stdout)
+
+
+def commit(path):
+    """Merge the overlay at path into its backing file, and no further."""
+    p = _run(["commit", "-q", "-f", "qcow2", path])
+    if p.returncode != 0:
+        raise QemuImgError("qemu-img commit %s: %s"
+                           % (path, _last_line(p.stderr)))
+
+
+def same_content(overlay, base, base_format):
+    """True if the overlay's guest view equals the base: it adds nothing.
+
+    qemu-img compare exits 0 identical, 1 different, 2 error.
+    """
+    p = _run(["compare", "-U", "-q", "-f", "qcow2", "-F", base_format,
+              overlay, base])
+    if p.returncode in (0, 1):
+        return p.returncode == 0
+    raise QemuImgError("qemu-img compare %s %s: %s"
+                       % (overlay, base, _last_line(p.stderr)))

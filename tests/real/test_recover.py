@@ -1,0 +1,155 @@
+"""Recovery on real parts: stale sessions, domains that change while frozen.
+
+Every test asserts that no guest write is lost (a pattern check on the
+base), that the domain is back on its base, and that no overlay is left, or
+that what cannot be fixed is reported by status and recover.
+"""
+
+import json
+import os
+import signal
+
+import libvirt
+
+import lab
+from test_freeze import MiB, assert_clean, export_domain, serve
+
+
+def status(env):
+    return json.loads(env.hook("nbdsnap", "status", "--json",
+                               check=0).stdout)["sessions"]
+
+
+def freeze_and_kill(virt, env, sig):
+    """A frozen disk with guest writes, then nbd-server dies under it."""
+    dom, base = export_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    lab.guest_write(dom, "vda", 0x5a, 2 * MiB, MiB)
+    children = server.children()
+    server.stop(sig)
+    if sig == signal.SIGKILL:        # the children outlive a killed parent
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+    held.drop()
+    return dom, base, server
+
+
+def test_nbd_server_stopped_mid_copy_is_recovered(virt, env):
+    dom, base, _ = freeze_and_kill(virt, env, signal.SIGTERM)
+    (entry,) = status(env)
+    assert entry["verdict"] == "stale"
+    proc = env.hook("nbdsnap", "recover", base, check=0)
+    assert "online commit" in proc.stdout
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
+    again = env.hook("nbdsnap", "recover", "--all", check=0)
+    assert "nothing to recover" in again.stdout
+
+
+def test_nbd_server_killed_mid_copy_is_recovered_and_serves_again(virt, env):
+    dom, base, server = freeze_and_kill(virt, env, signal.SIGKILL)
+    env.hook("nbdsnap", "recover", "--all", check=0)
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
+    server.start()
+    copy = env.path("copy.raw")
+    lab.nbdcopy(server.uri("vm"), copy)
+    assert lab.sha256(copy) == lab.sha256(base)
+    assert_clean(env, dom, base)
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(virt, env):
+    dom, base, _ = freeze_and_kill(virt, env, signal.SIGTERM)
+    before = status(env)
+    proc = env.hook("nbdsnap", "recover", "--dry-run", "--all", check=0)
+    assert "would online commit" in proc.stdout
+    assert status(env) == [dict(before[0], age=status(env)[0]["age"])]
+    assert lab.disk_source(dom, "vda") == before[0]["overlay"]
+
+
+def test_live_session_is_left_alone(virt, env):
+    dom, base = export_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    proc = env.hook("nbdsnap", "recover", "--all", check=0)
+    assert "left alone" in proc.stdout
+    assert len(env.overlays()) == 1
+    assert held.read(0, 4096) == b"\x11" * 4096
+    held.close()
+    assert_clean(env, dom, base)
+
+
+def test_domain_shut_off_during_freeze_is_committed_offline_by_postrun(
+        virt, env):
+    dom, base = export_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    lab.guest_write(dom, "vda", 0x5b, 0, MiB)
+    dom.destroy()
+    held.close()
+    assert_clean(env, dom, base)
+    assert not dom.isActive()
+    assert lab.read_range(base, 0, MiB) == b"\x5b" * MiB
+    dom.create()                      # and it starts on its base
+    assert lab.disk_source(dom, "vda") == base
+    assert lab.guest_reads(dom, "vda", 0x5b, 0, MiB)
+
+
+def test_domain_destroyed_and_started_again_during_freeze(virt, env):
+    dom, base = export_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    lab.guest_write(dom, "vda", 0x5c, 0, MiB)
+    dom.destroy()
+    dom.create()                      # runs on the overlay again
+    lab.guest_write(dom, "vda", 0x5d, MiB, MiB)
+    held.close()
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 0, MiB) == b"\x5c" * MiB
+    assert lab.read_range(base, MiB, MiB) == b"\x5d" * MiB
+
+
+def test_domain_undefined_during_freeze_keeps_the_overlay(virt, env):
+    dom, base = export_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    lab.guest_write(dom, "vda", 0x5e, 0, MiB)
+    dom.destroy()
+    dom.undefine()
+    held.close()
+    lab.wait_until(lambda: status(env)[0]["phase"] == "failed", 30)
+    (entry,) = status(env)
+    assert "undefined" in entry["error"]
+    overlay = entry["overlay"]
+    assert os.path.exists(overlay)
+    proc = env.hook("nbdsnap", "recover", "--all", check=1)
+    assert "undefined" in proc.stdout and overlay in proc.stdout
+    assert os.path.exists(overlay)                 # the only copy of 0x5e
+    assert lab.image_reads(overlay, 0x5e, 0, MiB)
+
+
+def test_corrupt_state_file_is_set_aside_and_recovered(virt, env):
+    dom, base, _ = freeze_and_kill(virt, env, signal.SIGTERM)
+    (name,) = env.sessions()
+    path = os.path.join(env.state_dir, "sessions", name)
+    with open(path, "r+") as f:
+        f.truncate(10)
+    (entry,) = status(env)
+    assert entry["phase"] == "corrupt"
+    assert env.hook("nbd-prerun", base, check=1).stderr.count("\n") == 1
+    proc = env.hook("nbdsnap", "recover", "--all", check=0)
+    assert "moved aside" in proc.stdout
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
+
+
+def test_shut_off_domain_on_overlay_is_recovered_offline(virt, env):
+    dom, base, _ = freeze_and_kill(virt, env, signal.SIGTERM)
+    dom.destroy()
+    proc = env.hook("nbdsnap", "recover", "--all", check=0)
+    assert "offline commit" in proc.stdout
+    assert_clean(env, dom, base)
+    inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert "type='raw'" in inactive and "backingStore" not in inactive
+    assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
