@@ -14,6 +14,7 @@ from .errors import ConfigError
 DEFAULT_PATH = "/etc/nbdsnap.conf"
 SECTION = "nbdsnap"
 QUIESCE_POLICIES = ("require", "try", "off")
+STALE_POLICIES = ("refuse", "recover")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Config:
     snapshot_dir: str = "/var/lib/nbdsnap/overlays"
     # Quiesce the guest's filesystems through the guest agent.
     quiesce: str = "try"
+    # A session nobody holds any more: refuse the client, or recover first.
+    stale: str = "refuse"
     # Seconds a hook waits for another hook holding the same disk's lock.
     lock_timeout: float = 120.0
     # Seconds the block commit may take before it is cancelled.
@@ -80,6 +83,11 @@ def _validated(values, path):
             kw[name] = os.path.normpath(values[name])
     if "quiesce" in values:
         kw["quiesce"] = parse_quiesce(values["quiesce"], path)
+    if "stale" in values:
+        kw["stale"] = values["stale"].strip().lower()
+        if kw["stale"] not in STALE_POLICIES:
+            raise ConfigError("%s: stale must be one of %s, not %r" % (
+                path, ", ".join(STALE_POLICIES), values["stale"]))
     for name in ("lock_timeout", "commit_timeout"):
         if name in values:
             try:

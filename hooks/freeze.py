@@ -56,29 +56,45 @@ class Freezer:
         holder = holder or procs.connection_holder()
         with self.store.lock(key):
             state = self.store.load(key)
-            if state is not None:
-                return self._join(state, holder, export)
-            conn = virt.connect()
+            conn = None
             try:
+                if state is not None:
+                    if sessions.assess(state, procs.is_alive) == sessions.LIVE:
+                        return self._join(state, holder)
+                    conn = virt.connect()
+                    self._stale(conn, state, export)
+                conn = conn or virt.connect()
                 return self._freeze(conn, export, key, holder, domain, disk,
                                     quiesce or self.config.quiesce)
             finally:
-                conn.close()
+                if conn is not None:
+                    conn.close()
 
-    def _join(self, state, holder, export):
+    def _join(self, state, holder):
+        state = sessions.join(state, holder)
+        self.store.save(state)
+        log.info("%s: joined by pid %d, %d holders", describe(state),
+                 holder.pid, len(state["holders"]))
+        return state
+
+    def _stale(self, conn, state, export):
+        """A session nobody holds: refuse, or recover it (stale = recover)."""
         verdict = sessions.assess(state, procs.is_alive)
-        if verdict == sessions.LIVE:
-            state = sessions.join(state, holder)
-            self.store.save(state)
-            log.info("%s: joined by pid %d, %d holders", describe(state),
-                     holder.pid, len(state["holders"]))
-            return state
         why = ("its commit failed: %s" % state.get("error")
                if verdict == sessions.BROKEN else
                "no holder of it is alive (phase %s)" % state["phase"])
-        raise Stale("%s is stale, %s; refusing until "
-                    "'nbdsnap recover %s' has run"
-                    % (describe(state), why, export))
+        if self.config.stale != "recover":
+            raise Stale("%s is stale, %s; refusing until "
+                        "'nbdsnap recover %s' has run"
+                        % (describe(state), why, export))
+        log.warning("%s is stale, %s; recovering it first (stale = recover)",
+                    describe(state), why)
+        from .recover import Case, Recovery
+        recovery = Recovery(self, out=lambda line: None)
+        case = Case(state["key"], state["export"], None, state)
+        if not recovery.locked(conn, case, state):
+            raise Stale("%s is stale and could not be recovered; see "
+                        "'nbdsnap status'" % describe(state))
 
     def _locate(self, conn, export, key, domain, disk):
         if domain or disk:

@@ -64,11 +64,13 @@ def _from_overlay(path, uuid, domain, disk, key=None):
 
 
 class Recovery:
-    def __init__(self, freezer, out=print):
+    def __init__(self, freezer, out=print, dry_run=False):
         self.freezer = freezer
         self.config = freezer.config
         self.store = freezer.store
         self.out = out
+        self.dry_run = dry_run
+        self.stuck = 0
 
     # -- survey ------------------------------------------------------------
 
@@ -180,38 +182,46 @@ class Recovery:
             if case.state and state is None:
                 self.out("%s: already recovered" % case.label)
                 return
-            if state is not None:
-                verdict = sessions.assess(state, procs.is_alive)
-                if verdict == sessions.LIVE:
-                    self.out("%s: live session %s (a client is connected), "
-                             "left alone" % (case.label, state["id"]))
-                    return
-                case.freeze = (commit.Freeze.from_session(state)
-                               if state["mode"] == sessions.ONLINE else None)
-            if case.freeze is None:
-                self._end(case, state, "nothing was snapshotted")
+            if state is not None and sessions.assess(
+                    state, procs.is_alive) == sessions.LIVE:
+                self.out("%s: live session %s (a client is connected), "
+                         "left alone" % (case.label, state["id"]))
                 return
-            step = commit.plan(conn, case.freeze)
-            if self.dry_run:
-                self.out("%s: would %s" % (case.label, step))
-                if step.action == commit.KEEP:
-                    self.stuck += 1
-                return
-            self.out("%s: %s" % (case.label, step))
-            log.info("recover %s: %s", case.label, step)
-            if state is not None:
-                self.store.save(sessions.with_phase(state, sessions.COMMITTING))
-            try:
-                commit.run(conn, case.freeze, step, self.config.commit_timeout)
-            except Error as e:
+            self.locked(conn, case, state)
+
+    def locked(self, conn, case, state):
+        """Recover case, whose disk lock the caller holds.
+
+        Returns True when nothing is left stuck.
+        """
+        if state is not None:
+            case.freeze = (commit.Freeze.from_session(state)
+                           if state["mode"] == sessions.ONLINE else None)
+        if case.freeze is None:
+            self._end(case, state, "nothing was snapshotted")
+            return True
+        step = commit.plan(conn, case.freeze)
+        if self.dry_run:
+            self.out("%s: would %s" % (case.label, step))
+            if step.action == commit.KEEP:
                 self.stuck += 1
-                self.out("%s: STUCK: %s" % (case.label, e))
-                log.error("recover %s: still stuck: %s", case.label, e)
-                if state is not None:
-                    self.store.save(sessions.with_phase(
-                        state, sessions.FAILED, error=str(e)))
-                return
-            self._end(case, state, "%s done" % step.action)
+            return step.action != commit.KEEP
+        self.out("%s: %s" % (case.label, step))
+        log.info("recover %s: %s", case.label, step)
+        if state is not None:
+            self.store.save(sessions.with_phase(state, sessions.COMMITTING))
+        try:
+            commit.run(conn, case.freeze, step, self.config.commit_timeout)
+        except Error as e:
+            self.stuck += 1
+            self.out("%s: STUCK: %s" % (case.label, e))
+            log.error("recover %s: still stuck: %s", case.label, e)
+            if state is not None:
+                self.store.save(sessions.with_phase(
+                    state, sessions.FAILED, error=str(e)))
+            return False
+        self._end(case, state, "%s done" % step.action)
+        return True
 
     def _end(self, case, state, what):
         if self.dry_run:

@@ -153,3 +153,16 @@ def test_shut_off_domain_on_overlay_is_recovered_offline(virt, env):
     inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     assert "type='raw'" in inactive and "backingStore" not in inactive
     assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
+
+
+def test_stale_recover_setting_recovers_then_freezes_anew(virt, env):
+    dom, base, server = freeze_and_kill(virt, env, signal.SIGTERM)
+    env.configure(stale="recover")
+    server.start()
+    held = lab.HeldConnection(server.port, "vm")
+    # The old overlay was committed first: the new freeze has the write.
+    assert held.read(2 * MiB, 4096) == b"\x5a" * 4096
+    (entry,) = status(env)
+    assert entry["verdict"] == "live" and len(env.overlays()) == 1
+    held.close()
+    assert_clean(env, dom, base)
