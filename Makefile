@@ -7,8 +7,16 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+# `make install` puts the project in a virtualenv of its own that sees
+# Debian's python3-libvirt and python3-lxml (no compiler needed), and links
+# the commands into BINDIR.
+INSTALL_VENV ?= /opt/nbdsnap
+SYSTEM_PYTHON ?= /usr/bin/python3
+UNITDIR ?= /etc/systemd/system
 
-.PHONY: all host venv demo check unit real bench install clean
+.PHONY: all host venv demo check unit real bench install uninstall clean
 
 all: venv
 
@@ -44,7 +52,28 @@ bench: host venv
 	$(PY) -m lab.bench
 
 install:
-	$(PYTHON) -m pip install '.[server]'
+	$(SYSTEM_PYTHON) -m venv --system-site-packages $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/pip install -q '.[server]'
+	install -d $(BINDIR)
+	for c in nbd-prerun nbd-postrun nbdsnap nbd-verify; do \
+	    ln -sf $(INSTALL_VENV)/bin/$$c $(BINDIR)/$$c; done
+	test -e $(SYSCONFDIR)/nbdsnap.conf || \
+	    install -D -m 0644 contrib/nbdsnap.conf $(SYSCONFDIR)/nbdsnap.conf
+	install -d $(SYSCONFDIR)/libvirt/hooks/qemu.d
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@CONFIG@|$(SYSCONFDIR)/nbdsnap.conf|g' \
+	    contrib/libvirt-hook-qemu.in > $(SYSCONFDIR)/libvirt/hooks/qemu.d/nbdsnap
+	chmod 0755 $(SYSCONFDIR)/libvirt/hooks/qemu.d/nbdsnap
+	install -d $(UNITDIR)
+	sed -e 's|@BINDIR@|$(BINDIR)|g' contrib/nbdsnap-recover.service.in \
+	    > $(UNITDIR)/nbdsnap-recover.service
+	@echo "installed; enable recovery at boot: systemctl enable nbdsnap-recover"
+	@echo "restart libvirtd once so that it sees the new hooks folder"
+
+uninstall:
+	rm -f $(addprefix $(BINDIR)/,nbd-prerun nbd-postrun nbdsnap nbd-verify)
+	rm -f $(SYSCONFDIR)/libvirt/hooks/qemu.d/nbdsnap
+	rm -f $(UNITDIR)/nbdsnap-recover.service
+	rm -rf $(INSTALL_VENV)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

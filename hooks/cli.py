@@ -106,7 +106,7 @@ def nbdsnap_main(argv=None):
     p = argparse.ArgumentParser(
         prog="nbdsnap",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Inspect nbdsnap's freezes of libvirt disks.",
+        description="See and repair nbdsnap's freezes of libvirt disks.",
         epilog=EPILOG_CONFIG)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     st = sub.add_parser(
@@ -135,7 +135,26 @@ def nbdsnap_main(argv=None):
                       help="every session and every orphaned overlay")
     rc.add_argument("--dry-run", action="store_true",
                     help="print the plan, change nothing")
+    lh = sub.add_parser(
+        "libvirt-hook", help="libvirtd's qemu hook (installed, not typed)",
+        description="Run by libvirtd as /etc/libvirt/hooks/qemu.d/nbdsnap "
+                    "with the domain XML on stdin: refuses to start a "
+                    "domain whose disk a client is copying while it is shut "
+                    "off.  Exit status 0 let it start, 1 refuse.")
+    lh.add_argument("domain", metavar="DOMAIN")
+    lh.add_argument("operation", metavar="OPERATION")
+    lh.add_argument("suboperation", metavar="SUBOP")
+    lh.add_argument("extra", metavar="EXTRA", nargs="*")
     args = p.parse_args(argv)
+
+    if args.command == "libvirt-hook":
+        from .libvirt_hook import check
+        log_mod.setup("nbdsnap-libvirt-hook", stderr_level=logging.WARNING)
+        reason = check(args.domain, args.operation, args.suboperation,
+                       sys.stdin.read())
+        if reason:
+            return 1     # libvirt shows our stderr line in its error
+        return 0
 
     def recover():
         from .freeze import Freezer
@@ -151,7 +170,11 @@ def nbdsnap_main(argv=None):
 
     def status():
         from . import status as status_mod
-        entries = status_mod.collect(_load_config())
+        config = _load_config()
+        entries = status_mod.collect(config)
+        if entries:
+            entries = status_mod.collect(
+                config, domain_state=status_mod.libvirt_states())
         print(status_mod.format_json(entries) if args.json
               else status_mod.format_text(entries))
         return 0

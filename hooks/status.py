@@ -8,8 +8,12 @@ from . import procs, sessions
 from .errors import CorruptState
 
 
-def collect(config, now=None):
-    """One dict per session file; a corrupt file is an entry too."""
+def collect(config, now=None, domain_state=None):
+    """One dict per session file; a corrupt file is an entry too.
+
+    domain_state(uuid) gives a domain's state now (see libvirt_states); a
+    shut-off domain started during its copy is flagged with a warning.
+    """
     store = sessions.SessionStore(config)
     now = time.time() if now is None else now
     boot = procs.boot_id()
@@ -30,8 +34,33 @@ def collect(config, now=None):
         entry["verdict"] = sessions.assess(state, alive)
         entry["age"] = round(now - state["created"], 1)
         entry["overlay_bytes"] = _allocated(state.get("overlay"))
+        entry["domain_state"] = domain_state(state["uuid"]) \
+            if domain_state else None
+        entry["warning"] = None
+        if (state["mode"] == sessions.OFFLINE
+                and entry["domain_state"] not in (None, "shut off")):
+            entry["warning"] = ("the domain was started during the copy: "
+                                "copies taken meanwhile may be inconsistent")
         result.append(entry)
     return result
+
+
+def libvirt_states():
+    """A domain_state function for collect(), or None if libvirt is down."""
+    from . import virt
+    from .errors import VirtError
+    try:
+        conn = virt.connect()
+    except VirtError:
+        return None
+
+    def state(uuid):
+        try:
+            found = virt.lookup(conn, uuid=uuid)
+            return virt.state(found[0]) if found else "undefined"
+        except VirtError:
+            return None
+    return state
 
 
 def _allocated(path):
@@ -65,6 +94,8 @@ def format_text(entries):
         lines.append("    phase        %s, %s old" % (e["phase"],
                                                       _age(e["age"])))
         lines.append("    consistency  %s" % (e["consistency"] or "-"))
+        if e.get("domain_state"):
+            lines.append("    domain now   %s" % e["domain_state"])
         lines.append("    holders      %s" % holders)
         if e.get("overlay"):
             size = e["overlay_bytes"]
@@ -73,6 +104,8 @@ def format_text(entries):
                 else "%d bytes allocated" % size))
         if e.get("error"):
             lines.append("    error        %s" % e["error"])
+        if e.get("warning"):
+            lines.append("    WARNING      %s" % e["warning"])
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ import libvirt
 import libvirt_qemu
 
 URI = "qemu:///system"
+HOOKS_DIR = "/etc/libvirt/hooks/qemu.d"
 # The hooks are the entry points installed beside the running interpreter.
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -76,6 +77,14 @@ def ensure_host():
             os.chmod("/dev/kvm", 0o660)
     if not _running("virtlogd"):
         subprocess.run(["virtlogd", "-d"], check=True)
+    # libvirtd looks for hook folders when it starts: the folder must be
+    # there first, so that the tests' libvirt hooks are run.
+    if not os.path.isdir(HOOKS_DIR):
+        os.makedirs(HOOKS_DIR)
+        if _running("libvirtd"):
+            subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+            wait_until(lambda: not _running("libvirtd"), 30,
+                       what="libvirtd to stop")
     if not _libvirt_answers():
         if not _running("libvirtd"):
             subprocess.run(["libvirtd", "-d"], check=True)

@@ -21,7 +21,8 @@ SIZE = 32   # MiB per test disk
 
 def export_domain(virt, env, name="d", disks=None, start=True):
     """A domain whose vda is a fresh raw image filled with 0x11."""
-    base = lab.make_image(env.path("base.raw"), SIZE, fill=0x11)
+    image = "base.raw" if name == "d" else name + ".raw"
+    base = lab.make_image(env.path(image), SIZE, fill=0x11)
     disks = disks or []
     dom = virt.define(name + "-" + os.path.basename(env.folder)[-6:],
                       [lab.disk_xml(base, "vda")] + disks, start=start)
