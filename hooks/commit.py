@@ -153,6 +153,7 @@ def _online(conn, dom, freeze, timeout):
     if disk is None or locate.key_of(disk.top.path) != freeze.key:
         raise CommitFailed("after the pivot %s is not back on its base"
                            % freeze)
+    virt.resume_if_io_paused(dom)
 
 
 def _offline(conn, dom, freeze):

@@ -188,17 +188,33 @@ class DiskLock:
                     os.close(fd)
                     raise
             if time.monotonic() >= deadline:
+                holder = _holder(fd)
                 os.close(fd)
                 raise LockTimeout(
-                    "another nbdsnap process has held the lock %s for more "
-                    "than %g s; giving up" % (self.path, self.timeout))
+                    "%s has held the lock %s for more than %g s "
+                    "(lock_timeout); giving up" % (holder, self.path,
+                                                   self.timeout))
             time.sleep(self.poll)
+        # Say who holds it, for the message of whoever waits in vain.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, ("%d\n" % os.getpid()).encode(), 0)
         self.fd = fd
         return self
 
     def __exit__(self, *exc):
         os.close(self.fd)   # closing the last descriptor releases the flock
         self.fd = None
+
+
+def _holder(fd):
+    """'pid N (command)' from a lock file's content, for messages."""
+    try:
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        return "pid %d (%s)" % (pid, cmd.strip()[:120])
+    except (ValueError, OSError):
+        return "another process"
 
 
 class SessionStore:

@@ -142,19 +142,38 @@ def snapshot(dom, xml, quiesce):
                         % (dom.name(), e.get_error_message()))
 
 
+# Not libvirt's: what _JobWatch records when waiting can no longer succeed.
+LOST = "connection to libvirtd lost"
+STOPPED = "domain stopped"
+
+
 class _JobWatch:
-    """Collects BLOCK_JOB_2 events of one disk, delivered by the event loop."""
+    """Collects BLOCK_JOB_2 events of one disk, delivered by the event loop.
+
+    A libvirtd that goes away or a domain that stops sends no job event:
+    they end the wait too, instead of letting it run to commit_timeout.
+    """
 
     def __init__(self, target):
         self.target = target
         self.cond = threading.Condition()
         self.events = []
 
+    def _add(self, status):
+        with self.cond:
+            self.events.append(status)
+            self.cond.notify_all()
+
     def __call__(self, _conn, _dom, disk, _type, status, _opaque):
         if disk == self.target:
-            with self.cond:
-                self.events.append(status)
-                self.cond.notify_all()
+            self._add(status)
+
+    def closed(self, _conn, _reason, _opaque):
+        self._add(LOST)
+
+    def lifecycle(self, _conn, _dom, event, _detail, _opaque):
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            self._add(STOPPED)
 
     def wait(self, statuses, deadline):
         with self.cond:
@@ -185,17 +204,27 @@ def commit(conn, dom, target, timeout):
     overlay with every write in it.
     """
     watch = _JobWatch(target)
+    callbacks = []
     try:
-        cb = conn.domainEventRegisterAny(
-            dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, watch, None)
+        callbacks.append(conn.domainEventRegisterAny(
+            dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, watch, None))
+        callbacks.append(conn.domainEventRegisterAny(
+            dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, watch.lifecycle,
+            None))
+        conn.registerCloseCallback(watch.closed, None)
     except libvirt.libvirtError as e:
         raise CommitFailed("cannot watch block jobs of %s: %s"
                            % (dom.name(), e.get_error_message()))
     try:
         _commit(dom, target, timeout, watch)
     finally:
+        for cb in callbacks:
+            try:
+                conn.domainEventDeregisterAny(cb)
+            except libvirt.libvirtError:
+                pass
         try:
-            conn.domainEventDeregisterAny(cb)
+            conn.unregisterCloseCallback()
         except libvirt.libvirtError:
             pass
 
@@ -213,7 +242,7 @@ def _commit(dom, target, timeout, watch):
     ends = (libvirt.VIR_DOMAIN_BLOCK_JOB_READY,
             libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED,
             libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED,
-            libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED)
+            libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED, LOST, STOPPED)
     status = watch.wait(ends, started + timeout)
     if status != libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
         if status is None:
@@ -221,6 +250,10 @@ def _commit(dom, target, timeout, watch):
             raise CommitFailed("block commit of %s %s did not get ready in "
                                "%g s (commit_timeout); cancelled, the domain "
                                "stays on its overlay" % (name, target, timeout))
+        if status in (LOST, STOPPED):
+            raise CommitFailed("block commit of %s %s interrupted: %s; the "
+                               "domain is still on its overlay"
+                               % (name, target, status))
         raise CommitFailed("block commit of %s %s %s before it was ready"
                            % (name, target, _JOB_NAMES.get(status, status)))
     log.debug("commit of %s %s ready after %.3f s", name, target,
@@ -263,3 +296,22 @@ def cancel_job(dom, target, timeout=60):
     except libvirt.libvirtError as e:
         raise VirtError("cannot cancel the block job of %s %s: %s"
                         % (dom.name(), target, e.get_error_message()))
+
+
+def resume_if_io_paused(dom):
+    """Resume a domain that paused on an I/O error, such as a full overlay.
+
+    QEMU stops a guest whose write failed with ENOSPC and retries the write
+    on resume: once the domain is back on its base, that write can land.
+    A domain paused for any other reason is left paused.
+    """
+    try:
+        state, reason = dom.state()
+        if (state == libvirt.VIR_DOMAIN_PAUSED
+                and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR):
+            dom.resume()
+            log.warning("domain %s had paused on an I/O error (a full "
+                        "snapshot_dir?); resumed on its base", dom.name())
+    except libvirt.libvirtError as e:
+        log.warning("cannot resume domain %s: %s", dom.name(),
+                    e.get_error_message())
