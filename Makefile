@@ -16,9 +16,17 @@ INSTALL_VENV ?= /opt/nbdsnap
 SYSTEM_PYTHON ?= /usr/bin/python3
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: all host venv demo check unit real bench install uninstall clean
+MANPAGES := $(patsubst %.rst,%,$(wildcard man/*.rst))
 
-all: venv
+.PHONY: all host venv demo check unit real bench man install uninstall clean
+
+all: venv man
+
+# Man pages: reStructuredText sources, built to roff by docutils' rst2man.
+man: $(MANPAGES)
+
+man/%: man/%.rst venv
+	$(VENV)/bin/rst2man $< $@
 
 host:
 	sh tools/setup-host
@@ -51,7 +59,9 @@ real: host venv
 bench: host venv
 	$(PY) -m lab.bench
 
-install:
+MANDIR ?= $(PREFIX)/share/man
+
+install: man
 	$(SYSTEM_PYTHON) -m venv --system-site-packages $(INSTALL_VENV)
 	$(INSTALL_VENV)/bin/pip install -q '.[server]'
 	install -d $(BINDIR)
@@ -66,6 +76,8 @@ install:
 	install -d $(UNITDIR)
 	sed -e 's|@BINDIR@|$(BINDIR)|g' contrib/nbdsnap-recover.service.in \
 	    > $(UNITDIR)/nbdsnap-recover.service
+	for m in $(MANPAGES); do s=$${m##*.}; \
+	    install -D -m 0644 $$m $(MANDIR)/man$$s/$$(basename $$m); done
 	@echo "installed; enable recovery at boot: systemctl enable nbdsnap-recover"
 	@echo "restart libvirtd once so that it sees the new hooks folder"
 
@@ -73,6 +85,8 @@ uninstall:
 	rm -f $(addprefix $(BINDIR)/,nbd-prerun nbd-postrun nbdsnap nbd-verify)
 	rm -f $(SYSCONFDIR)/libvirt/hooks/qemu.d/nbdsnap
 	rm -f $(UNITDIR)/nbdsnap-recover.service
+	for m in $(MANPAGES); do s=$${m##*.}; \
+	    rm -f $(MANDIR)/man$$s/$$(basename $$m); done
 	rm -rf $(INSTALL_VENV)
 
 clean:
