@@ -11,8 +11,8 @@ import stat
 import time
 
 from . import commit, domxml, locate, procs, sessions, virt
-from .errors import (CommitFailed, Error, NotFound, Stale, Unsupported,
-                     VirtError)
+from .errors import (CommitFailed, CorruptState, Error, NotFound, Stale,
+                     Unsupported, VirtError)
 from .sessions import FROZEN, OFFLINE, ONLINE
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,11 @@ class Freezer:
         key = disk_key(export)
         holder = holder or procs.connection_holder()
         with self.store.lock(key):
-            state = self.store.load(key)
+            try:
+                state = self.store.load(key)
+            except CorruptState as e:
+                raise CorruptState("%s; refusing until 'nbdsnap recover %s' "
+                                   "has run" % (e, export))
             conn = None
             try:
                 if state is not None:

@@ -448,3 +448,56 @@ def image_reads(path, pattern, offset, length):
                            % (path, proc.stdout, proc.stderr))
     return proc.returncode == 0
 
+
+
+def remove_domains(prefix):
+    """Destroy and undefine every domain whose name starts with prefix,
+    through a new connection: cleanup that survives a libvirtd restart, which
+    leaves a Lab's own connection dead.  Returns the names removed."""
+    wait_until(_libvirt_answers, 60, 0.2, "libvirtd to answer")
+    conn = libvirt.open(URI)
+    removed = []
+    try:
+        for dom in conn.listAllDomains(0):
+            with contextlib.suppress(libvirt.libvirtError):
+                if not dom.name().startswith(prefix):
+                    continue
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+                removed.append(dom.name())
+    finally:
+        conn.close()
+    return removed
+
+
+# -- libvirtd restarted under a test --------------------------------------------
+
+LIBVIRTD_PIDFILE = "/run/libvirtd.pid"
+
+
+def restart_libvirtd(the_lab, timeout=60):
+    """Stop libvirtd with SIGTERM, start it again and wait until it answers.
+
+    Running domains survive (QEMU is not libvirtd's child for life), but
+    every connection breaks: the_lab's is opened again and its domains are
+    looked up anew by UUID, in the same order.  Other users of this machine
+    lose their connections too: keep this rare and short.
+    """
+    uuids = [dom.UUIDString() for dom in the_lab.domains]
+    with open(LIBVIRTD_PIDFILE) as f:
+        pid = int(f.read())
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists("/proc/%d" % pid), timeout, 0.05,
+               "libvirtd (pid %d) to stop" % pid)
+    subprocess.run(["libvirtd", "-d"], check=True)
+    wait_until(_libvirt_answers, timeout, 0.1, "libvirtd to answer again")
+    with contextlib.suppress(libvirt.libvirtError):
+        the_lab.conn.close()
+    the_lab.conn = libvirt.open(URI)
+    domains = []
+    for uuid in uuids:
+        with contextlib.suppress(libvirt.libvirtError):
+            domains.append(the_lab.conn.lookupByUUIDString(uuid))
+    the_lab.domains = domains
+    return domains
