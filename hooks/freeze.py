@@ -95,6 +95,7 @@ class Freezer:
                     describe(state), why)
         from .recover import Case, Recovery
         recovery = Recovery(self, out=lambda line: None)
+        recovery.exclude = (procs.connection_holder().pid,)
         case = Case(state["key"], state["export"], None, state)
         if not recovery.locked(conn, case, state):
             raise Stale("%s is stale and could not be recovered; see "

@@ -10,6 +10,8 @@ be reused; pid + start time (clock ticks since boot) + boot id cannot.
 import dataclasses
 import os
 
+from .errors import Error
+
 SHELLS = frozenset(("sh", "dash", "bash"))
 SERVER = "nbd-server"
 
@@ -90,3 +92,32 @@ def is_alive(holder, current_boot=None):
         return False
     st = _stat(holder.pid)
     return st is not None and st[2] == holder.start
+
+
+def servers_with_open(key, key_of, exclude=()):
+    """Pids of nbd-server processes that have the disk with key open.
+
+    nbd-server's per-connection child opens the export after prerun; while
+    it has it open, a client may still be reading the frozen base, whatever
+    the session files say.
+    """
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        st = _stat(int(name))
+        if st is None or st[0] != SERVER:
+            continue
+        folder = "/proc/%s/fd" % name
+        try:
+            fds = os.listdir(folder)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if key_of(os.path.join(folder, fd)) == key:
+                    found.append(int(name))
+                    break
+            except (OSError, Error):   # a vanished fd is no match
+                continue
+    return found

@@ -71,6 +71,9 @@ class Recovery:
         self.out = out
         self.dry_run = dry_run
         self.stuck = 0
+        # Processes not to count as readers of a frozen base: the
+        # nbd-server child of a prerun that recovers before it serves.
+        self.exclude = ()
 
     # -- survey ------------------------------------------------------------
 
@@ -200,6 +203,17 @@ class Recovery:
         if case.freeze is None:
             self._end(case, state, "nothing was snapshotted")
             return True
+        readers = procs.servers_with_open(case.key, locate.key_of,
+                                          exclude=self.exclude)
+        if readers:
+            # The session file says nobody holds it (or it was lost), but a
+            # client is still reading the frozen base: committing now would
+            # change the disk under its copy.
+            self.stuck += 1
+            self.out("%s: nbd-server pid %s still serves the frozen base; "
+                     "left alone until that connection ends"
+                     % (case.label, ", ".join(map(str, readers))))
+            return False
         step = commit.plan(conn, case.freeze)
         if self.dry_run:
             self.out("%s: would %s" % (case.label, step))

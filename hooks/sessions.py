@@ -212,7 +212,9 @@ def _holder(fd):
         pid = int(os.pread(fd, 32, 0).decode().strip())
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        return "pid %d (%s)" % (pid, cmd.strip()[:120])
+        # One line, whatever the command line holds (it is the holder's).
+        cmd = "".join(c if c.isprintable() else "?" for c in cmd.strip())
+        return "pid %d (%s)" % (pid, cmd[:120])
     except (ValueError, OSError):
         return "another process"
 

@@ -239,24 +239,39 @@ def disk_source(dom, target, inactive=False):
 
 
 def _qemu_io(dom, target, command):
+    """Run qemu-io in the domain's QEMU; return what it printed.
+
+    HMP's qemu-io prints to QEMU's stdout, which libvirt sends to the
+    domain's log, not into the monitor's reply: read it from the log.
+    """
+    log = "/var/log/libvirt/qemu/%s.log" % dom.name()
+    start = os.path.getsize(log) if os.path.exists(log) else 0
     hmp = 'qemu-io -d /machine/peripheral/%s/virtio-backend "%s"' % (
         disk_alias(dom, target), command)
-    return libvirt_qemu.qemuMonitorCommand(
+    reply = libvirt_qemu.qemuMonitorCommand(
         dom, hmp, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    with open(log, "rb") as f:
+        f.seek(start)
+        return reply + f.read().decode(errors="replace")
 
 
 def guest_write(dom, target, pattern, offset, length):
     """Write as if the guest did, through the disk's active layer."""
     out = _qemu_io(dom, target, "write -P 0x%02x %d %d"
                    % (pattern, offset, length))
-    if "error" in out.lower() or "failed" in out.lower():
+    if "wrote " not in out or "failed" in out.lower():
         raise RuntimeError("qemu-io write failed: %s" % out)
 
 
 def guest_reads(dom, target, pattern, offset, length):
+    """True if the guest reads pattern over the range."""
     out = _qemu_io(dom, target, "read -P 0x%02x %d %d"
                    % (pattern, offset, length))
-    return "pattern verification failed" not in out and "error" not in out
+    if "Pattern verification failed" in out:
+        return False
+    if "read " not in out:
+        raise RuntimeError("qemu-io read failed: %s" % out)
+    return True
 
 
 # -- nbd-server --------------------------------------------------------------
