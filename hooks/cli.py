@@ -6,6 +6,7 @@ syslog and stderr) before the process exits.
 """
 
 import argparse
+import json
 import logging
 import sys
 import textwrap
@@ -145,7 +146,24 @@ def nbdsnap_main(argv=None):
     lh.add_argument("operation", metavar="OPERATION")
     lh.add_argument("suboperation", metavar="SUBOP")
     lh.add_argument("extra", metavar="EXTRA", nargs="*")
+    hi = sub.add_parser(
+        "history", help="list the sessions that ended",
+        description="List every session that ended: start, length, export, "
+                    "domain and disk, connections, consistency, overlay size "
+                    "at the commit, commit time and result.  The history "
+                    "keeps about the last 3000 sessions.  Exit status 0.")
+    hi.add_argument("--json", action="store_true",
+                    help="machine-readable output")
     args = p.parse_args(argv)
+
+    if args.command == "history":
+        def show_history():
+            from . import history
+            entries = history.read(_load_config())
+            print(json.dumps({"sessions": entries}, sort_keys=True, indent=2)
+                  if args.json else history.format_text(entries))
+            return 0
+        return _run("nbdsnap", show_history, stderr_level=logging.WARNING)
 
     if args.command == "libvirt-hook":
         from .libvirt_hook import check

@@ -10,7 +10,7 @@ import os
 import stat
 import time
 
-from . import commit, domxml, locate, procs, sessions, virt
+from . import commit, domxml, history, locate, procs, sessions, virt
 from .errors import (CommitFailed, CorruptState, Error, NotFound, Stale,
                      Unsupported, VirtError)
 from .sessions import FROZEN, OFFLINE, ONLINE
@@ -258,9 +258,19 @@ class Freezer:
             if conn is not None:
                 conn.close()
         self.store.delete(state["key"])
+        self.remember(state, "ended: shut off, nothing to commit")
         log.info("%s: ended; the domain was shut off, nothing to commit",
                  describe(state))
         return state
+
+    def remember(self, state, result, **details):
+        """Add the ended session to the history; never fail a hook for it."""
+        try:
+            history.record(self.config, history.entry(state, result,
+                                                      **details))
+        except (OSError, Error) as e:
+            log.warning("%s: cannot write the history: %s", describe(state),
+                        e)
 
     def _commit(self, state):
         """The last live holder is gone: put the disk back on its base."""
@@ -286,10 +296,13 @@ class Freezer:
                                "recover %s'" % (describe(state), e,
                                                 state["overlay"],
                                                 state["export"]))
+        took = time.monotonic() - started
         self.store.delete(state["key"])
+        self.remember(state, step.action, overlay_bytes=size,
+                      commit_seconds=took)
         log.info("%s: %s of %s done in %.2f s; domain back on its base, "
                  "overlay removed", describe(state), step.action,
-                 _human(size), time.monotonic() - started)
+                 _human(size), took)
         return state
 
 

@@ -243,5 +243,6 @@ class Recovery:
             return
         if state is not None:
             self.store.delete(case.key)
+            self.freezer.remember(state, "recovered: %s" % what)
         self.out("%s: recovered (%s)" % (case.label, what))
         log.info("recover %s: recovered (%s)", case.label, what)

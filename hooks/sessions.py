@@ -81,6 +81,7 @@ def new_session(key, export, domain, uuid, disk, base, mode, holder,
         "overlay": overlay,
         "consistency": consistency or ("offline" if mode == OFFLINE else None),
         "holders": [holder.to_json()],
+        "connections": 1,          # every connection that held it, for history
         "created": now,
         "updated": now,
         "error": None,
@@ -117,9 +118,12 @@ def with_phase(state, phase, now=None, **changes):
 def join(state, holder, now=None):
     """Add a holder (a second hook run for the same connection is a no-op)."""
     hs = state["holders"]
+    count = state.get("connections", len(hs))
     if holder.to_json() not in hs:
         hs = hs + [holder.to_json()]
-    return with_phase(state, state["phase"], now=now, holders=hs)
+        count += 1
+    return with_phase(state, state["phase"], now=now, holders=hs,
+                      connections=count)
 
 
 def leave(state, holder, alive, now=None):

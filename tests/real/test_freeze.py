@@ -203,3 +203,22 @@ def test_stale_session_is_refused(virt, env):
     # Nothing was lost: the guest's write is in the overlay it still runs on.
     assert lab.disk_source(dom, "vda") == entry["overlay"]
     assert lab.guest_reads(dom, "vda", 0x5a, 0, MiB)
+
+
+def test_history_records_each_session(virt, env):
+    dom, base = export_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    lab.guest_write(dom, "vda", 0x5a, 0, 4 * MiB)
+    lab.nbdcopy(server.uri("vm"), env.path("copy.raw"), connections=2)
+    held.close()
+    env.wait_clean()
+    (entry,) = json.loads(env.hook("nbdsnap", "history", "--json",
+                                   check=0).stdout)["sessions"]
+    assert entry["result"] == "online commit"
+    assert entry["connections"] == 3
+    assert entry["consistency"] == "crash-consistent"
+    assert entry["overlay_bytes"] >= 4 * MiB
+    assert entry["commit_seconds"] > 0 and entry["end"] > entry["start"]
+    text = env.hook("nbdsnap", "history", check=0).stdout
+    assert base in text and "online commit" in text

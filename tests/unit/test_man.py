@@ -19,7 +19,8 @@ COMMANDS = {
     "nbd-postrun.8": [["nbdsnap.hooks.cli", "postrun_main"]],
     "nbdsnap.8": [["nbdsnap.hooks.cli", "nbdsnap_main", "status"],
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "recover"],
-                  ["nbdsnap.hooks.cli", "nbdsnap_main", "libvirt-hook"]],
+                  ["nbdsnap.hooks.cli", "nbdsnap_main", "libvirt-hook"],
+                  ["nbdsnap.hooks.cli", "nbdsnap_main", "history"]],
     "nbd-verify.1": [["nbdsnap.verify.cli", "main", "digest"],
                      ["nbdsnap.verify.cli", "main", "compare"]],
 }

@@ -1,0 +1,101 @@
+"""The history of sessions: one JSON line per session that ended.
+
+Appended by postrun and recover when a session ends, in
+``state_dir/history.jsonl``.  Kept bounded: past MAX_BYTES the oldest half
+is dropped (the file is rewritten atomically, under the history's lock).
+"""
+
+import json
+import os
+import tempfile
+import time
+
+from .sessions import DiskLock
+
+MAX_BYTES = 1 << 20     # about 3000 sessions
+
+
+def _path(config):
+    return os.path.join(config.state_dir, "history.jsonl")
+
+
+def entry(state, result, overlay_bytes=None, commit_seconds=None,
+          now=None):
+    """The history line of a session that ends with result."""
+    return {
+        "id": state["id"],
+        "export": state["export"],
+        "domain": state["domain"],
+        "disk": state["disk"],
+        "mode": state["mode"],
+        "consistency": state.get("consistency"),
+        "start": state["created"],
+        "end": time.time() if now is None else now,
+        "connections": state.get("connections", len(state["holders"])),
+        "overlay_bytes": overlay_bytes,
+        "commit_seconds": (None if commit_seconds is None
+                           else round(commit_seconds, 3)),
+        "result": result,
+    }
+
+
+def record(config, line, max_bytes=MAX_BYTES):
+    """Append line; drop the oldest half when the file grows past max."""
+    path = _path(config)
+    with DiskLock(os.path.join(config.locks_dir, "history.lock"),
+                  config.lock_timeout):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+            size = f.tell()
+        if size > max_bytes:
+            _trim(path)
+
+
+def _trim(path):
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    fd, tmp = tempfile.mkstemp(prefix=".history-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(lines[len(lines) // 2:])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read(config):
+    """Every recorded session, oldest first; a damaged line is skipped."""
+    try:
+        with open(_path(config), encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return []
+    result = []
+    for line in lines:
+        try:
+            result.append(json.loads(line))
+        except ValueError:
+            continue
+    return result
+
+
+def format_text(entries):
+    if not entries:
+        return "no sessions recorded yet"
+    rows = [("START (UTC)", "SECONDS", "EXPORT", "DOMAIN:DISK", "CONN",
+             "CONSISTENCY", "OVERLAY", "COMMIT", "RESULT")]
+    for e in entries:
+        rows.append((
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["start"])),
+            "%.1f" % (e["end"] - e["start"]),
+            e["export"], "%s:%s" % (e["domain"], e["disk"]),
+            str(e["connections"]), e.get("consistency") or "-",
+            "-" if e.get("overlay_bytes") is None
+            else "%d MiB" % (e["overlay_bytes"] >> 20),
+            "-" if e.get("commit_seconds") is None
+            else "%.2f s" % e["commit_seconds"],
+            e["result"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths))
+                     + "  " + r[-1] for r in rows)
