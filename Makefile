@@ -79,7 +79,7 @@ install: man
 	for m in $(MANPAGES); do s=$${m##*.}; \
 	    install -D -m 0644 $$m $(MANDIR)/man$$s/$$(basename $$m); done
 	@echo "installed; enable recovery at boot: systemctl enable nbdsnap-recover"
-	@echo "restart libvirtd once so that it sees the new hooks folder"
+	@echo "restart libvirtd once: it runs qemu.d hooks only if it saw one at its start"
 
 uninstall:
 	rm -f $(addprefix $(BINDIR)/,nbd-prerun nbd-postrun nbdsnap nbd-verify)

@@ -25,6 +25,7 @@ import libvirt_qemu
 
 URI = "qemu:///system"
 HOOKS_DIR = "/etc/libvirt/hooks/qemu.d"
+KEEP_HOOK = os.path.join(HOOKS_DIR, "00-nbdsnap-lab")
 # The hooks are the entry points installed beside the running interpreter.
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -77,10 +78,15 @@ def ensure_host():
             os.chmod("/dev/kvm", 0o660)
     if not _running("virtlogd"):
         subprocess.run(["virtlogd", "-d"], check=True)
-    # libvirtd looks for hook folders when it starts: the folder must be
-    # there first, so that the tests' libvirt hooks are run.
-    if not os.path.isdir(HOOKS_DIR):
-        os.makedirs(HOOKS_DIR)
+    # libvirtd looks for hook scripts when it starts, and runs the ones
+    # added later only if its qemu.d folder held one then: keep a no-op
+    # script there, so that the tests' libvirt hooks are run.
+    if not os.path.exists(KEEP_HOOK):
+        os.makedirs(HOOKS_DIR, exist_ok=True)
+        with open(KEEP_HOOK, "w") as f:
+            f.write("#!/bin/sh\n# nbdsnap's tests: keeps libvirtd running "
+                    "the hooks in this folder.\ncat >/dev/null\n")
+        os.chmod(KEEP_HOOK, 0o755)
         if _running("libvirtd"):
             subprocess.run(["pkill", "-x", "libvirtd"], check=False)
             wait_until(lambda: not _running("libvirtd"), 30,
@@ -250,9 +256,18 @@ def _qemu_io(dom, target, command):
         disk_alias(dom, target), command)
     reply = libvirt_qemu.qemuMonitorCommand(
         dom, hmp, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-    with open(log, "rb") as f:
-        f.seek(start)
-        return reply + f.read().decode(errors="replace")
+    # virtlogd writes the log a moment later: wait for qemu-io's last line.
+    done = ("wrote ", "read ", "Pattern verification failed", "failed")
+
+    def printed():
+        with open(log, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        return text if any(d in text for d in done) else None
+    try:
+        return reply + wait_until(printed, 30, 0.01, "qemu-io's output")
+    except TimeoutError:
+        return reply
 
 
 def guest_write(dom, target, pattern, offset, length):
