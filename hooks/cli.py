@@ -154,6 +154,50 @@ def nbdsnap_main(argv=None):
                     "keeps about the last 3000 sessions.  Exit status 0.")
     hi.add_argument("--json", action="store_true",
                     help="machine-readable output")
+    ex = sub.add_parser(
+        "export", help="print or write nbd-server sections for a domain",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Print (or write to FILE, atomically) one nbd-server export "
+            "section per disk of DOMAIN: exportname the disk's base, "
+            "read-only, the installed hooks with --domain and --disk, and an "
+            "authfile of the --allow addresses (FILE's folder, NAME.allow).  "
+            "Default: every file or block disk that is not read-only or "
+            "shareable.", 78),
+        epilog="exit status: 0 done, 1 refused (unknown domain, no disk to "
+               "export, a path the hook's shell would split, a FILE not "
+               "written by nbdsnap), 2 usage or configuration error")
+    ex.add_argument("domain", metavar="DOMAIN")
+    ex.add_argument("--disk", metavar="TARGET", action="append", default=[],
+                    help="only this disk (repeatable), e.g. vda")
+    ex.add_argument("--name", help="section name (default DOMAIN-TARGET; "
+                    "with several disks NAME-TARGET, NAME default DOMAIN)")
+    ex.add_argument("--allow", metavar="ADDR", action="append", default=[],
+                    type=_allow_address,
+                    help="a client address or address/prefix allowed to "
+                    "connect (repeatable); without it, every address may")
+    ex.add_argument("-o", "--output", metavar="FILE",
+                    help="write FILE (e.g. /etc/nbd-server/conf.d/DOM.conf) "
+                    "instead of printing")
+    ex.add_argument("--force", action="store_true",
+                    help="replace a FILE (or authfile) nbdsnap did not write")
+    li = sub.add_parser(
+        "lint", help="check nbd-server's configuration",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Read nbd-server's configuration as nbd-server does ([generic], "
+            "includedir, the export sections) and print one line per "
+            "finding, SECTION: finding: exports that are writable or "
+            "copy-on-write, unpaired or unsafe hook strings, exportnames "
+            "that are no domain's disk or sit on an overlay now, no "
+            "authfile, nbd-server running as a user other than root, "
+            "AppArmor before libvirt 12.1.", 78),
+        epilog="exit status: 0 no finding, 1 findings, 2 the configuration "
+               "cannot be read or nbd-server would refuse it")
+    li.add_argument("config", metavar="CONFIG", nargs="?",
+                    default="/etc/nbd-server/config",
+                    help="nbd-server's configuration file (default "
+                    "%(default)s)")
     args = p.parse_args(argv)
 
     if args.command == "history":
@@ -198,7 +242,38 @@ def nbdsnap_main(argv=None):
         return 0
     if args.command == "status":
         return _run("nbdsnap", status, stderr_level=logging.WARNING)
+
+    def export():
+        from . import export as export_mod
+        from .freeze import Freezer
+        export_mod.run(args.domain, args.disk, args.name, args.allow,
+                       args.output, args.force,
+                       is_ours=Freezer(_load_config()).is_ours)
+        return 0
+    if args.command == "export":
+        return _run("nbdsnap", export, stderr_level=logging.WARNING)
+
+    def lint():
+        from . import lint as lint_mod, nbd_config
+        from .freeze import Freezer
+        conf = nbd_config.read(args.config)
+        findings = lint_mod.lint(conf, lint_mod.host(Freezer(_load_config())))
+        for section, finding in findings:
+            print("%s: %s" % (section, finding))
+        log.info("lint of %s: %d findings", args.config, len(findings))
+        return 1 if findings else 0
+    if args.command == "lint":
+        return _run("nbdsnap", lint, stderr_level=logging.WARNING)
     return USAGE
+
+
+def _allow_address(text):
+    from .export import allow_address
+    try:
+        return allow_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "%r is no IP address or address/prefix" % text)
 
 
 if __name__ == "__main__":

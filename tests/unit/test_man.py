@@ -20,7 +20,9 @@ COMMANDS = {
     "nbdsnap.8": [["nbdsnap.hooks.cli", "nbdsnap_main", "status"],
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "recover"],
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "libvirt-hook"],
-                  ["nbdsnap.hooks.cli", "nbdsnap_main", "history"]],
+                  ["nbdsnap.hooks.cli", "nbdsnap_main", "history"],
+                  ["nbdsnap.hooks.cli", "nbdsnap_main", "export"],
+                  ["nbdsnap.hooks.cli", "nbdsnap_main", "lint"]],
     "nbd-verify.1": [["nbdsnap.verify.cli", "main", "digest"],
                      ["nbdsnap.verify.cli", "main", "compare"]],
 }

@@ -1,0 +1,244 @@
+"""nbdsnap export: the nbd-server sections that serve a domain's disks.
+
+One section per disk::
+
+    [dom1-vda]
+        exportname = /dev/vg0/dom1
+        readonly = true
+        authfile = /etc/nbd-server/conf.d/dom1-vda.allow
+        prerun = /opt/nbdsnap/bin/nbd-prerun --domain dom1 --disk vda %s
+        postrun = /opt/nbdsnap/bin/nbd-postrun %s
+
+nbd-server runs a hook string through printf (``%s`` becomes the export's
+path, unquoted) and then ``/bin/sh -c``: every literal part is shell-quoted
+and its ``%`` doubled, and an exportname the shell would split or
+interpret is refused.  ``--domain/--disk`` spare prerun its search of every
+domain's XML, which costs time and waits on other domains' jobs.
+"""
+
+import ipaddress
+import logging
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+
+from . import domxml, nbd_config, qemu_img, virt
+from .errors import Error, NotFound, Unsupported
+
+log = logging.getLogger(__name__)
+
+MARK = "# Written by nbdsnap export"
+KINDS = ("file", "block")
+
+
+def allow_address(text):
+    """An --allow value as nbd-server's authfile takes it: a numeric
+    address or address/prefix; ValueError otherwise."""
+    text = text.strip()
+    ipaddress.ip_network(text, strict=False)
+    return text
+
+
+def bin_dir(argv0=None):
+    """The folder of the running nbdsnap entry point, symlinks resolved."""
+    argv0 = argv0 or sys.argv[0]
+    found = argv0 if os.sep in argv0 else shutil.which(argv0)
+    folder = os.path.dirname(os.path.realpath(found or argv0))
+    for name in ("nbd-prerun", "nbd-postrun"):
+        if not os.access(os.path.join(folder, name), os.X_OK):
+            raise NotFound("%s is not installed next to nbdsnap in %s"
+                           % (name, folder))
+    return folder
+
+
+def _why_not(disk):
+    if disk.device != "disk":
+        return "a %s" % disk.device
+    if disk.top.type not in KINDS or not disk.top.path:
+        return "a %s disk, not a local file or block device" % disk.top.type
+    if disk.readonly:
+        return "read-only: nothing writes it, export it without the hooks"
+    if disk.shareable:
+        return "shareable: another domain may write it"
+    return None
+
+
+def base_path(disk, is_ours):
+    """The disk's base: its top, or below nbdsnap's overlay when frozen."""
+    top = disk.top.path
+    if not is_ours(top):
+        return top
+    if disk.chain and disk.chain[0].path:
+        return disk.chain[0].path
+    info = qemu_img.info(top)
+    base = info.get("full-backing-filename") or info.get("backing-filename")
+    if not base:
+        raise Unsupported("disk %s runs on overlay %s, which has no backing "
+                          "file; run 'nbdsnap recover --all'" % (disk.target,
+                                                                 top))
+    return base
+
+
+def choose(domain, targets, is_ours):
+    """[(target, base path)] of the disks to export, or a clear refusal."""
+    if targets:
+        chosen = []
+        for target in targets:
+            disk = domxml.find_disk(domain, target)
+            if disk is None:
+                raise NotFound("domain %s has no disk %s" % (domain.name,
+                                                             target))
+            why = _why_not(disk)
+            if why:
+                raise Unsupported("disk %s of domain %s is %s"
+                                  % (target, domain.name, why))
+            chosen.append(disk)
+    else:
+        chosen = [d for d in domain.disks if not _why_not(d)]
+        if not chosen:
+            raise Unsupported("domain %s has no disk to export (%s)" % (
+                domain.name, "; ".join("%s: %s" % (d.target, _why_not(d))
+                                       for d in domain.disks) or "no disks"))
+    return [(d.target, _checked(base_path(d, is_ours))) for d in chosen]
+
+
+def _checked(path):
+    if not nbd_config.shell_safe(path):
+        bad = sorted({c for c in path if not nbd_config.shell_safe(c)})
+        raise Unsupported(
+            "%s holds %s: nbd-server puts the path into the hook's shell "
+            "command unquoted; give it a plain name (a symlink will do, the "
+            "hooks match disks by identity)" % (path, " ".join(map(repr, bad))))
+    return path
+
+
+def _q(word):
+    return nbd_config.printf_escape(shlex.quote(word))
+
+
+def sections(domain, disks, name, folder, authfile=None):
+    """[(section name, text)] for disks = [(target, base path)]."""
+    result = []
+    for target, path in disks:
+        section = name if len(disks) == 1 else "%s-%s" % (name, target)
+        items = [("exportname", path), ("readonly", True)]
+        if authfile:
+            items.append(("authfile", authfile))
+        items += [
+            ("prerun", "%s --domain %s --disk %s %%s" % (
+                _q(os.path.join(folder, "nbd-prerun")), _q(domain),
+                _q(target))),
+            ("postrun", "%s %%s" % _q(os.path.join(folder, "nbd-postrun")))]
+        for key, hook in items[-2:]:
+            pieces, bad = nbd_config.printf_parts(hook)
+            assert len(pieces) == 2 and not bad, hook
+        try:
+            text = nbd_config.format_section(section, items)
+        except ValueError as e:
+            raise Unsupported("%s; choose another with --name" % e)
+        result.append((section, text))
+    return result
+
+
+def render(domain, parts, allow, authfile):
+    """The text of the sections, parts = sections(), with their header."""
+    head = [MARK + " for domain %s; it rewrites this file." % domain]
+    if allow:
+        head.append("# Clients allowed (authfile %s):" % authfile)
+        head += ["#     %s" % a for a in allow]
+    else:
+        head.append("# No authfile: every address that reaches nbd-server "
+                    "may copy these disks.")
+    return "\n".join(head) + "\n\n" + "\n".join(t for _, t in parts)
+
+
+def _ours(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().startswith(MARK)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        raise Error("cannot read %s: %s" % (path, e.strerror))
+
+
+def write_file(path, text, force=False):
+    """Write text to path atomically, mode 0644; refuse to replace a file
+    that nbdsnap export did not write, unless force."""
+    if os.path.islink(path) or (os.path.lexists(path)
+                                and not os.path.isfile(path)):
+        raise Unsupported("%s exists and is not a regular file" % path)
+    if not force and not _ours(path):
+        raise Unsupported("%s exists and was not written by nbdsnap export; "
+                          "--force replaces it" % path)
+    folder = os.path.dirname(os.path.abspath(path))
+    # The temporary name ends in .tmp: nbd-server's includedir skips it.
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp",
+                               prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def run(domain_name, targets=(), name=None, allow=(), output=None,
+        force=False, folder=None, is_ours=lambda path: False, out=print):
+    """Print or write the sections; return the section names."""
+    conn = virt.connect()
+    try:
+        found = virt.lookup(conn, name=domain_name)
+    finally:
+        conn.close()
+    if found is None:
+        raise NotFound("no libvirt domain is named %s" % domain_name)
+    domain = found[1]
+    disks = choose(domain, targets, is_ours)
+    if name is None:
+        name = domain.name if len(disks) > 1 else \
+            "%s-%s" % (domain.name, disks[0][0])
+    if "/" in name or name.startswith("."):
+        raise Unsupported("section name %r cannot name the authfile %s.allow"
+                          % (name, name))
+    where = (os.path.dirname(os.path.abspath(output)) if output
+             else "/etc/nbd-server/conf.d")
+    authfile = os.path.join(where, name + ".allow")
+    parts = sections(domain.name, disks, name, folder or bin_dir(),
+                     authfile if allow else None)
+    names = [n for n, _ in parts]
+    text = render(domain.name, parts, allow, authfile)
+    if not allow:
+        log.warning("%s: no --allow, so no authfile: every address that "
+                    "reaches nbd-server may copy %s", ", ".join(names),
+                    "them" if len(names) > 1 else "it")
+    if output is None:
+        if allow:
+            text += ("\n# Write the allowed clients into %s before nbd-server "
+                     "reads this:\n# without that file it lets every "
+                     "address in.\n" % authfile)
+        out(text.rstrip("\n"))
+        return names
+    if not output.endswith(".conf"):
+        log.warning("%s: nbd-server reads only *.conf files from its "
+                    "includedir", output)
+    if allow:
+        # The authfile first: a section naming a missing authfile would
+        # let every address in.
+        write_file(authfile, "%s for %s\n%s\n" % (MARK, ", ".join(names),
+                                                  "\n".join(allow)), force)
+    write_file(output, text, force)
+    log.info("wrote %s (%s)%s", output, ", ".join(names),
+             " and %s" % authfile if allow else "")
+    return names

@@ -1,0 +1,184 @@
+"""nbdsnap export and lint against real libvirtd, QEMU and nbd-server.
+
+The section export writes is served by nbd-server as it reads it (through
+its includedir, with the authfile beside it): a 4-connection copy freezes
+and commits, and a client the authfile does not list is refused.  lint
+reads real files and asks the real libvirtd about the exportnames.
+"""
+
+import os
+import signal
+import stat
+
+import pytest
+
+import lab
+from test_freeze import MiB, assert_clean, export_domain, serve
+
+
+def nbdsnap(env, *args, check=None, **extra):
+    vars_ = dict(env.vars, **extra)
+    saved, env.vars = env.vars, vars_
+    try:
+        return env.hook("nbdsnap", *args, check=check)
+    finally:
+        env.vars = saved
+
+
+def included_server(virt, env, confd):
+    """nbd-server whose main file has only [generic] and an includedir."""
+    server = lab.NbdServer(env.folder, {}, env.vars)
+
+    def write_config():
+        with open(server.conf, "w") as f:
+            f.write("[generic]\n    listenaddr = 127.0.0.1\n    port = %d\n"
+                    "    includedir = %s\n" % (server.port, confd))
+    server.write_config = write_config
+    server.start()
+    virt.servers.append(server)
+    return server
+
+
+def test_exported_section_is_served_frozen_committed_and_guarded(virt, env):
+    dom, base = export_domain(virt, env)
+    frozen = lab.sha256(base)
+    confd = env.path("conf.d")
+    os.mkdir(confd)
+    conf = os.path.join(confd, "vm.conf")
+    nbdsnap(env, "export", dom.name(), "--allow", "127.0.0.1", "-o", conf,
+            check=0)
+    nbdsnap(env, "export", dom.name(), "--name", "denied", "--allow",
+            "127.0.0.2", "-o", os.path.join(confd, "denied.conf"), check=0)
+    name = dom.name() + "-vda"
+    assert stat.S_IMODE(os.stat(conf).st_mode) == 0o644
+    with open(conf) as f:
+        text = f.read()
+    prerun = os.path.join(os.path.realpath(lab.VENV_BIN), "nbd-prerun")
+    assert "prerun = %s --domain %s --disk vda %%s" % (prerun, dom.name()) \
+        in text
+    assert "authfile = %s" % os.path.join(confd, name + ".allow") in text
+    with open(os.path.join(confd, "denied.allow")) as f:
+        assert f.read().splitlines()[1:] == ["127.0.0.2"]
+
+    server = included_server(virt, env, confd)
+    assert nbdsnap(env, "lint", server.conf, check=0).stdout == ""
+
+    held = lab.HeldConnection(server.port, name)        # the freeze starts
+    lab.guest_write(dom, "vda", 0x5a, MiB, MiB)
+    copy = env.path("copy.raw")
+    lab.nbdcopy(server.uri(name), copy, connections=4)
+    assert lab.sha256(copy) == frozen
+    assert lab.sha256(base) == frozen
+    held.close()
+    assert_clean(env, dom, base)
+    assert env.sessions() == []
+    assert lab.read_range(base, MiB, MiB) == b"\x5a" * MiB
+
+    with pytest.raises(lab.RefusedError):
+        lab.HeldConnection(server.port, "denied")       # from 127.0.0.1
+    assert env.sessions() == [] and env.overlays() == []
+
+
+def test_export_refuses_and_keeps_foreign_files(virt, env):
+    spaced = lab.make_image(env.path("a b.raw"), 8)
+    dom = virt.define("spaced-" + os.path.basename(env.folder)[-6:],
+                      [lab.disk_xml(spaced, "vda")], start=False)
+    proc = nbdsnap(env, "export", dom.name(), check=1)
+    assert "a b.raw" in proc.stderr and proc.stderr.count("\n") == 1
+    nbdsnap(env, "export", "no-such-domain-nbdsnap", check=1)
+
+    dom, base = export_domain(virt, env, start=False)
+    mine = env.path("mine.conf")
+    with open(mine, "w") as f:
+        f.write("[generic]\n")
+    proc = nbdsnap(env, "export", dom.name(), "-o", mine, check=1)
+    assert "--force" in proc.stderr
+    with open(mine) as f:
+        assert f.read() == "[generic]\n"
+    nbdsnap(env, "export", dom.name(), "-o", mine, "--force", check=0)
+    nbdsnap(env, "export", dom.name(), "-o", mine, check=0)   # ours now
+    proc = nbdsnap(env, "export", dom.name(), "--disk", "vdz", check=1)
+    assert "no disk vdz" in proc.stderr
+
+
+def write_config(env, sections):
+    path = env.path("lint.conf")
+    with open(path, "w") as f:
+        f.write("[generic]\n")
+        for name, items in sections.items():
+            f.write("[%s]\n" % name)
+            f.writelines("    %s = %s\n" % kv for kv in items.items())
+    return path
+
+
+def hooks(prerun_args=""):
+    return {"prerun": "%s %s%%s" % (os.path.join(lab.VENV_BIN, "nbd-prerun"),
+                                    prerun_args),
+            "postrun": os.path.join(lab.VENV_BIN, "nbd-postrun") + " %s"}
+
+
+def findings(env, path, **extra):
+    proc = nbdsnap(env, "lint", path, **extra)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == (1 if lines else 0), proc.stderr
+    return lines
+
+
+def test_lint_asks_libvirt_about_every_exportname(virt, env):
+    dom, base = export_domain(virt, env)
+    template = lab.make_image(env.path("template.raw"), 8)
+    top = lab.make_image(env.path("top.qcow2"), 8, fmt="qcow2",
+                         backing=template)
+    virt.define("foreign-" + os.path.basename(env.folder)[-6:],
+                [lab.disk_xml(top, "vda", fmt="qcow2")])
+    allow = env.path("allow")
+    with open(allow, "w") as f:
+        f.write("127.0.0.1\n")
+    other = lab.make_image(env.path("other.raw"), 1)
+    ok = dict(exportname=base, readonly="true", authfile=allow, **hooks())
+    path = write_config(env, {
+        "ok": ok,
+        "named": dict(ok, **hooks("--domain %s --disk vda " % dom.name())),
+        "wrong": dict(ok, **hooks("--domain %s --disk vdb " % dom.name())),
+        "nodisk": dict(ok, exportname=other),
+        "nohooks": dict(exportname=base, readonly="true", authfile=allow),
+        "foreign": dict(ok, exportname=template),
+        "missing": dict(ok, exportname=env.path("missing.raw")),
+    })
+    lines = findings(env, path)
+    by = {}
+    for line in lines:
+        section, _, text = line.partition(": ")
+        by.setdefault(section, []).append(text)
+    assert set(by) == {"wrong", "nodisk", "nohooks", "foreign", "missing"}, \
+        lines
+    assert "has no disk vdb" in by["wrong"][0]
+    assert "no disk of any libvirt domain" in by["nodisk"][0]
+    assert "has no nbdsnap hooks" in by["nohooks"][0]
+    assert "nbdsnap did not make" in by["foreign"][0]
+    assert "does not exist" in by["missing"][0]
+
+    # libvirt out of reach: the file checks still run, the domain ones not.
+    lines = findings(env, path, LIBVIRT_DEFAULT_URI="qemu+unix:///system?"
+                     "socket=/nonexistent/libvirt-sock")
+    assert [l for l in lines if l.startswith("host:")] and \
+        "domain checks were skipped" in lines[-1]
+    assert not [l for l in lines if l.startswith(("nodisk", "foreign"))]
+
+
+def test_lint_names_a_stale_overlay(virt, env):
+    dom, base = export_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    path = write_config(env, {"vm": dict(exportname=base, readonly="true",
+                                         authfile="/dev/null", **hooks())})
+    (live,) = [l for l in findings(env, path) if "overlay" in l]
+    assert "right now: a client is copying it" in live
+    server.stop(signal.SIGTERM)            # no postrun: the session is stale
+    held.drop()
+    lines = findings(env, path)
+    (stale,) = [l for l in lines if "overlay" in l]
+    assert "stale session" in stale and "nbdsnap recover %s" % base in stale
+    nbdsnap(env, "recover", "--all", check=0)
+    assert [l for l in findings(env, path) if "overlay" in l] == []
+    assert_clean(env, dom, base)

@@ -1,0 +1,299 @@
+"""nbdsnap lint on small real configuration files, and export's sections.
+
+libvirt is replaced by golden domain XML and stat() by a dict (as in
+test_locate): lint.lint() takes them in a Host.  export's sections are
+checked by what nbd-server and /bin/sh make of them, and by lint.
+"""
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from nbdsnap.hooks import export, lint, nbd_config, sessions
+from nbdsnap.hooks.errors import NotFound, Unsupported
+
+IMAGES = "/var/lib/libvirt/images/"
+OVERLAYS = "/var/lib/nbdsnap/overlays/"
+BIN = "/opt/nbdsnap/bin/"
+KEYS = {IMAGES + "dom1.raw": "f-1", IMAGES + "dom-two-root.raw": "f-2",
+        "/dev/loop4": "b-7-4", IMAGES + "dom1.before-upgrade": "f-3",
+        IMAGES + "loose.raw": "f-9",
+        IMAGES + "debian-12.5.0-amd64-netinst.iso": "f-4"}
+HOOKS = ("    prerun = %snbd-prerun %%s\n    postrun = %snbd-postrun %%s\n"
+         % (BIN, BIN))
+
+
+def is_overlay(path):
+    return path is not None and path.startswith(OVERLAYS + "nbdsnap-")
+
+
+def make_host(golden, names=("file_raw", "two_disks"), verdict=None,
+              **kw):
+    fields = dict(domains=[golden(n) for n in names], version=9000000,
+                  drivers=["dac"], apparmor=False, is_overlay=is_overlay,
+                  verdict=verdict or (lambda key: None))
+    fields.update(kw)
+    return lint.Host(**fields)
+
+
+@pytest.fixture
+def run_lint(tmp_path, golden):
+    allow = tmp_path / "allow"
+    allow.write_text("192.0.2.7\n10.0.0.0/8  # the clone hosts\n")
+
+    def run(body, generic="", host=None, **kw):
+        path = tmp_path / "config"
+        path.write_text("[generic]\n%s%s" % (generic, body.replace(
+            "AUTH", "    authfile = %s\n" % allow)))
+        conf = nbd_config.read(str(path))
+        return lint.lint(conf, host or make_host(golden, **kw),
+                         key_of=KEYS.get, find=lambda p, m: p.startswith(BIN))
+    return run
+
+
+def test_a_good_section_has_no_finding(run_lint):
+    assert run_lint("[dom1-vda]\n    exportname = %sdom1.raw\n"
+                    "    readonly = true\nAUTH%s" % (IMAGES, HOOKS)) == []
+
+
+def test_findings_of_the_section_itself(run_lint):
+    found = run_lint(
+        "[w]\n    exportname = %sdom1.raw\n    copyonwrite = true\n"
+        "    readonyl = true\n    prerun = nbd-prerun %%s 100%%\n" % IMAGES)
+    text = "\n".join(f for _, f in found)
+    assert {s for s, _ in found} == {"w"}
+    for words in ("not read-only", "copyonwrite is on", "no authfile",
+                  "bare % (%)", "runs nbd-prerun by name",
+                  "postrun is not nbd-postrun", "unknown option readonyl"):
+        assert words in text, words
+    assert len(found) == 7
+
+
+def test_postrun_without_prerun_and_hooks_without_slots(run_lint):
+    found = run_lint("[x]\n    exportname = %sdom1.raw\n    readonly = true\n"
+                     "AUTH    postrun = %snbd-postrun\n" % (IMAGES, BIN))
+    assert [f for _, f in found] == [
+        "postrun has no %s: nbd-postrun gets no export path",
+        "postrun is nbd-postrun but prerun is not nbd-prerun: nothing "
+        "freezes the disk, clients copy it while the domain writes it"]
+
+
+def test_split_only_where_the_shell_would_split(run_lint, golden):
+    spaced = IMAGES + "my disk.raw"
+    KEYS[spaced] = "f-1"
+    try:
+        quoted = run_lint("[q]\n    exportname = %s\n    readonly = true\nAUTH"
+                          "    prerun = %snbd-prerun '%%s'\n"
+                          "    postrun = %snbd-postrun \"%%s\"\n"
+                          % (spaced, BIN, BIN))
+        bare = run_lint("[b]\n    exportname = %s\n    readonly = true\nAUTH%s"
+                        % (spaced, HOOKS))
+    finally:
+        del KEYS[spaced]
+    assert quoted == []
+    assert [f.split(":")[0] for _, f in bare] == ["prerun", "postrun"]
+    assert "splits or interprets exportname %s" % spaced in bare[0][1]
+
+
+def test_virtstyle_and_several_slots(run_lint):
+    found = run_lint("[v]\n    exportname = /srv/%%s.raw\n    readonly = true"
+                     "\nAUTH    prerun = %snbd-prerun %%s %%s\n"
+                     "    postrun = %snbd-postrun %%s\n" % (BIN, BIN))
+    text = [f for _, f in found]
+    assert "prerun has %s 2 times" in text[0]
+    assert "virtstyle is ipliteral" in text[1]
+
+
+def test_domain_checks(run_lint, golden):
+    found = dict(run_lint(
+        "[loose]\n    exportname = %sloose.raw\n    readonly = true\nAUTH%s"
+        "[gone]\n    exportname = %sgone.raw\n    readonly = true\nAUTH%s"
+        "[nohooks]\n    exportname = /dev/loop4\n    readonly = true\nAUTH"
+        "[named]\n    exportname = %sdom1.raw\n    readonly = true\nAUTH"
+        "    prerun = %snbd-prerun --domain dom1 --disk vdb %%s\n"
+        "    postrun = %snbd-postrun %%s\n"
+        "[unrelated]\n    exportname = /srv/iso\n"
+        % (IMAGES, HOOKS, IMAGES, HOOKS, IMAGES, BIN, BIN)))
+    assert "is no disk of any libvirt domain" in found["loose"]
+    assert "does not exist" in found["gone"]
+    assert "is disk dom-two:vdb but has no nbdsnap hooks" in found["nohooks"]
+    assert "domain dom1 has no disk vdb" in found["named"]
+    assert "unrelated" not in found
+
+
+@pytest.mark.parametrize("names, verdict, expect", [
+    (("frozen_by_nbdsnap",), None, "that no session names"),
+    (("frozen_by_nbdsnap",), sessions.STALE, "of a stale session"),
+    (("frozen_by_nbdsnap",), sessions.LIVE, "right now: a client is copying"),
+    (("foreign_overlay",), None, "an overlay that nbdsnap did not make"),
+])
+def test_overlays_now(run_lint, names, verdict, expect):
+    found = run_lint("[dom1-vda]\n    exportname = %sdom1.raw\n"
+                     "    readonly = true\nAUTH%s" % (IMAGES, HOOKS),
+                     names=names, verdict=lambda key: verdict)
+    (finding,) = found
+    assert expect in finding[1]
+    if verdict != sessions.LIVE and "foreign" not in names[0]:
+        assert "nbdsnap recover %sdom1.raw" % IMAGES in finding[1]
+
+
+def test_authfile_findings(run_lint, tmp_path):
+    (tmp_path / "empty").write_text("# nobody\n\n")
+    (tmp_path / "bad").write_text("10.0.0.1\nclonehost.example\n")
+    body = "".join("[%s]\n    exportname = %sdom1.raw\n    readonly = true\n"
+                   "    authfile = %s\n%s" % (n, IMAGES, tmp_path / n, HOOKS)
+                   for n in ("empty", "bad", "missing"))
+    found = {}
+    for section, finding in run_lint(body, names=("file_raw",)):
+        found.setdefault(section, []).append(finding)
+    assert found["empty"] == ["authfile %s lists no address: nobody may "
+                              "connect" % (tmp_path / "empty")]
+    ((bad),) = found["bad"]
+    assert "line 2: 'clonehost.example' is no address" in bad
+    ((missing),) = found["missing"]
+    assert "does not exist: nbd-server then lets every address in" in missing
+
+
+def test_generic_findings(run_lint):
+    body = "[a]\n    exportname = %sdom1.raw\n    readonly = true\nAUTH%s" % (
+        IMAGES, HOOKS)
+    assert run_lint(body, "    user = root\n    group = root\n") == []
+    found = run_lint(body, "    user = nbd-nobody-here\n    group = root\n"
+                     "    colour = blue\n")
+    assert [s for s, _ in found] == ["generic", "generic"]
+    assert "user = nbd-nobody-here: nbd-server runs the hooks as" in found[0][1]
+    assert "unknown option colour" in found[1][1]
+    assert run_lint("") == [("generic", "no export section: nbd-server "
+                             "refuses to start")]
+
+
+def test_no_libvirt_and_apparmor(run_lint, golden):
+    body = "[a]\n    exportname = %sloose.raw\n    readonly = true\nAUTH%s" % (
+        IMAGES, HOOKS)
+    host = make_host(golden, domains=None, error="cannot connect")
+    assert run_lint(body, host=host) == [
+        ("host", "cannot connect; the domain checks were skipped")]
+    host = make_host(golden, apparmor=True, drivers=["apparmor", "dac"],
+                     names=("file_raw",))
+    body = body.replace("loose", "dom1")
+    ((section, finding),) = run_lint(body, host=host)
+    assert section == "host" and "libvirt 9.0 confines QEMU" in finding
+    host.version = 12001000
+    assert run_lint(body, host=host) == []
+
+
+@pytest.mark.parametrize("text, on, drivers", [
+    ("", True, ["apparmor"]),
+    ("", False, []),
+    ('#security_driver = "selinux"\n', True, ["apparmor"]),
+    ('security_driver = "none"\n', True, ["none"]),
+    ('security_driver = [ "selinux", "apparmor" ]\n', True,
+     ["selinux", "apparmor"]),
+])
+def test_security_drivers(text, on, drivers):
+    assert lint.security_drivers(text, on) == drivers
+
+
+# -- export's sections ---------------------------------------------------------------
+
+def test_choose_default_disks_and_bases(golden):
+    assert export.choose(golden("two_disks"), [], is_overlay) == [
+        ("vda", IMAGES + "dom-two-root.raw"), ("vdb", "/dev/loop4")]
+    assert export.choose(golden("frozen_by_nbdsnap"), [], is_overlay) == [
+        ("vda", IMAGES + "dom1.raw")]
+    assert export.choose(golden("cdrom"), [], is_overlay) == [
+        ("vda", IMAGES + "dom-cdrom.raw")]
+    assert export.choose(golden("network_nbd"), [], is_overlay) == [
+        ("vda", IMAGES + "dom-net.raw")]
+
+
+@pytest.mark.parametrize("name, targets, error, words", [
+    ("cdrom", ["sda"], Unsupported, "is a cdrom"),
+    ("network_nbd", ["vdb"], Unsupported, "a network disk"),
+    ("shareable_a", ["vdb"], Unsupported, "shareable"),
+    ("two_disks", ["vdz"], NotFound, "has no disk vdz"),
+])
+def test_choose_refuses(golden, name, targets, error, words):
+    with pytest.raises(error, match=words):
+        export.choose(golden(name), targets, is_overlay)
+
+
+def test_choose_refuses_a_path_the_shell_would_split(golden, golden_text):
+    xml = golden_text("file_raw").replace("dom1.raw", "dom 1.raw")
+    from nbdsnap.hooks import domxml
+    with pytest.raises(Unsupported, match="' '.*symlink"):
+        export.choose(domxml.parse(xml), [], is_overlay)
+
+
+def argv_of(hook, path):
+    """What nbd-server then /bin/sh make of a hook string for path."""
+    pieces, bad = nbd_config.printf_parts(hook)
+    assert len(pieces) == 2 and not bad
+    return shlex.split(path.join(pieces))
+
+
+@pytest.mark.parametrize("domain", ["dom1", "it's 100% mine", 'a "b" $c `d`',
+                                    "back\\slash"])
+def test_hooks_reach_the_entry_points_as_one_argument_each(tmp_path, domain):
+    folder = tmp_path / "nb snap"
+    folder.mkdir()
+    for entry in ("nbd-prerun", "nbd-postrun"):
+        (folder / entry).write_text("#!/bin/sh\nprintf '%s\\n' \"$0\" \"$@\"\n")
+        (folder / entry).chmod(0o755)
+    ((name, text),) = export.sections(domain, [("vda", "/dev/vg0/x")],
+                                      "sec", str(folder), "/a.allow")
+    path = tmp_path / "config"
+    path.write_text("[generic]\n" + text)
+    (sec,) = nbd_config.read(str(path)).exports
+    assert sec.values["exportname"] == "/dev/vg0/x"
+    assert sec.values["readonly"] is True
+    assert sec.values["authfile"] == "/a.allow"
+    prerun = [str(folder / "nbd-prerun"), "--domain", domain, "--disk", "vda",
+              "/dev/vg0/x"]
+    postrun = [str(folder / "nbd-postrun"), "/dev/vg0/x"]
+    assert argv_of(sec.values["prerun"], "/dev/vg0/x") == prerun
+    assert argv_of(sec.values["postrun"], "/dev/vg0/x") == postrun
+    # and the real shell agrees: printf's result goes to /bin/sh -c.
+    for key, argv in (("prerun", prerun), ("postrun", postrun)):
+        pieces, _ = nbd_config.printf_parts(sec.values[key])
+        out = subprocess.run(["/bin/sh", "-c", "/dev/vg0/x".join(pieces)],
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.splitlines() == argv
+
+
+def test_exported_sections_lint_clean(tmp_path, golden):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    parts = export.sections("dom-two", export.choose(
+        golden("two_disks"), [], is_overlay), "dom-two", str(folder),
+        str(tmp_path / "dom-two.allow"))
+    (tmp_path / "dom-two.allow").write_text("192.0.2.1\n")
+    (tmp_path / "config").write_text(
+        "[generic]\n" + export.render("dom-two", parts, ["192.0.2.1"],
+                                      str(tmp_path / "dom-two.allow")))
+    conf = nbd_config.read(str(tmp_path / "config"))
+    assert [s.name for s in conf.exports] == ["dom-two-vda", "dom-two-vdb"]
+    assert lint.lint(conf, make_host(golden), key_of=KEYS.get,
+                     find=lambda p, m: True) == []
+
+
+def test_write_file_is_atomic_and_keeps_foreign_files(tmp_path):
+    path = str(tmp_path / "x.conf")
+    export.write_file(path, export.MARK + "\n[a]\n")
+    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+    export.write_file(path, export.MARK + "\n[b]\n")
+    assert open(path).read() == export.MARK + "\n[b]\n"
+    (tmp_path / "theirs.conf").write_text("[theirs]\n")
+    with pytest.raises(Unsupported, match="--force"):
+        export.write_file(str(tmp_path / "theirs.conf"), "x")
+    export.write_file(str(tmp_path / "theirs.conf"), "x", force=True)
+    assert sorted(os.listdir(str(tmp_path))) == ["theirs.conf", "x.conf"]
+
+
+def test_allow_address():
+    assert export.allow_address(" 10.0.0.0/8 ") == "10.0.0.0/8"
+    assert export.allow_address("2001:db8::1") == "2001:db8::1"
+    with pytest.raises(ValueError):
+        export.allow_address("clonehost.example")
