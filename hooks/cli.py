@@ -13,7 +13,7 @@ import textwrap
 
 from . import config as config_mod
 from . import log as log_mod
-from .errors import Error, USAGE
+from .errors import Error
 
 log = logging.getLogger("nbdsnap")
 
@@ -103,7 +103,7 @@ def postrun_main(argv=None):
     return _run("nbd-postrun", run, args.verbose)
 
 
-def nbdsnap_main(argv=None):
+def _nbdsnap_parser():
     p = argparse.ArgumentParser(
         prog="nbdsnap",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -115,6 +115,7 @@ def nbdsnap_main(argv=None):
         description="List every session: export, domain, disk, phase, "
                     "holders (alive or dead), overlay and its size, age and "
                     "consistency.  Exit status 0.")
+    st.set_defaults(run=_status)
     st.add_argument("--json", action="store_true",
                     help="machine-readable output")
     rc = sub.add_parser(
@@ -129,6 +130,7 @@ def nbdsnap_main(argv=None):
             "alone.  Safe to run while hooks run, and twice at once.", 78),
         epilog="exit status: 0 nothing left stuck, 1 something still stuck "
                "(see the output and syslog), 2 usage or configuration error")
+    rc.set_defaults(run=_recover)
     what = rc.add_mutually_exclusive_group(required=True)
     what.add_argument("exports", metavar="EXPORT", nargs="*", default=[],
                       help="an exported path, as in nbd-server's config")
@@ -142,6 +144,7 @@ def nbdsnap_main(argv=None):
                     "with the domain XML on stdin: refuses to start a "
                     "domain whose disk a client is copying while it is shut "
                     "off.  Exit status 0 let it start, 1 refuse.")
+    lh.set_defaults(run=_libvirt_hook)
     lh.add_argument("domain", metavar="DOMAIN")
     lh.add_argument("operation", metavar="OPERATION")
     lh.add_argument("suboperation", metavar="SUBOP")
@@ -152,6 +155,7 @@ def nbdsnap_main(argv=None):
                     "domain and disk, connections, consistency, overlay size "
                     "at the commit, commit time and result.  The history "
                     "keeps about the last 3000 sessions.  Exit status 0.")
+    hi.set_defaults(run=_history)
     hi.add_argument("--json", action="store_true",
                     help="machine-readable output")
     ex = sub.add_parser(
@@ -167,6 +171,7 @@ def nbdsnap_main(argv=None):
         epilog="exit status: 0 done, 1 refused (unknown domain, no disk to "
                "export, a path the hook's shell would split, a FILE not "
                "written by nbdsnap), 2 usage or configuration error")
+    ex.set_defaults(run=_export)
     ex.add_argument("domain", metavar="DOMAIN")
     ex.add_argument("--disk", metavar="TARGET", action="append", default=[],
                     help="only this disk (repeatable), e.g. vda")
@@ -194,77 +199,81 @@ def nbdsnap_main(argv=None):
             "AppArmor before libvirt 12.1.", 78),
         epilog="exit status: 0 no finding, 1 findings, 2 the configuration "
                "cannot be read or nbd-server would refuse it")
+    li.set_defaults(run=_lint)
     li.add_argument("config", metavar="CONFIG", nargs="?",
                     default="/etc/nbd-server/config",
                     help="nbd-server's configuration file (default "
                     "%(default)s)")
+    return p
+
+
+def nbdsnap_main(argv=None):
+    p = _nbdsnap_parser()
     args = p.parse_args(argv)
-
-    if args.command == "history":
-        def show_history():
-            from . import history
-            entries = history.read(_load_config())
-            print(json.dumps({"sessions": entries}, sort_keys=True, indent=2)
-                  if args.json else history.format_text(entries))
-            return 0
-        return _run("nbdsnap", show_history, stderr_level=logging.WARNING)
-
+    if args.command == "recover" and not args.all and not args.exports:
+        p.error("recover: name EXPORTs or give --all")
     if args.command == "libvirt-hook":
-        from .libvirt_hook import check
-        log_mod.setup("nbdsnap-libvirt-hook", stderr_level=logging.WARNING)
-        reason = check(args.domain, args.operation, args.suboperation,
-                       sys.stdin.read())
-        if reason:
-            return 1     # libvirt shows our stderr line in its error
-        return 0
+        return _libvirt_hook(args)
+    # The report goes to stdout; stderr shows only warnings and errors.
+    return _run("nbdsnap", lambda: args.run(args),
+                stderr_level=logging.WARNING)
 
-    def recover():
-        from .freeze import Freezer
-        from .recover import Recovery
-        stuck = Recovery(Freezer(_load_config())).run(
-            args.exports, dry_run=args.dry_run)
-        return 1 if stuck else 0
 
-    if args.command == "recover":
-        if not args.all and not args.exports:
-            p.error("recover: name EXPORTs or give --all")
-        return _run("nbdsnap", recover, stderr_level=logging.WARNING)
+def _status(args):
+    from . import status as status_mod
+    config = _load_config()
+    entries = status_mod.collect(config)
+    if entries:
+        entries = status_mod.collect(
+            config, domain_state=status_mod.libvirt_states())
+    print(status_mod.format_json(entries) if args.json
+          else status_mod.format_text(entries))
+    return 0
 
-    def status():
-        from . import status as status_mod
-        config = _load_config()
-        entries = status_mod.collect(config)
-        if entries:
-            entries = status_mod.collect(
-                config, domain_state=status_mod.libvirt_states())
-        print(status_mod.format_json(entries) if args.json
-              else status_mod.format_text(entries))
-        return 0
-    if args.command == "status":
-        return _run("nbdsnap", status, stderr_level=logging.WARNING)
 
-    def export():
-        from . import export as export_mod
-        from .freeze import Freezer
-        export_mod.run(args.domain, args.disk, args.name, args.allow,
-                       args.output, args.force,
-                       is_ours=Freezer(_load_config()).is_ours)
-        return 0
-    if args.command == "export":
-        return _run("nbdsnap", export, stderr_level=logging.WARNING)
+def _recover(args):
+    from .freeze import Freezer
+    from .recover import Recovery
+    stuck = Recovery(Freezer(_load_config())).run(args.exports,
+                                                  dry_run=args.dry_run)
+    return 1 if stuck else 0
 
-    def lint():
-        from . import lint as lint_mod, nbd_config
-        from .freeze import Freezer
-        conf = nbd_config.read(args.config)
-        findings = lint_mod.lint(conf, lint_mod.host(Freezer(_load_config())))
-        for section, finding in findings:
-            print("%s: %s" % (section, finding))
-        log.info("lint of %s: %d findings", args.config, len(findings))
-        return 1 if findings else 0
-    if args.command == "lint":
-        return _run("nbdsnap", lint, stderr_level=logging.WARNING)
-    return USAGE
+
+def _history(args):
+    from . import history
+    entries = history.read(_load_config())
+    print(json.dumps({"sessions": entries}, sort_keys=True, indent=2)
+          if args.json else history.format_text(entries))
+    return 0
+
+
+def _export(args):
+    from . import export as export_mod
+    from .freeze import Freezer
+    export_mod.run(args.domain, args.disk, args.name, args.allow,
+                   args.output, args.force,
+                   is_ours=Freezer(_load_config()).is_ours)
+    return 0
+
+
+def _lint(args):
+    from . import lint as lint_mod, nbd_config
+    from .freeze import Freezer
+    conf = nbd_config.read(args.config)
+    findings = lint_mod.lint(conf, lint_mod.host(Freezer(_load_config())))
+    for section, finding in findings:
+        print("%s: %s" % (section, finding))
+    log.info("lint of %s: %d findings", args.config, len(findings))
+    return 1 if findings else 0
+
+
+def _libvirt_hook(args):
+    # libvirtd shows the hook's stderr line in its error; syslog has it too.
+    from .libvirt_hook import check
+    log_mod.setup("nbdsnap-libvirt-hook", stderr_level=logging.WARNING)
+    reason = check(args.domain, args.operation, args.suboperation,
+                   sys.stdin.read())
+    return 1 if reason else 0
 
 
 def _allow_address(text):
