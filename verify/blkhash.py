@@ -36,6 +36,17 @@ H is any hashlib algorithm of fixed digest size (sha256 by default), or
 "blake3" when the optional blake3 module is installed.  Hasher mirrors
 hashlib: update() takes data of any length, zero() adds a known hole without
 reading it, and digest()/hexdigest() may be called at any time.
+
+The block digests do not depend on each other, only their order does, so
+they can be computed anywhere and fed in order::
+
+    thread 1:  block_digests(segment 0) -> H(b0) .. H(b255) --+
+    thread 2:  block_digests(segment 1) -> H(b256) .. H(b511) -+--> in order
+    thread 1:  block_digests(segment 2) -> ...              --+   add_digests()
+
+block_digests() hashes one block-aligned piece of the image (hashlib and
+blake3 release the GIL while they hash, so threads use every core), and
+Hasher.add_digests() takes its result.
 """
 
 from __future__ import annotations
@@ -74,6 +85,16 @@ def available_algorithms() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _constructor(algorithm: str):
     """Return a callable: f() or f(data) -> a new hash object."""
+    new = _lookup(algorithm)
+    # Prefer the named constructor (hashlib.sha256): hashlib.new() looks the
+    # name up again on every call, once per 64 KiB block.
+    named = getattr(hashlib, algorithm, None)
+    if algorithm in hashlib.algorithms_guaranteed and callable(named):
+        return named
+    return new
+
+
+def _lookup(algorithm: str):
     if algorithm == "blake3":
         try:
             import blake3
@@ -100,11 +121,42 @@ def _zeros(length: int) -> bytes:
     return bytes(length)
 
 
+def digest_size(algorithm: str = DEFAULT_ALGORITHM) -> int:
+    """The size in bytes of one block digest."""
+    return _constructor(algorithm)().digest_size
+
+
 @functools.lru_cache(maxsize=None)
 def zero_block_digest(algorithm: str = DEFAULT_ALGORITHM,
                       block_size: int = BLOCK_SIZE) -> bytes:
     """H(block_size zero bytes): the digest of every all-zero block."""
     return _constructor(algorithm)(_zeros(block_size)).digest()
+
+
+def block_digests(data, algorithm: str = DEFAULT_ALGORITHM,
+                  block_size: int = BLOCK_SIZE) -> bytes:
+    """H(b1) || H(b2) || ... for the blocks of data, concatenated.
+
+    data starts at a block boundary of the image; every block is full but
+    the last, which may be short when data ends at the end of the image.
+    A full block of zeros gets the precomputed zero-block digest.  Safe to
+    call from several threads at once.
+    """
+    view = memoryview(data).cast("B")
+    new = _constructor(algorithm)
+    zero_block = _zeros(block_size)
+    zero_md = zero_block_digest(algorithm, block_size)
+    out = []
+    append = out.append
+    for start in range(0, len(view), block_size):
+        block = view[start:start + block_size]
+        # bytes.startswith is a memcmp: for data it stops at the first
+        # non-zero byte, so testing every block costs next to nothing.
+        if len(block) == block_size and zero_block.startswith(block):
+            append(zero_md)
+        else:
+            append(new(block).digest())
+    return b"".join(out)
 
 
 class Hasher:
@@ -123,6 +175,8 @@ class Hasher:
         # Bytes of a block not complete yet; never a full block between calls.
         self._pending = bytearray()
         self._length = 0
+        # True once the short last block went in through add_digests().
+        self._ended = False
 
     @property
     def length(self) -> int:
@@ -132,6 +186,8 @@ class Hasher:
     def update(self, data) -> None:
         """Add data (any bytes-like object, any length)."""
         view = memoryview(data).cast("B")
+        if view and self._ended:
+            raise ValueError("the short last block was already added")
         self._length += len(view)
         bs = self.block_size
         if self._pending:
@@ -152,6 +208,8 @@ class Hasher:
         """Add length zero bytes without the caller reading them (a hole)."""
         if length < 0:
             raise ValueError(f"length must not be negative: {length}")
+        if length and self._ended:
+            raise ValueError("the short last block was already added")
         self._length += length
         bs = self.block_size
         if self._pending:
@@ -166,6 +224,28 @@ class Hasher:
         self._add_zero_blocks(count)
         if rest:
             self._pending += self._zero_block[:rest]
+
+    def add_digests(self, digests: bytes, length: int) -> None:
+        """Add length bytes of image by their block digests.
+
+        digests is what block_digests() returns for those bytes; they must
+        start at a block boundary (everything added so far is whole
+        blocks).  When length is not a multiple of the block size, its last
+        block is the short last block of the image: nothing may follow.
+        """
+        bs = self.block_size
+        if self._pending or self._ended:
+            raise ValueError(
+                "add_digests() needs everything added so far to be whole "
+                "blocks")
+        count = -(-length // bs)
+        if len(digests) != count * len(self._zero_md):
+            raise ValueError(
+                f"{len(digests)} bytes of digests do not match {length} "
+                f"bytes of data")
+        self._outer.update(digests)
+        self._length += length
+        self._ended = length % bs != 0
 
     def digest(self) -> bytes:
         """The digest of what was added so far; adding more stays allowed."""

@@ -6,9 +6,10 @@ Argument parsing, output and exit statuses only; the work is in ops.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
-from . import blkhash, ops, sources
+from . import blkhash, manifest, ops, sources
 from .errors import ERROR, Error
 
 PROG = "nbd-verify"
@@ -16,29 +17,32 @@ EQUAL, DIFFER = 0, 1
 MAX_RANGES = 20
 
 SOURCE_HELP = """\
-A SOURCE or COPY is a regular file or a block device (NBD URIs are not
-supported yet)."""
+A SOURCE or COPY is a regular file, a block device, or an NBD export:
+nbd://HOST[:PORT]/EXPORT (port 10809 by default) or
+nbd+unix:///EXPORT?socket=PATH."""
 
 MAIN_EPILOG = f"""\
 {SOURCE_HELP}
 
 exit status:
   0  digests printed / images equal
-  1  images differ (compare)
-  2  error: bad arguments, unreadable source, size mismatch, ...
+  1  images differ (compare, check)
+  2  error: bad arguments, unreadable source, size mismatch, bad manifest...
 """
 
 DIGEST_EPILOG = f"""\
 Prints one line per SOURCE, "<hex digest>  SOURCE", like sha256sum. The
 digest is blkhash: 64 KiB blocks hashed one by one, then their digests and
 the image size hashed together; holes and zero blocks are not hashed again.
+With --manifest, also writes the digest and the digest of every chunk to
+FILE, for "nbd-verify check FILE COPY" (see nbd-verify(1) for the format).
 
 {SOURCE_HELP}
 
 exit status:
   0  every digest printed
-  2  some SOURCE could not be read (the others are still printed), or the
-     algorithm is not available
+  2  some SOURCE could not be read (the others are still printed), the
+     algorithm is not available, or the manifest cannot be written
 """
 
 COMPARE_EPILOG = f"""\
@@ -52,6 +56,21 @@ exit status:
   0  the images are equal
   1  the images differ
   2  error: a source cannot be read, or the sizes differ
+"""
+
+CHECK_EPILOG = f"""\
+Checks COPY against MANIFEST, written by "nbd-verify digest --manifest".
+When they differ, prints the differing ranges, in whole manifest chunks,
+merged, one per line: "differ: offset OFFSET length LENGTH". MANIFEST is a
+file or an NBD export serving one.
+
+{SOURCE_HELP}
+
+exit status:
+  0  the copy matches the manifest
+  1  the copy differs
+  2  error: COPY cannot be read, its size differs, or MANIFEST cannot be
+     read, is damaged, incomplete or not a manifest
 """
 
 
@@ -74,6 +93,52 @@ def _count(text: str) -> int:
 _count.__name__ = "count"   # argparse says "invalid count value: '-1'"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive.__name__ = "positive count"
+
+_SIZE = re.compile(r"(\d+)([KMG]?)(?:I?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _chunk_size(text: str) -> int:
+    """A size like 16M, 1GiB or 65536: a positive multiple of 64 KiB."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(text)
+    value = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value <= 0 or value % blkhash.BLOCK_SIZE:
+        raise ValueError(text)
+    return value
+
+
+_chunk_size.__name__ = "chunk size (a multiple of 64K)"
+
+
+def _add_speed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=_positive, metavar="N",
+        help="read and hash with N threads (default: one per CPU, or one "
+             "per NBD connection if more)")
+    parser.add_argument(
+        "--connections", type=_positive, metavar="N",
+        default=sources.DEFAULT_CONNECTIONS,
+        help="open up to N connections to an NBD export that allows "
+             "several (default: %(default)s)")
+
+
+def _add_max_ranges(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-ranges", type=_count, default=MAX_RANGES, metavar="N",
+        help="print at most N differing ranges, then how many more "
+             "(0: all; default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
@@ -90,40 +155,73 @@ def build_parser() -> argparse.ArgumentParser:
         "-a", "--algorithm", default=blkhash.DEFAULT_ALGORITHM,
         help="hash algorithm: any hashlib name of fixed size, or blake3 if "
              "the blake3 module is installed (default: %(default)s)")
+    p_digest.add_argument(
+        "--manifest", metavar="FILE",
+        help="also write a manifest of the (single) SOURCE to FILE")
+    p_digest.add_argument(
+        "--chunk-size", type=_chunk_size,
+        default=manifest.DEFAULT_CHUNK_SIZE, metavar="SIZE",
+        help="with --manifest: one digest per SIZE bytes, a multiple of "
+             "64K (default: 16M)")
+    _add_speed_options(p_digest)
     p_digest.add_argument("sources", nargs="+", metavar="SOURCE")
 
     p_compare = commands.add_parser(
         "compare", formatter_class=fmt, epilog=COMPARE_EPILOG,
         help="compare COPY with SOURCE byte for byte",
         description="Compare COPY with SOURCE byte for byte.")
-    p_compare.add_argument(
-        "--max-ranges", type=_count, default=MAX_RANGES, metavar="N",
-        help="print at most N differing ranges, then how many more "
-             "(0: all; default: %(default)s)")
+    _add_max_ranges(p_compare)
+    _add_speed_options(p_compare)
     p_compare.add_argument("source", metavar="SOURCE")
     p_compare.add_argument("copy", metavar="COPY")
+
+    p_check = commands.add_parser(
+        "check", formatter_class=fmt, epilog=CHECK_EPILOG,
+        help="check COPY against a manifest of its source",
+        description="Check COPY against MANIFEST, written by "
+                    "'nbd-verify digest --manifest'.")
+    _add_max_ranges(p_check)
+    _add_speed_options(p_check)
+    p_check.add_argument("manifest", metavar="MANIFEST")
+    p_check.add_argument("copy", metavar="COPY")
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.command == "digest":
-            return digest(args.sources, args.algorithm)
-        return compare(args.source, args.copy, args.max_ranges)
+            if args.manifest and len(args.sources) != 1:
+                parser.error("--manifest takes exactly one SOURCE")
+            return digest(args.sources, args.algorithm, args.manifest,
+                          args.chunk_size, args.threads, args.connections)
+        if args.command == "compare":
+            return compare(args.source, args.copy, args.max_ranges,
+                           args.threads, args.connections)
+        return check(args.manifest, args.copy, args.max_ranges,
+                     args.threads, args.connections)
     except Error as e:
         _error(e)
         return e.status
 
 
-def digest(names: list[str], algorithm: str) -> int:
+def digest(names: list, algorithm: str, manifest_path=None,
+           chunk_size: int = manifest.DEFAULT_CHUNK_SIZE, threads=None,
+           connections=None) -> int:
     # Refuse a bad algorithm once, not once per source.
     blkhash.Hasher(algorithm)
     status = 0
     for name in names:
         try:
-            with sources.open_source(name) as src:
-                hexdigest = ops.checksum(src, algorithm)
+            with sources.open_source(name, connections) as src:
+                if manifest_path:
+                    m = ops.make_manifest(src, algorithm, chunk_size,
+                                          threads=threads)
+                    manifest.write(manifest_path, m)
+                    hexdigest = m.digest
+                else:
+                    hexdigest = ops.checksum(src, algorithm, threads=threads)
         except Error as e:
             # Like sha256sum: report it, go on with the others, fail at the end.
             _error(e)
@@ -133,21 +231,35 @@ def digest(names: list[str], algorithm: str) -> int:
     return status
 
 
-def compare(source_name: str, copy_name: str, max_ranges: int) -> int:
-    with sources.open_source(source_name) as src, \
-            sources.open_source(copy_name) as copy:
-        count = total = 0
-        for r in ops.compare(src, copy):
-            count += 1
-            total += r.length
-            if not max_ranges or count <= max_ranges:
-                print(f"differ: offset {r.offset} length {r.length}",
-                      flush=True)
+def compare(source_name: str, copy_name: str, max_ranges: int,
+            threads=None, connections=None) -> int:
+    with sources.open_source(source_name, connections) as src, \
+            sources.open_source(copy_name, connections) as copy:
+        ranges = ops.compare(src, copy, threads=threads)
+        return _report(ranges, max_ranges, copy_name, source_name)
+
+
+def check(manifest_name: str, copy_name: str, max_ranges: int,
+          threads=None, connections=None) -> int:
+    with sources.open_source(manifest_name, 1) as src:
+        m = manifest.read(src)
+    with sources.open_source(copy_name, connections) as copy:
+        ranges = ops.check(m, copy, threads=threads)
+    return _report(ranges, max_ranges, copy_name, manifest_name)
+
+
+def _report(ranges, max_ranges: int, copy_name: str, reference: str) -> int:
+    count = total = 0
+    for r in ranges:
+        count += 1
+        total += r.length
+        if not max_ranges or count <= max_ranges:
+            print(f"differ: offset {r.offset} length {r.length}", flush=True)
     if not count:
         return EQUAL
     if max_ranges and count > max_ranges:
         print(f"differ: {count - max_ranges} more ranges not shown")
-    print(f"{copy_name} differs from {source_name}: {count} ranges, "
+    print(f"{copy_name} differs from {reference}: {count} ranges, "
           f"{total} bytes")
     return DIFFER
 

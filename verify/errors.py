@@ -23,7 +23,16 @@ class SourceError(Error):
 
 
 class UnsupportedSource(SourceError):
-    """A source of a kind this version cannot read (e.g. an NBD URI)."""
+    """A source of a kind this version cannot read (e.g. nbds://, TLS)."""
+
+
+class NbdError(SourceError):
+    """An NBD server, the connection to it, or the protocol failed."""
+
+
+class ManifestError(Error):
+    """A manifest that cannot be read or written, or is damaged, foreign
+    or incomplete."""
 
 
 class SizeMismatch(Error):

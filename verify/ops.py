@@ -1,27 +1,40 @@
-"""What nbd-verify does with sources: digest one, compare two.
+"""What nbd-verify does with sources: digest one, compare two, check a copy.
 
-Both walk the source's extents: holes are never read (a digest adds them
-with Hasher.zero(), a comparison skips a range that is a hole in both), and
-data is read in large chunks aligned to READ_SIZE.
+All of them walk the source's extents: holes are never read (a digest adds
+them as known zeros, a comparison skips a range that is a hole in both), and
+data is read in large aligned pieces by a pool of threads, one piece per
+job, while the main thread takes the results in image order::
+
+    extents  |data......|hole.............|data....|
+    plan     |d0 |d1 |d2|zero run         |d3 |d4 |      (d: one job each)
+    workers    read + block_digests(d0)  read + block_digests(d1)  ...
+    in order   d0, d1, d2, zero run, d3, d4 -> Hasher, ChunkHasher, ...
+
+hashlib and blake3 release the GIL while they hash a block and the reads
+release it while they wait, so the workers use every core; blkhash's outer
+hash is sequential, but it only sees 32 bytes per 64 KiB block.
 
 compare() reports differences in whole blkhash blocks (64 KiB, the last one
-shorter), merged into ranges: the unit a manifest of block digests will be
-able to point at, so "compare" and a later "check MANIFEST" name the same
-ranges for the same damage.
+shorter), merged into ranges; check() in whole manifest chunks.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple
+import collections
+import concurrent.futures
+import os
+import threading
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 from . import blkhash
+from . import manifest as manifest_mod
 from .errors import SizeMismatch
+from .manifest import ManifestError
 from .sources import Extent
 
-# Large aligned reads: few system calls, and a multiple of the block size so
-# that chunks never split a block except at extent boundaries.
-READ_SIZE = 4 * 1024 * 1024
-assert READ_SIZE % blkhash.BLOCK_SIZE == 0
+
+# A job reads at least this much: enough to make handing it to a thread cheap.
+JOB_SIZE = 4 * 1024 * 1024
 
 
 class Range(NamedTuple):
@@ -29,24 +42,119 @@ class Range(NamedTuple):
     length: int
 
 
+class Piece(NamedTuple):
+    """A block-aligned range of the image: data to read, or known zeros."""
+
+    is_data: bool
+    offset: int
+    length: int
+
+
+def default_threads(*sources) -> int:
+    """One worker per CPU we may run on, or per NBD connection if more."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:      # not on Linux
+        cpus = os.cpu_count() or 1
+    return max([cpus] + [s.connections for s in sources])
+
+
 def checksum(source, algorithm: str = blkhash.DEFAULT_ALGORITHM,
-             block_size: int = blkhash.BLOCK_SIZE) -> str:
+             block_size: int = blkhash.BLOCK_SIZE,
+             threads: Optional[int] = None) -> str:
     """The blkhash hex digest of source."""
     hasher = blkhash.Hasher(algorithm, block_size)
-    buf = bytearray(READ_SIZE)
-    for extent in source.extents():
-        if not extent.is_data:
-            hasher.zero(extent.length)
-            continue
-        for offset, length in _chunks(extent.offset, extent.length):
-            view = memoryview(buf)[:length]
-            source.read_into(offset, view)
-            hasher.update(view)
+    scan(source, [hasher], algorithm, block_size, threads)
     return hasher.hexdigest()
 
 
-def compare(source, copy,
-            block_size: int = blkhash.BLOCK_SIZE) -> Iterator[Range]:
+def make_manifest(source, algorithm: str = blkhash.DEFAULT_ALGORITHM,
+                  chunk_size: int = manifest_mod.DEFAULT_CHUNK_SIZE,
+                  block_size: int = blkhash.BLOCK_SIZE,
+                  threads: Optional[int] = None) -> manifest_mod.Manifest:
+    """The image digest and the chunk digests of source, in one pass."""
+    created = manifest_mod.now()
+    hasher = blkhash.Hasher(algorithm, block_size)
+    chunks = manifest_mod.ChunkHasher(algorithm, block_size, chunk_size)
+    scan(source, [hasher, chunks], algorithm, block_size, threads)
+    return manifest_mod.Manifest(
+        size=source.size, algorithm=algorithm, block_size=block_size,
+        chunk_size=chunk_size, digest=hasher.hexdigest(),
+        chunks=chunks.hexdigests(), source=source.name, created=created)
+
+
+def check(manifest: manifest_mod.Manifest, copy,
+          threads: Optional[int] = None) -> list:
+    """The ranges (whole chunks, merged) where copy differs from manifest.
+
+    Raises SizeMismatch before reading anything when the sizes differ, and
+    ManifestError for a manifest that is incomplete or contradicts itself.
+    """
+    if not manifest.complete:
+        raise ManifestError(
+            "the manifest is incomplete (its digest is still being "
+            "computed); try again later")
+    if copy.size != manifest.size:
+        raise SizeMismatch(
+            f"the manifest is of {manifest.size} bytes but {copy.name} is "
+            f"{copy.size} bytes")
+    hasher = blkhash.Hasher(manifest.algorithm, manifest.block_size)
+    chunks = manifest_mod.ChunkHasher(
+        manifest.algorithm, manifest.block_size, manifest.chunk_size)
+    scan(copy, [hasher, chunks], manifest.algorithm, manifest.block_size,
+         threads)
+    actual = chunks.hexdigests()
+    ranges = [Range(*r) for r in manifest_mod.differing_ranges(
+        manifest.chunks, actual, manifest.chunk_size, manifest.size)]
+    # The image digest comes from the same block digests as the chunks:
+    # one without the other means the manifest was not made by a digest.
+    if bool(ranges) != (hasher.hexdigest() != manifest.digest):
+        raise ManifestError(
+            "the manifest contradicts itself: its image digest and its "
+            "chunk digests do not describe the same image")
+    return ranges
+
+
+def scan(source, sinks: Iterable, algorithm: str = blkhash.DEFAULT_ALGORITHM,
+         block_size: int = blkhash.BLOCK_SIZE,
+         threads: Optional[int] = None) -> None:
+    """Feed the block digests of source, in order, to every sink.
+
+    A sink has add_digests(digests, length) and zero(length), like
+    blkhash.Hasher and manifest.ChunkHasher.
+    """
+    sinks = list(sinks)
+    segment = _segment_size(block_size, source)
+    piece_size = _piece_size(block_size, source)
+    local = threading.local()
+
+    def job(offset: int, length: int) -> bytes:
+        if getattr(source, "can_map", False):
+            with source.mapped(offset, length) as view:
+                return blkhash.block_digests(view, algorithm, block_size)
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(min(piece_size, segment))
+        # Hash each piece right after reading it, while it is in the cache.
+        out = []
+        for start, n in _chunks(offset, length, len(buf)):
+            view = memoryview(buf)[:n]
+            source.read_into(start, view)
+            out.append(blkhash.block_digests(view, algorithm, block_size))
+        return b"".join(out)
+
+    pieces = plan(source.extents(), source.size, block_size, segment)
+    for done, digests in _run(pieces, job, threads or
+                              default_threads(source)):
+        for sink in sinks:
+            if digests is None:
+                sink.zero(done.length)
+            else:
+                sink.add_digests(digests, done.length)
+
+
+def compare(source, copy, block_size: int = blkhash.BLOCK_SIZE,
+            threads: Optional[int] = None) -> Iterator[Range]:
     """Yield the ranges where copy differs from source, merged, in order.
 
     Raises SizeMismatch before reading anything when the sizes differ.
@@ -56,29 +164,139 @@ def compare(source, copy,
             f"{source.name} is {source.size} bytes but {copy.name} is "
             f"{copy.size} bytes")
     size = source.size
-    buf_a = bytearray(READ_SIZE)
-    buf_b = bytearray(READ_SIZE)
+    segment = _segment_size(block_size, source, copy)
+    local = threading.local()
+
+    def job(offset: int, length: int) -> list:
+        bufs = getattr(local, "bufs", None)
+        if bufs is None:
+            bufs = local.bufs = (bytearray(segment), bytearray(segment))
+        buf_a, buf_b = bufs
+        view_b = memoryview(buf_b)[:length]
+        _read(source, offset, memoryview(buf_a)[:length])
+        _read(copy, offset, view_b)
+        # bytearray.startswith is a memcmp; "view_a == view_b" compares
+        # item by item, about 50 times slower.
+        if buf_a.startswith(view_b):
+            return []
+        return list(_differing_blocks(buf_a, view_b, offset, block_size))
+
+    pieces = (Piece(True, offset, length)
+              for seg in _data_segments(source.extents(), copy.extents())
+              for offset, length in _chunks(seg.offset, seg.length, segment))
     run = None      # [start, end) of the differing range being merged
-    for segment in _data_segments(source.extents(), copy.extents()):
-        for offset, length in _chunks(segment.offset, segment.length):
-            view_a = memoryview(buf_a)[:length]
-            view_b = memoryview(buf_b)[:length]
-            source.read_into(offset, view_a)
-            copy.read_into(offset, view_b)
-            # bytearray.startswith is a memcmp; "view_a == view_b" compares
-            # item by item, about 50 times slower.
-            if buf_a.startswith(view_b):
-                continue
-            for start in _differing_blocks(buf_a, view_b, offset, block_size):
-                end = min(start + block_size, size)
-                if run and start <= run[1]:
-                    run[1] = max(run[1], end)
-                else:
-                    if run:
-                        yield Range(run[0], run[1] - run[0])
-                    run = [start, end]
+    for _, starts in _run(pieces, job, threads or
+                          default_threads(source, copy)):
+        for start in starts:
+            end = min(start + block_size, size)
+            if run and start <= run[1]:
+                run[1] = max(run[1], end)
+            else:
+                if run:
+                    yield Range(run[0], run[1] - run[0])
+                run = [start, end]
     if run:
         yield Range(run[0], run[1] - run[0])
+
+
+def plan(extents: Iterable[Extent], size: int, block_size: int,
+         segment: int) -> Iterator[Piece]:
+    """Cut [0, size) into data pieces to read and zero runs to skip.
+
+    A block that holds any data is read whole (the rest of it reads as
+    zeros anyway); only whole blocks of hole become zero runs.  Data
+    pieces are at most segment long and never cross a multiple of
+    segment, so reads stay aligned::
+
+        extents  |hole |data  |hole          |da|hole   |
+        blocks   |    |    |    |    |    |    |    |    |
+        pieces   |zero|data     |zero     |data|zero    |
+    """
+    pos = 0
+    for start, end in _data_runs(extents, size, block_size):
+        if start > pos:
+            yield Piece(False, pos, start - pos)
+        for offset, length in _chunks(start, end - start, segment):
+            yield Piece(True, offset, length)
+        pos = end
+    if pos < size:
+        yield Piece(False, pos, size - pos)
+
+
+def _data_runs(extents: Iterable[Extent], size: int,
+               block_size: int) -> Iterator[tuple[int, int]]:
+    """The data extents widened to whole blocks, overlapping ones merged."""
+    run = None
+    for e in extents:
+        if not e.is_data or not e.length:
+            continue
+        start = e.offset // block_size * block_size
+        end = min(size, -(-(e.offset + e.length) // block_size) * block_size)
+        if run and start <= run[1]:
+            run[1] = max(run[1], end)
+        else:
+            if run:
+                yield run[0], run[1]
+            run = [start, end]
+    if run:
+        yield run[0], run[1]
+
+
+def _run(pieces: Iterable[Piece], job, workers: int) -> Iterator[tuple]:
+    """Yield (piece, result) in order: job(offset, length) for data pieces,
+    run by workers threads, at most 2 * workers ahead; None for zero runs.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be positive: {workers}")
+    ahead = 2 * workers
+    with concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix="nbd-verify") as pool:
+        queue = collections.deque()
+        running = 0
+        try:
+            for piece in pieces:
+                if piece.is_data:
+                    queue.append(
+                        (piece, pool.submit(job, piece.offset, piece.length)))
+                    running += 1
+                else:
+                    queue.append((piece, None))
+                while queue and (queue[0][1] is None or running >= ahead):
+                    done, future = queue.popleft()
+                    if future is None:
+                        yield done, None
+                    else:
+                        running -= 1
+                        yield done, future.result()
+            while queue:
+                done, future = queue.popleft()
+                yield done, None if future is None else future.result()
+        finally:
+            # On an error, don't read what nobody will look at.
+            for _, future in queue:
+                if future is not None:
+                    future.cancel()
+
+
+def _segment_size(block_size: int, *sources) -> int:
+    """The bytes one job reads: at least JOB_SIZE, whole blocks."""
+    size = max([JOB_SIZE] + [s.read_size for s in sources])
+    return max(block_size, size // block_size * block_size)
+
+
+def _piece_size(block_size: int, source) -> int:
+    """The bytes one read_into() of source asks for: whole blocks."""
+    return max(block_size, source.read_size // block_size * block_size)
+
+
+def _read(source, offset: int, view: memoryview) -> None:
+    """Fill view from source in reads of the size it likes."""
+    piece = source.read_size
+    if len(view) <= piece:
+        source.read_into(offset, view)
+        return
+    for start, n in _chunks(offset, len(view), piece):
+        source.read_into(start, view[start - offset:start - offset + n])
 
 
 def _differing_blocks(buf_a: bytearray, view_b: memoryview, offset: int,
@@ -98,8 +316,7 @@ def _differing_blocks(buf_a: bytearray, view_b: memoryview, offset: int,
         i = j
 
 
-def _chunks(offset: int, length: int,
-            size: int = READ_SIZE) -> Iterator[tuple[int, int]]:
+def _chunks(offset: int, length: int, size: int) -> Iterator[tuple[int, int]]:
     """Split [offset, offset + length) at multiples of size."""
     end = offset + length
     while offset < end:

@@ -1,28 +1,50 @@
-"""Images to read: files and block devices, behind one reader interface.
+"""Images to read: files, block devices and NBD exports, behind one interface.
 
-A source has a name, a size, read_into(offset, buf) and extents(), which
-tells data from holes so a digest or a comparison can skip what reads as
-zeros without reading it.  NBD exports will be one more kind of source with
-the same interface; until then an NBD URI is refused with a clear error.
+A source has a name, a size, read_into(offset, buf), extents(), which tells
+data from holes so a digest or a comparison can skip what reads as zeros
+without reading it, and close().  Two hints tell ops how to read it fast:
+``read_size``, the bytes one worker reads at a time, and ``connections``,
+how many reads can be served at once.  read_into() may be called from
+several threads at once.
 
 Extents of a regular file come from SEEK_DATA/SEEK_HOLE.  A "data" extent
 may still read as zeros (the file system decides what it allocates); a hole
 always reads as zeros.  Block devices, and file systems without SEEK_DATA,
 report one data extent covering everything.
+
+An NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=PATH) is
+read by our own client (nbd.py) over one connection, or several when the
+server allows multi-connection; its extents come from the base:allocation
+block status when the server offers it (a range the server reports as
+reading as zeros is a hole), else one data extent.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import errno
+import mmap
 import os
+import queue
 import stat
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional, Union
 
-from .errors import SourceError, UnsupportedSource
+from . import nbd
+from .errors import SourceError
 
 # Schemes of the NBD URI standard (nbd-server, qemu-nbd, libnbd).
 _NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock",
                 "nbds+vsock")
+
+# Connections to an NBD export that allows several (nbdcopy's default too).
+DEFAULT_CONNECTIONS = 4
+# Where a file cannot be mapped, it is read in pieces small enough to stay
+# in the CPU cache until they are hashed.  Measured here, 2 GiB from the
+# page cache: 64 KiB reads take 0.3 s, 128 KiB and more 0.9 to 1 s.
+FILE_READ_SIZE = 64 * 1024
+# Block status is asked for at most this much at a time.
+_BLOCK_STATUS_SPAN = 1 << 30
 
 
 class Extent(NamedTuple):
@@ -36,17 +58,31 @@ def is_nbd_uri(name: str) -> bool:
     return bool(sep) and scheme.lower() in _NBD_SCHEMES
 
 
-def open_source(name: str) -> "FileSource":
-    """Open a file or block device read-only; refuse what we cannot read."""
+def open_source(name: str, connections: Optional[int] = None
+                ) -> Union["FileSource", "NbdSource"]:
+    """Open a file, a block device or an NBD export, read-only.
+
+    connections: at most this many NBD connections (default
+    DEFAULT_CONNECTIONS); ignored for files.
+    """
     if is_nbd_uri(name):
-        raise UnsupportedSource(
-            f"{name}: NBD sources are not supported yet; copy the export to "
-            f"a file or block device first")
+        return NbdSource(name, connections or DEFAULT_CONNECTIONS)
     return FileSource(name)
 
 
 class FileSource:
-    """A regular file or a block device, opened O_RDONLY."""
+    """A regular file or a block device, opened O_RDONLY.
+
+    Besides read_into(), mapped() lends a read-only view of the file's pages
+    themselves (mmap), so that hashing needs no copy at all: on 2 GiB in the
+    page cache, reading with 64 KiB preads and hashing took 1.45 s on two
+    cores, hashing the mapped pages 1.0 s.  A file that shrinks while it is
+    mapped kills the process with SIGBUS instead of an error: the size is
+    checked before each mapping, and a frozen base does not change.
+    """
+
+    read_size = FILE_READ_SIZE
+    connections = 1
 
     def __init__(self, path: str):
         self.name = path
@@ -66,6 +102,7 @@ class FileSource:
             else:
                 raise SourceError(
                     f"{path}: not a regular file or a block device")
+            self.can_map = self._probe_map()
         except OSError as e:
             os.close(self._fd)
             raise SourceError(f"cannot size {path}: {e.strerror}") from None
@@ -96,6 +133,49 @@ class FileSource:
                     f"cannot read {self.name} at offset {offset + done}: "
                     f"unexpected end of file (expected size {self.size})")
             done += n
+
+    def _probe_map(self) -> bool:
+        if not self.size:
+            return False
+        try:
+            mmap.mmap(self._fd, min(self.size, mmap.PAGESIZE),
+                      prot=mmap.PROT_READ).close()
+        except (OSError, ValueError):
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
+        """A read-only view of [offset, offset + length), mapped, not copied.
+
+        Only where can_map; the view is valid inside the with block only.
+        """
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise ValueError(
+                f"map of {length} bytes at {offset} is outside {self.name} "
+                f"(size {self.size})")
+        if self._sparse and os.fstat(self._fd).st_size < offset + length:
+            raise SourceError(
+                f"cannot read {self.name} at offset {offset}: the file "
+                f"shrank (expected size {self.size})")
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            m = mmap.mmap(self._fd, offset + length - start,
+                          prot=mmap.PROT_READ, offset=start)
+        except OSError as e:
+            raise SourceError(
+                f"cannot map {self.name} at offset {offset}: "
+                f"{e.strerror}") from None
+        try:
+            with memoryview(m) as whole, whole[offset - start:] as part:
+                yield part
+        finally:
+            try:
+                m.close()
+            except BufferError:
+                # A view still lives (in a traceback): the mapping goes
+                # with the last one.
+                pass
 
     def extents(self) -> Iterator[Extent]:
         """Data and holes covering [0, size), in order, never empty."""
@@ -146,3 +226,107 @@ class FileSource:
 
     def __repr__(self):
         return f"<FileSource {self.name!r} size={self.size}>"
+
+
+class NbdSource:
+    """An NBD export, over one connection or several (multi-connection)."""
+
+    def __init__(self, uri: str, connections: int = DEFAULT_CONNECTIONS,
+                 timeout: float = nbd.DEFAULT_TIMEOUT):
+        self.name = uri
+        first = nbd.Client(uri, timeout)
+        clients = [first]
+        try:
+            if first.can_multi_conn and connections > 1:
+                clients += _connect_more(uri, timeout, connections - 1)
+            for c in clients[1:]:
+                if c.size != first.size:
+                    raise SourceError(
+                        f"{uri}: the export changed size between "
+                        f"connections ({first.size}, then {c.size} bytes)")
+        except BaseException:
+            for c in clients:
+                c.close()
+            raise
+        self.size = first.size
+        self.connections = len(clients)
+        # A worker reads as much as one connection keeps in flight.
+        self.read_size = first.request_size * nbd.DEPTH
+        self._first = first
+        self._clients = clients
+        self._idle = queue.SimpleQueue()
+        for c in clients:
+            self._idle.put(c)
+
+    @property
+    def has_block_status(self) -> bool:
+        return self._first.has_block_status
+
+    def read_into(self, offset: int, buf) -> None:
+        """Fill buf with the bytes at offset, on the first idle connection."""
+        client = self._idle.get()
+        try:
+            client.read_into(offset, buf)
+        finally:
+            self._idle.put(client)
+
+    def extents(self) -> Iterator[Extent]:
+        """Data and zeros covering [0, size), merged, in order."""
+        if not self.has_block_status:
+            if self.size:
+                yield Extent(0, self.size, True)
+            return
+        run = None      # [offset, length, is_data], grown while alike
+        pos = 0
+        while pos < self.size:
+            client = self._idle.get()
+            try:
+                status = client.block_status(
+                    pos, min(self.size - pos, _BLOCK_STATUS_SPAN))
+            finally:
+                self._idle.put(client)
+            for length, state in status:
+                # Only "reads as zeros" lets us skip the read; a hole
+                # without it has undefined contents, read it.
+                is_data = not state & nbd.STATE_ZERO
+                if run and run[2] == is_data:
+                    run[1] += length
+                else:
+                    if run:
+                        yield Extent(*run)
+                    run = [pos, length, is_data]
+                pos += length
+        if run:
+            yield Extent(*run)
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"<NbdSource {self.name!r} size={self.size} "
+                f"connections={self.connections}>")
+
+
+def _connect_more(uri: str, timeout: float, count: int) -> list:
+    """count more connections, at once: a server hook may run per connection."""
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(nbd.Client, uri, timeout)
+                   for _ in range(count)]
+    clients, error = [], None
+    for f in futures:
+        try:
+            clients.append(f.result())
+        except nbd.NbdError as e:
+            error = error or e
+    if error:
+        for c in clients:
+            c.close()
+        raise error
+    return clients

@@ -252,3 +252,77 @@ def test_same_as_blksum(tmp_path, name):
         ["blksum", os.fspath(path)], check=True, capture_output=True,
         text=True, timeout=60).stdout
     assert out.split()[0] == expected
+
+
+# Block digests computed apart (as the worker threads do) and fed in order.
+
+def split_digests(data, cut, algorithm="sha256", block_size=BS):
+    """Hasher fed with add_digests() of data cut at the offsets in cut."""
+    h = blkhash.Hasher(algorithm, block_size)
+    edges = [0] + list(cut) + [len(data)]
+    for start, end in zip(edges, edges[1:]):
+        h.add_digests(blkhash.block_digests(data[start:end], algorithm,
+                                            block_size), end - start)
+    return h
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_add_digests_pinned(name):
+    make, expected = PINNED[name]
+    assert split_digests(make(), []).hexdigest() == expected
+
+
+@pytest.mark.parametrize("cut", [[], [BS], [BS, 3 * BS], [4 * BS]])
+def test_add_digests_in_pieces(cut):
+    data = seeded(12, 4 * BS + 777) + bytes(2 * BS) + seeded(13, 5)
+    assert split_digests(data, cut).hexdigest() == reference(data)
+
+
+def test_add_digests_mixed_with_zero():
+    data = seeded(14, 2 * BS) + bytes(3 * BS) + seeded(15, BS + 9)
+    h = blkhash.Hasher()
+    h.add_digests(blkhash.block_digests(data[:2 * BS]), 2 * BS)
+    h.zero(3 * BS)
+    h.add_digests(blkhash.block_digests(data[5 * BS:]), BS + 9)
+    assert h.hexdigest() == reference(data)
+
+
+def test_block_digests_zero_blocks_use_the_known_digest():
+    digests = blkhash.block_digests(bytes(2 * BS) + bytes(100))
+    zero = hashlib.sha256(bytes(BS)).digest()
+    assert digests == zero + zero + hashlib.sha256(bytes(100)).digest()
+    assert blkhash.block_digests(b"") == b""
+
+
+def test_block_digests_accepts_any_buffer():
+    data = seeded(16, 2 * BS)
+    assert blkhash.block_digests(memoryview(bytearray(data))) \
+        == blkhash.block_digests(data)
+
+
+def test_add_digests_needs_whole_blocks_before():
+    h = blkhash.Hasher()
+    h.update(b"x")
+    with pytest.raises(ValueError):
+        h.add_digests(blkhash.block_digests(bytes(BS)), BS)
+
+
+def test_nothing_after_the_short_last_block():
+    h = blkhash.Hasher()
+    h.add_digests(blkhash.block_digests(b"abc"), 3)
+    for add in (lambda: h.update(b"d"), lambda: h.zero(1),
+                lambda: h.add_digests(blkhash.block_digests(b"d"), 1)):
+        with pytest.raises(ValueError):
+            add()
+    assert h.hexdigest() == reference(b"abc")
+
+
+def test_add_digests_checks_the_count():
+    with pytest.raises(ValueError):
+        blkhash.Hasher().add_digests(bytes(32), BS + 1)
+
+
+@pytest.mark.parametrize("algorithm,size", [("sha256", 32), ("sha1", 20),
+                                            ("sha512", 64)])
+def test_digest_size(algorithm, size):
+    assert blkhash.digest_size(algorithm) == size

@@ -24,7 +24,8 @@ COMMANDS = {
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "export"],
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "lint"]],
     "nbd-verify.1": [["nbdsnap.verify.cli", "main", "digest"],
-                     ["nbdsnap.verify.cli", "main", "compare"]],
+                     ["nbdsnap.verify.cli", "main", "compare"],
+                     ["nbdsnap.verify.cli", "main", "check"]],
 }
 
 
