@@ -19,6 +19,7 @@ import threading
 import time
 
 import lab
+from lab import bench_verify
 
 MiB = 1 << 20
 SIZE = 512          # MiB, the exported raw base
@@ -336,8 +337,11 @@ def main(argv=None):
         r["startup"] = startup(args.reps)
         print("scaling: %d more shut-off domains" % args.idle, flush=True)
         r["scaling"] = scaling(rig, virt, args.reps, args.idle)
+        print("nbd-verify against sha256sum, openssl, b3sum, cmp, nbdcopy",
+              flush=True)
+        verify_section = bench_verify.run()
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    text = report(facts, r, args.reps)
+    text = report(facts, r, args.reps) + "\n" + verify_section
     with open(args.output, "w") as f:
         f.write(text)
     print(text + "\nwritten to %s" % args.output)
