@@ -9,71 +9,34 @@ server in a thread plays the failures real servers do not make on demand
 """
 
 import contextlib
-import hashlib
 import os
-import random
-import re
 import shutil
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from nbdsnap.verify import blkhash, nbd, ops, sources
+from verifykit import (assert_one_error_line, flip, free_port, make_sparse,
+                       random_data, ranges, reference, run)
 
 BS = 64 * 1024
 MiB = 1024 * 1024
 # A multiple of 512 (qemu-nbd rounds exports up to sectors) but not of the
 # block size: the last block is short.
 SIZE = 5 * MiB + 4608
+HOLES = [(MiB, 3 * MiB)]
 GiB = 1024 * MiB
 SPARSE_DATA_AT = 700 * MiB + 4096
-
-RANGE = re.compile(r"^differ: offset (\d+) length (\d+)$")
 
 
 def need(program):
     if shutil.which(program) is None:
         pytest.skip(f"{program} is not installed")
-
-
-def reference(data):
-    outer = hashlib.sha256()
-    for i in range(0, len(data), BS):
-        outer.update(hashlib.sha256(data[i:i + BS]).digest())
-    outer.update(len(data).to_bytes(8, "little"))
-    return outer.hexdigest()
-
-
-def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "nbdsnap.verify.cli", *map(os.fspath, args)],
-        capture_output=True, text=True, timeout=120)
-
-
-def ranges(stdout):
-    return [(int(m.group(1)), int(m.group(2)))
-            for m in map(RANGE.match, stdout.splitlines()) if m]
-
-
-def assert_one_error_line(cp, *words):
-    assert cp.returncode == 2, (cp.stdout, cp.stderr)
-    lines = cp.stderr.splitlines()
-    assert len(lines) == 1, cp.stderr
-    assert lines[0].startswith("nbd-verify: ")
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_listening(address, proc=None, timeout=15.0):
@@ -214,19 +177,14 @@ def servers(folder):
 
 @pytest.fixture(scope="module")
 def data():
-    raw = bytearray(random.Random(9).randbytes(SIZE))
-    raw[MiB:3 * MiB] = bytes(2 * MiB)
-    return bytes(raw)
+    return random_data(SIZE, HOLES, seed=9)
 
 
 @pytest.fixture(scope="module")
 def image(folder, data):
     """data, with its zeros as a real hole from 1 MiB to 3 MiB."""
     path = folder / "image.raw"
-    with open(path, "wb") as f:
-        f.write(data[:MiB])
-        f.seek(3 * MiB)
-        f.write(data[3 * MiB:])
+    make_sparse(path, data, HOLES)
     return path
 
 
@@ -234,7 +192,7 @@ def image(folder, data):
 def sparse(folder):
     """1 GiB, all hole but 1 MiB of data at SPARSE_DATA_AT."""
     path = folder / "sparse.raw"
-    chunk = random.Random(3).randbytes(MiB)
+    chunk = random_data(MiB, seed=3)
     with open(path, "wb") as f:
         f.truncate(GiB)
         f.seek(SPARSE_DATA_AT)
@@ -244,21 +202,6 @@ def sparse(folder):
     expected.update(chunk)
     expected.zero(GiB - SPARSE_DATA_AT - MiB)
     return path, expected.hexdigest()
-
-
-@pytest.fixture
-def copy(tmp_path, data):
-    path = tmp_path / "copy.raw"
-    path.write_bytes(data)
-    return path
-
-
-def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 # Bit-exact digests, every server.

@@ -11,17 +11,9 @@ import pytest
 
 from nbdsnap.verify import blkhash
 from nbdsnap.verify.errors import UnknownAlgorithm
+from verifykit import reference
 
 BS = 64 * 1024
-
-
-def reference(data, algorithm="sha256", block_size=BS):
-    """blkhash the slow, obvious way: hashlib straight on bytes."""
-    outer = hashlib.new(algorithm)
-    for i in range(0, len(data), block_size):
-        outer.update(hashlib.new(algorithm, data[i:i + block_size]).digest())
-    outer.update(len(data).to_bytes(8, "little"))
-    return outer.hexdigest()
 
 
 def seeded(seed, n):

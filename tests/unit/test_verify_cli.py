@@ -3,58 +3,23 @@
 import hashlib
 import os
 import random
-import re
 import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 
 from nbdsnap.verify import sources
+from verifykit import (assert_one_error_line, flip, free_port, make_sparse,
+                       random_data, ranges, reference, run)
 
 BS = 64 * 1024
 # Not a multiple of the block size: the last block is short.
 SIZE = 3 * 1024 * 1024 + 4097
 
-RANGE = re.compile(r"^differ: offset (\d+) length (\d+)$")
-
-
-def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "nbdsnap.verify.cli", *map(os.fspath, args)],
-        capture_output=True, text=True, timeout=120)
-
-
-def reference(data):
-    outer = hashlib.sha256()
-    for i in range(0, len(data), BS):
-        outer.update(hashlib.sha256(data[i:i + BS]).digest())
-    outer.update(len(data).to_bytes(8, "little"))
-    return outer.hexdigest()
-
-
-def ranges(stdout):
-    found = []
-    for line in stdout.splitlines():
-        m = RANGE.match(line)
-        if m:
-            found.append((int(m.group(1)), int(m.group(2))))
-    return found
-
-
-def assert_one_error_line(cp, *words):
-    assert cp.returncode == 2
-    lines = cp.stderr.splitlines()
-    assert len(lines) == 1, cp.stderr
-    assert lines[0].startswith("nbd-verify: ")
-    for word in words:
-        assert word in lines[0]
-
 
 @pytest.fixture
 def data():
-    return random.Random(42).randbytes(SIZE)
+    return random_data(SIZE, seed=42)
 
 
 @pytest.fixture
@@ -62,21 +27,6 @@ def image(tmp_path, data):
     path = tmp_path / "image.raw"
     path.write_bytes(data)
     return path
-
-
-@pytest.fixture
-def copy(tmp_path, image):
-    path = tmp_path / "copy.raw"
-    shutil.copyfile(image, path)
-    return path
-
-
-def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def test_equal(image, copy):
@@ -143,23 +93,10 @@ def test_not_a_file(image, tmp_path):
 
 def test_nbd_uri_nobody_listens(image):
     # More NBD cases, against real servers, in test_verify_nbd.py.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cp = run("compare", f"nbd://127.0.0.1:{port}/vda", image)
     assert_one_error_line(cp, f"nbd://127.0.0.1:{port}/vda",
                           "cannot connect")
-
-
-def make_sparse(path, data, holes):
-    """Write data to path, leaving the ranges in holes unallocated."""
-    with open(path, "wb") as f:
-        f.truncate(len(data))
-        pos = 0
-        for start, end in sorted(holes) + [(len(data), len(data))]:
-            f.seek(pos)
-            f.write(data[pos:start])
-            pos = end
 
 
 def test_sparse_equals_dense(tmp_path):
@@ -229,11 +166,7 @@ def test_digest_empty(tmp_path):
 
 def test_digest_algorithm(image, data):
     cp = run("digest", "--algorithm", "sha512", image)
-    outer = hashlib.sha512()
-    for i in range(0, len(data), BS):
-        outer.update(hashlib.sha512(data[i:i + BS]).digest())
-    outer.update(len(data).to_bytes(8, "little"))
-    assert cp.stdout.split() == [outer.hexdigest(), str(image)]
+    assert cp.stdout.split() == [reference(data, "sha512"), str(image)]
 
 
 def test_digest_goes_on_after_an_error(image, copy, tmp_path, data):

@@ -4,87 +4,32 @@ import hashlib
 import json
 import os
 import random
-import re
-import subprocess
-import sys
 
 import pytest
 
 from nbdsnap.verify import blkhash, manifest, ops, sources
 from nbdsnap.verify.manifest import ChunkHasher, ManifestError
+from verifykit import (assert_one_error_line, chunk_reference, flip,
+                       make_sparse, random_data, ranges, reference, run)
 
 BS = 64 * 1024
 MiB = 1024 * 1024
 CHUNK = 1 * MiB
 # Not a multiple of the chunk size, nor of the block size.
 SIZE = 5 * MiB + 4097
-
-RANGE = re.compile(r"^differ: offset (\d+) length (\d+)$")
-
-
-def reference(data, algorithm="sha256"):
-    outer = hashlib.new(algorithm)
-    for i in range(0, len(data), BS):
-        outer.update(hashlib.new(algorithm, data[i:i + BS]).digest())
-    outer.update(len(data).to_bytes(8, "little"))
-    return outer.hexdigest()
-
-
-def chunk_reference(data, chunk_size=CHUNK):
-    return [reference(data[i:i + chunk_size])
-            for i in range(0, len(data), chunk_size)]
-
-
-def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "nbdsnap.verify.cli", *map(os.fspath, args)],
-        capture_output=True, text=True, timeout=120)
-
-
-def ranges(stdout):
-    return [(int(m.group(1)), int(m.group(2)))
-            for m in map(RANGE.match, stdout.splitlines()) if m]
-
-
-def assert_one_error_line(cp, *words):
-    assert cp.returncode == 2, (cp.stdout, cp.stderr)
-    lines = cp.stderr.splitlines()
-    assert len(lines) == 1, cp.stderr
-    assert lines[0].startswith("nbd-verify: ")
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
-def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
+# Zeros in the middle, a real hole in the image file.
+HOLES = [(2 * MiB, 3 * MiB + 5)]
 
 
 @pytest.fixture
 def data():
-    rnd = random.Random(5)
-    raw = bytearray(rnd.randbytes(SIZE))
-    raw[2 * MiB:3 * MiB + 5] = bytes(MiB + 5)     # zeros in the middle
-    return bytes(raw)
+    return random_data(SIZE, HOLES, seed=5)
 
 
 @pytest.fixture
 def image(tmp_path, data):
     path = tmp_path / "image.raw"
-    with open(path, "wb") as f:
-        f.write(data[:2 * MiB])
-        f.seek(3 * MiB + 5)                         # and a real hole
-        f.write(data[3 * MiB + 5:])
-    return path
-
-
-@pytest.fixture
-def copy(tmp_path, data):
-    path = tmp_path / "copy.raw"
-    path.write_bytes(data)
+    make_sparse(path, data, HOLES)
     return path
 
 
@@ -106,7 +51,7 @@ def test_chunks_equal_blkhash_of_each_range(data, cuts):
     for start, end in zip(edges, edges[1:]):
         chunks.add_digests(blkhash.block_digests(data[start:end]),
                            end - start)
-    assert chunks.hexdigests() == chunk_reference(data)
+    assert chunks.hexdigests() == chunk_reference(data, CHUNK)
 
 
 def test_chunks_with_zero_runs():
@@ -115,7 +60,7 @@ def test_chunks_with_zero_runs():
     chunks.add_digests(blkhash.block_digests(data[:BS]), BS)
     chunks.zero(3 * CHUNK)
     chunks.add_digests(blkhash.block_digests(b"tail"), 4)
-    assert chunks.hexdigests() == chunk_reference(data)
+    assert chunks.hexdigests() == chunk_reference(data, CHUNK)
 
 
 def test_chunk_size_must_be_whole_blocks():
@@ -127,7 +72,7 @@ def test_make_manifest(image, data):
     with sources.open_source(os.fspath(image)) as src:
         m = ops.make_manifest(src, chunk_size=CHUNK, threads=2)
     assert m.digest == reference(data)
-    assert m.chunks == chunk_reference(data)
+    assert m.chunks == chunk_reference(data, CHUNK)
     assert (m.size, m.algorithm, m.block_size, m.chunk_size) == (
         SIZE, "sha256", BS, CHUNK)
 
@@ -214,7 +159,7 @@ def test_incomplete_may_have_fewer_chunks():
 def test_digest_writes_the_manifest(made, image, data):
     m = json.loads(made.read_text())
     assert m["digest"] == reference(data)
-    assert m["chunks"] == chunk_reference(data)
+    assert m["chunks"] == chunk_reference(data, CHUNK)
     assert m["size"] == SIZE and m["chunk_size"] == CHUNK
     assert m["complete"] is True and m["source"] == str(image)
     cp = run("digest", image)

@@ -1,6 +1,5 @@
 """nbdsnap.verify.ops: the plan, the parallel digest and compare, in order."""
 
-import hashlib
 import random
 import threading
 import time
@@ -11,17 +10,10 @@ from nbdsnap.verify import blkhash, ops
 from nbdsnap.verify.errors import SizeMismatch, SourceError
 from nbdsnap.verify.ops import Piece
 from nbdsnap.verify.sources import Extent
+from verifykit import random_data, reference
 
 BS = 64 * 1024
 MiB = 1024 * 1024
-
-
-def reference(data, algorithm="sha256"):
-    outer = hashlib.new(algorithm)
-    for i in range(0, len(data), BS):
-        outer.update(hashlib.new(algorithm, data[i:i + BS]).digest())
-    outer.update(len(data).to_bytes(8, "little"))
-    return outer.hexdigest()
 
 
 class MemorySource:
@@ -57,14 +49,6 @@ class MemorySource:
         view[:] = self.data[offset:offset + len(view)]
         with self._lock:
             self.reads.append((offset, len(view)))
-
-
-def image(size, holes=(), seed=1):
-    """Random data of size bytes, zeros in the (start, end) holes."""
-    data = bytearray(random.Random(seed).randbytes(size))
-    for start, end in holes:
-        data[start:end] = bytes(end - start)
-    return bytes(data)
 
 
 def extents_of(size, holes):
@@ -131,7 +115,7 @@ def test_checksum_equals_reference(threads, read_size):
     size = 9 * MiB + 12345
     holes = [(MiB + 1000, 3 * MiB + 7), (5 * MiB, 6 * MiB),
              (8 * MiB, size)]
-    data = image(size, holes)
+    data = random_data(size, holes)
     src = MemorySource(data, extents_of(size, holes), read_size=read_size,
                        delay=0.002)
     assert ops.checksum(src, threads=threads) == reference(data)
@@ -141,13 +125,13 @@ def test_checksum_equals_reference(threads, read_size):
 
 
 def test_checksum_zero_blocks_in_data():
-    data = image(3 * MiB, [(BS, 40 * BS)])
+    data = random_data(3 * MiB, [(BS, 40 * BS)])
     assert ops.checksum(MemorySource(data), threads=2) == reference(data)
 
 
 @pytest.mark.parametrize("algorithm", ["sha1", "blake2b"])
 def test_checksum_algorithm(algorithm):
-    data = image(MiB + 3)
+    data = random_data(MiB + 3)
     assert ops.checksum(MemorySource(data), algorithm, threads=2) \
         == reference(data, algorithm)
 
@@ -157,7 +141,7 @@ def test_checksum_of_nothing():
 
 
 def test_read_error_propagates():
-    data = image(20 * MiB)
+    data = random_data(20 * MiB)
     src = MemorySource(data, read_size=MiB, fail_at=13 * MiB + 5)
     with pytest.raises(SourceError, match="offset 13631493"):
         ops.checksum(src, threads=2)
@@ -175,7 +159,7 @@ def test_default_threads():
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_compare_finds_and_places_every_difference(threads):
     size = 10 * MiB + 99
-    data = image(size)
+    data = random_data(size)
     copy = bytearray(data)
     for offset in (0, BS - 1, BS, 5 * MiB, size - 1):
         copy[offset] ^= 0x01
@@ -189,7 +173,7 @@ def test_compare_finds_and_places_every_difference(threads):
 def test_compare_equal_and_holes():
     size = 6 * MiB
     holes = [(MiB, 5 * MiB)]
-    data = image(size, holes)
+    data = random_data(size, holes)
     a = MemorySource(data, extents_of(size, holes))
     b = MemorySource(data)
     assert list(ops.compare(a, b, threads=2)) == []
@@ -221,7 +205,7 @@ def test_results_come_in_order_whatever_finishes_first():
 
 
 def test_block_size_is_a_parameter():
-    data = image(100000)
+    data = random_data(100000)
     h = blkhash.Hasher(block_size=4096)
     h.update(data)
     src = MemorySource(data, read_size=8192)

@@ -1,0 +1,97 @@
+"""Helpers shared by the tests of nbd-verify, in tests/unit and tests/real.
+
+Plain functions: nbd-verify run as a program and what it prints read back,
+blkhash computed the slow, obvious way (hashlib straight on bytes, sharing
+no code with nbdsnap.verify) to check its digests against, and images of
+seeded random data with zeros, or real holes, where a test wants them.
+
+tests/conftest.py puts this folder on sys.path: ``from verifykit import run``.
+"""
+
+import hashlib
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+
+# blkhash's block size, written out here: the reference must not take it
+# from the code it checks.
+BLOCK_SIZE = 64 * 1024
+
+_RANGE = re.compile(r"^differ: offset (\d+) length (\d+)$")
+
+
+def run(*args):
+    """nbd-verify ARGS as a program: the CompletedProcess, text, no check."""
+    return subprocess.run(
+        [sys.executable, "-m", "nbdsnap.verify.cli", *map(os.fspath, args)],
+        capture_output=True, text=True, timeout=120)
+
+
+def ranges(stdout):
+    """[(offset, length)] of the "differ: offset O length L" lines."""
+    return [(int(m.group(1)), int(m.group(2)))
+            for m in map(_RANGE.match, stdout.splitlines()) if m]
+
+
+def assert_one_error_line(cp, *words):
+    """Exit status 2 and one "nbd-verify: ..." line holding every word."""
+    assert cp.returncode == 2, (cp.stdout, cp.stderr)
+    lines = cp.stderr.splitlines()
+    assert len(lines) == 1, cp.stderr
+    assert lines[0].startswith("nbd-verify: ")
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def reference(data, algorithm="sha256", block_size=BLOCK_SIZE):
+    """blkhash the slow, obvious way: hashlib straight on bytes."""
+    outer = hashlib.new(algorithm)
+    for i in range(0, len(data), block_size):
+        outer.update(hashlib.new(algorithm, data[i:i + block_size]).digest())
+    outer.update(len(data).to_bytes(8, "little"))
+    return outer.hexdigest()
+
+
+def chunk_reference(data, chunk_size, algorithm="sha256"):
+    """The manifest's chunks: reference() of every chunk_size piece."""
+    return [reference(data[i:i + chunk_size], algorithm)
+            for i in range(0, len(data), chunk_size)]
+
+
+def random_data(size, holes=(), seed=1):
+    """size random bytes (the same for the same seed), zeros in the
+    (start, end) ranges of holes."""
+    data = bytearray(random.Random(seed).randbytes(size))
+    for start, end in holes:
+        data[start:end] = bytes(end - start)
+    return bytes(data)
+
+
+def make_sparse(path, data, holes):
+    """Write data to path, leaving the (start, end) ranges unallocated."""
+    with open(path, "wb") as f:
+        f.truncate(len(data))
+        pos = 0
+        for start, end in sorted(holes) + [(len(data), len(data))]:
+            f.seek(pos)
+            f.write(data[pos:start])
+            pos = end
+
+
+def flip(path, offset):
+    """Invert the byte at offset of the file at path."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def free_port():
+    """A loopback TCP port nobody listens on (for now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
