@@ -31,6 +31,13 @@ class Config:
     lock_timeout: float = 120.0
     # Seconds the block commit may take before it is cancelled.
     commit_timeout: float = 600.0
+    # The freeze-time manifest: digest the frozen base in the background.
+    digest: bool = False
+    digest_algorithm: str = "sha256"
+    # Where the manifests go, one per domain disk (served read-only).
+    manifest_dir: str = "/var/lib/nbdsnap/manifests"
+    # Seconds the last postrun waits for the digest before it commits.
+    digest_timeout: float = 600.0
     # Where the configuration came from, for messages.
     path: str = ""
 
@@ -75,7 +82,7 @@ def load(path=None):
 
 def _validated(values, path):
     kw = {"path": path}
-    for name in ("state_dir", "snapshot_dir"):
+    for name in ("state_dir", "snapshot_dir", "manifest_dir"):
         if name in values:
             if not os.path.isabs(values[name]):
                 raise ConfigError("%s: %s must be an absolute path, not %r"
@@ -88,7 +95,15 @@ def _validated(values, path):
         if kw["stale"] not in STALE_POLICIES:
             raise ConfigError("%s: stale must be one of %s, not %r" % (
                 path, ", ".join(STALE_POLICIES), values["stale"]))
-    for name in ("lock_timeout", "commit_timeout"):
+    if "digest" in values:
+        flag = values["digest"].strip().lower()
+        if flag not in ("on", "off", "yes", "no", "true", "false"):
+            raise ConfigError("%s: digest must be on or off, not %r"
+                              % (path, values["digest"]))
+        kw["digest"] = flag in ("on", "yes", "true")
+    if "digest_algorithm" in values:
+        kw["digest_algorithm"] = values["digest_algorithm"].strip().lower()
+    for name in ("lock_timeout", "commit_timeout", "digest_timeout"):
         if name in values:
             try:
                 kw[name] = float(values[name])

@@ -10,7 +10,7 @@ import os
 import stat
 import time
 
-from . import commit, domxml, history, locate, procs, sessions, virt
+from . import commit, digest, domxml, history, locate, procs, sessions, virt
 from .errors import (CommitFailed, CorruptState, Error, NotFound, Stale,
                      Unsupported, VirtError)
 from .sessions import FROZEN, OFFLINE, ONLINE
@@ -137,7 +137,7 @@ class Freezer:
             self.store.save(state)
             log.info("%s: domain is shut off, nothing to snapshot; frozen "
                      "for pid %d", describe(state), holder.pid)
-            return state
+            return self._start_digest(state)
         if dstate not in (virt.RUNNING, virt.PAUSED):
             raise Unsupported("%s: domain is %s; it can be frozen only when "
                               "running, paused or shut off" % (where, dstate))
@@ -173,6 +173,22 @@ class Freezer:
         self.store.save(state)
         log.info("%s: frozen (%s) for pid %d", describe(state), consistency,
                  holder.pid)
+        return self._start_digest(state)
+
+    def _start_digest(self, state):
+        """digest = on: the session's manifest, before the client reads."""
+        if not self.config.digest:
+            return state
+        from nbdsnap.verify.errors import Error as VerifyError
+        try:
+            info = digest.start(self.config, state, state["export"])
+        except (OSError, Error, VerifyError) as e:
+            # The copy can go ahead; only its manifest is missing.
+            log.error("%s: cannot start the digest, no manifest for this "
+                      "session: %s", describe(state), e)
+            return state
+        state = dict(state, digest=info)
+        self.store.save(state)
         return state
 
     def _take(self, dom, domain, target, overlay, quiesce, state):
@@ -239,6 +255,8 @@ class Freezer:
                 log.info("%s: released by pid %d, %d live holders left",
                          describe(new), holder.pid, len(left))
                 return new
+            # The commit writes into the base: the digest must be done.
+            digest.finish(self.config, new)
             if new["mode"] == OFFLINE:
                 return self._end_offline(new)
             return self._commit(new)

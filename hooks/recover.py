@@ -23,7 +23,8 @@ import re
 import stat
 import time
 
-from . import commit, domxml, locate, procs, qemu_img, sessions, virt
+from . import (commit, digest, domxml, locate, procs, qemu_img, sessions,
+               virt)
 from .errors import CorruptState, Error, NotFound
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,9 @@ class Recovery:
         self.out("%s: %s" % (case.label, step))
         log.info("recover %s: %s", case.label, step)
         if state is not None:
+            # A digest outlives a killed nbd-server: it must end before the
+            # commit writes into the base it reads.
+            digest.finish(self.config, state)
             self.store.save(sessions.with_phase(state, sessions.COMMITTING))
         try:
             commit.run(conn, case.freeze, step, self.config.commit_timeout)
