@@ -30,7 +30,7 @@ import queue
 import stat
 from typing import Iterator, NamedTuple, Optional, Union
 
-from . import nbd
+from . import nbd, nbdproto
 from .errors import SourceError
 
 # Schemes of the NBD URI standard (nbd-server, qemu-nbd, libnbd).
@@ -288,7 +288,7 @@ class NbdSource:
             for length, state in status:
                 # Only "reads as zeros" lets us skip the read; a hole
                 # without it has undefined contents, read it.
-                is_data = not state & nbd.STATE_ZERO
+                is_data = not state & nbdproto.STATE_ZERO
                 if run and run[2] == is_data:
                     run[1] += length
                 else:

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from nbdsnap.verify import blkhash, nbd, ops, sources
+from nbdsnap.verify import blkhash, nbd, nbdproto, ops, sources
 from verifykit import (assert_one_error_line, flip, free_port, make_sparse,
                        random_data, ranges, reference, run)
 
@@ -233,7 +233,7 @@ def test_what_each_server_offers(servers, image, kind, structured):
         assert c.structured is structured
         assert c.has_block_status is structured
         assert c.can_multi_conn
-        assert c.flags & nbd.FLAG_READ_ONLY
+        assert c.flags & nbdproto.FLAG_READ_ONLY
 
 
 def test_small_reads_and_offsets(servers, image, data):
@@ -287,7 +287,7 @@ def test_block_status_of_the_image(servers, image):
             status += got
             pos += sum(n for n, _ in got)
         assert pos == SIZE
-        zero = [n for n, flags in status if flags & nbd.STATE_ZERO]
+        zero = [n for n, flags in status if flags & nbdproto.STATE_ZERO]
         assert sum(zero) == 2 * MiB
         # Never past what was asked.
         assert sum(n for n, _ in c.block_status(0, 4096)) == 4096
@@ -391,16 +391,6 @@ def test_bad_uris(uri, words):
     assert_one_error_line(run("digest", uri), words)
 
 
-def test_parse_uri():
-    assert nbd.parse_uri("nbd://host/exp%20ort") == nbd.Address(
-        "exp ort", "host", 10809)
-    assert nbd.parse_uri("nbd://[::1]:1234/a/b") == nbd.Address(
-        "a/b", "::1", 1234)
-    assert nbd.parse_uri("nbd://h") == nbd.Address("", "h", 10809)
-    assert nbd.parse_uri("nbd+unix:///e?socket=/run/s.sock") == nbd.Address(
-        "e", socket_path="/run/s.sock")
-
-
 class FakeServer:
     """One connection, served in a thread by a script of ours."""
 
@@ -455,32 +445,32 @@ def recv_exactly(conn, n):
 
 def handshake(conn, size=4 * MiB):
     """Fixed newstyle; every option unsupported but GO, which succeeds."""
-    conn.sendall(struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT,
-                             nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
+    conn.sendall(struct.pack(">QQH", nbdproto.NBDMAGIC, nbdproto.IHAVEOPT,
+                             nbdproto.FLAG_FIXED_NEWSTYLE | nbdproto.FLAG_NO_ZEROES))
     recv_exactly(conn, 4)
     while True:
         _, option, length = struct.unpack(">QII", recv_exactly(conn, 16))
         recv_exactly(conn, length)
-        if option == nbd.OPT_GO:
-            info = struct.pack(">HQH", nbd.INFO_EXPORT, size,
-                               nbd.FLAG_HAS_FLAGS | nbd.FLAG_READ_ONLY)
-            conn.sendall(struct.pack(">QIII", nbd.OPTION_REPLY_MAGIC, option,
-                                     nbd.REP_INFO, len(info)) + info)
-            conn.sendall(struct.pack(">QIII", nbd.OPTION_REPLY_MAGIC, option,
-                                     nbd.REP_ACK, 0))
+        if option == nbdproto.OPT_GO:
+            info = struct.pack(">HQH", nbdproto.INFO_EXPORT, size,
+                               nbdproto.FLAG_HAS_FLAGS | nbdproto.FLAG_READ_ONLY)
+            conn.sendall(struct.pack(">QIII", nbdproto.OPTION_REPLY_MAGIC, option,
+                                     nbdproto.REP_INFO, len(info)) + info)
+            conn.sendall(struct.pack(">QIII", nbdproto.OPTION_REPLY_MAGIC, option,
+                                     nbdproto.REP_ACK, 0))
             return
-        conn.sendall(struct.pack(">QIII", nbd.OPTION_REPLY_MAGIC, option,
-                                 nbd.REP_ERR_UNSUP, 0))
+        conn.sendall(struct.pack(">QIII", nbdproto.OPTION_REPLY_MAGIC, option,
+                                 nbdproto.REP_ERR_UNSUP, 0))
 
 
 def next_read(conn):
     """(handle, offset, length) of the next read; None on NBD_CMD_DISC."""
     magic, _, cmd, handle, offset, length = struct.unpack(
         ">IHHQQI", recv_exactly(conn, 28))
-    assert magic == nbd.REQUEST_MAGIC
-    if cmd == nbd.CMD_DISC:
+    assert magic == nbdproto.REQUEST_MAGIC
+    if cmd == nbdproto.CMD_DISC:
         return None
-    assert cmd == nbd.CMD_READ
+    assert cmd == nbdproto.CMD_READ
     return handle, offset, length
 
 
@@ -492,7 +482,7 @@ def test_fake_server_works(fake):
             if request is None:
                 return
             handle, _, length = request
-            conn.sendall(struct.pack(">IIQ", nbd.SIMPLE_REPLY_MAGIC, 0,
+            conn.sendall(struct.pack(">IIQ", nbdproto.SIMPLE_REPLY_MAGIC, 0,
                                      handle) + bytes(length))
 
     cp = run("digest", fake(script))
@@ -516,7 +506,7 @@ def test_short_read(fake):
     def script(conn):
         handshake(conn)
         handle, _, length = next_read(conn)
-        conn.sendall(struct.pack(">IIQ", nbd.SIMPLE_REPLY_MAGIC, 0, handle)
+        conn.sendall(struct.pack(">IIQ", nbdproto.SIMPLE_REPLY_MAGIC, 0, handle)
                      + bytes(length // 2))
         # End of stream, not a reset: unread requests are still queued.
         conn.shutdown(socket.SHUT_WR)
@@ -530,7 +520,7 @@ def test_read_error(fake):
     def script(conn):
         handshake(conn)
         handle, _, _ = next_read(conn)
-        conn.sendall(struct.pack(">IIQ", nbd.SIMPLE_REPLY_MAGIC, 5, handle))
+        conn.sendall(struct.pack(">IIQ", nbdproto.SIMPLE_REPLY_MAGIC, 5, handle))
         time.sleep(1)
 
     assert_one_error_line(run("digest", fake(script)), "EIO", "offset 0")
@@ -539,8 +529,8 @@ def test_read_error(fake):
 def test_closed_during_handshake(fake):
     # As nbd-server does when a prerun hook refuses the connection.
     def script(conn):
-        conn.sendall(struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT,
-                                 nbd.FLAG_FIXED_NEWSTYLE))
+        conn.sendall(struct.pack(">QQH", nbdproto.NBDMAGIC, nbdproto.IHAVEOPT,
+                                 nbdproto.FLAG_FIXED_NEWSTYLE))
         recv_exactly(conn, 4)
         _, _, length = struct.unpack(">QII", recv_exactly(conn, 16))
         recv_exactly(conn, length)
