@@ -25,6 +25,8 @@ class Config:
     snapshot_dir: str = "/var/lib/nbdsnap/overlays"
     # Quiesce the guest's filesystems through the guest agent.
     quiesce: str = "try"
+    # Seconds the guest agent may take to answer, and to freeze and thaw.
+    quiesce_timeout: float = 10.0
     # A session nobody holds any more: refuse the client, or recover first.
     stale: str = "refuse"
     # Seconds a hook waits for another hook holding the same disk's lock.
@@ -103,7 +105,8 @@ def _validated(values, path):
         kw["digest"] = flag in ("on", "yes", "true")
     if "digest_algorithm" in values:
         kw["digest_algorithm"] = values["digest_algorithm"].strip().lower()
-    for name in ("lock_timeout", "commit_timeout", "digest_timeout"):
+    for name in ("lock_timeout", "commit_timeout", "digest_timeout",
+                 "quiesce_timeout"):
         if name in values:
             try:
                 kw[name] = float(values[name])

@@ -10,7 +10,8 @@ import os
 import stat
 import time
 
-from . import commit, digest, domxml, history, locate, procs, sessions, virt
+from . import (agent, commit, digest, domxml, history, locate, procs,
+               sessions, virt)
 from .errors import (CommitFailed, CorruptState, Error, NotFound, Stale,
                      Unsupported, VirtError)
 from .sessions import FROZEN, OFFLINE, ONLINE
@@ -197,17 +198,42 @@ class Freezer:
         if quiesce == "off":
             virt.snapshot(dom, xml, quiesce=False)
             return "crash-consistent"
+        timeout = self.config.quiesce_timeout
+        asked = False
         try:
-            virt.snapshot(dom, xml, quiesce=True)
+            # An agent that does not answer is not asked to freeze: the
+            # freeze would stay queued and run whenever it wakes up.
+            if not agent.answers(dom, timeout):
+                raise VirtError("the guest agent of domain %s did not answer "
+                                "in %g s (quiesce_timeout)"
+                                % (domain.name, timeout))
+            asked = True
+            with agent.ResponseTimeout(dom, timeout):
+                virt.snapshot(dom, xml, quiesce=True)
             return "quiesced"
         except VirtError as e:
-            if quiesce == "require":
-                raise VirtError("%s (quiesce = require)" % e)
-            log.warning("%s: quiesced snapshot failed (%s); taking it "
-                        "crash-consistent (quiesce = try)", describe(state), e)
+            failure = e
+        if asked:
+            # The agent went quiet between the ping and the thaw: a freeze
+            # may run, or may have run, with no thaw after it.
+            agent.start_watcher(dom)
+        if self._uses(dom, target, overlay):
+            # The snapshot was taken; only the thaw's answer was missing.
+            log.warning("%s: the quiesced snapshot was taken but libvirt "
+                        "said: %s", describe(state), failure)
+            return "quiesced"
+        if quiesce == "require":
+            raise VirtError("%s (quiesce = require)" % failure)
+        log.warning("%s: quiesced snapshot failed (%s); taking it "
+                    "crash-consistent (quiesce = try)", describe(state),
+                    failure)
         self._remove_unused(dom, target, overlay)
         virt.snapshot(dom, xml, quiesce=False)
         return "crash-consistent"
+
+    def _uses(self, dom, target, overlay):
+        disk = domxml.find_disk(virt.reread(dom), target)
+        return disk is not None and disk.top.path == overlay
 
     def _remove_unused(self, dom, target, overlay):
         """Remove an overlay of ours that a failed snapshot left behind."""

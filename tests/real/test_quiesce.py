@@ -182,3 +182,60 @@ def test_require_without_agent_refuses(virt, env, guest):
 
     restart_agent(dom)
     assert_thawed(dom)
+
+
+def frozen_status(dom):
+    return lab_guest.agent_command(dom, "guest-fsfreeze-status")
+
+
+def assert_never_left_frozen(dom):
+    """Once the agent runs again, the guest is (or is soon) thawed."""
+    assert lab_guest.guest_control(dom, "cont-agent") == "ok"
+    lab.wait_until(lambda: lab_guest.agent_answers(dom), 30,
+                   what="the agent to answer again")
+    lab.wait_until(lambda: frozen_status(dom) == "thawed", 30,
+                   what="the guest to be thawed")
+    assert_thawed(dom)
+
+
+@pytest.mark.parametrize("policy", ["require", "try"])
+def test_hung_agent_is_bounded_and_never_leaves_the_guest_frozen(
+        virt, env, guest, policy):
+    env.configure(quiesce=policy, quiesce_timeout=3)
+    dom = guest.dom
+    assert lab_guest.guest_control(dom, "stop-agent") == "ok"
+    # Bounded: the hook returns (the subprocess timeout is only a guard).
+    proc = env.hook("nbd-prerun", guest.data)
+    if policy == "require":
+        assert proc.returncode == 1, proc.stderr
+        assert "did not answer" in proc.stderr.splitlines()[-1]
+        assert sessions(env) == [] and env.overlays() == []
+        assert lab.disk_source(dom, "vda") == guest.data
+    else:
+        assert proc.returncode == 0, proc.stderr
+        (session,) = sessions(env)
+        assert session["consistency"] == "crash-consistent"
+    assert_never_left_frozen(dom)
+    if policy == "try":
+        env.hook("nbd-postrun", guest.data, check=0)
+        assert_clean(env, dom, guest.data)
+
+
+def test_agent_hung_between_freeze_and_thaw_is_thawed_later(virt, env,
+                                                             guest):
+    env.configure(quiesce="require", quiesce_timeout=3)
+    dom = guest.dom
+    assert lab_guest.guest_control(dom, "stop-agent-after-freeze 0.2") == "ok"
+    proc = env.hook("nbd-prerun", guest.data)
+    # Either libvirt took the snapshot before the agent hung (served,
+    # quiesced) or it gave up first (refused); never a frozen guest.
+    if proc.returncode == 0:
+        (session,) = sessions(env)
+        assert session["consistency"] == "quiesced"
+    else:
+        assert proc.returncode == 1, proc.stderr
+        assert lab.disk_source(dom, "vda") == guest.data
+    assert_never_left_frozen(dom)
+    if proc.returncode == 0:
+        env.hook("nbd-postrun", guest.data, check=0)
+        assert_clean(env, dom, guest.data)

@@ -1,0 +1,132 @@
+"""The guest agent, for quiesced freezes that must never leave a guest frozen.
+
+A quiesced snapshot asks qemu-guest-agent to freeze the guest's
+filesystems, then to thaw them.  Measured with a stopped (SIGSTOP) agent:
+libvirt waits for it without end by default; with a response timeout it
+gives up, but the freeze command stays queued, and once the agent runs
+again it freezes the guest, with nothing left to thaw it.  So:
+
+- a time-limited guest-ping first: an agent that does not answer is not
+  asked to freeze anything (quiesce = require refuses, try falls back);
+- the snapshot itself runs under the domain's agent response timeout
+  (quiesce_timeout), which is set back to libvirt's default afterwards;
+- whenever a freeze may still be pending in the guest, a detached watcher
+  waits (bounded) for the agent to answer, and thaws the guest if it finds
+  it frozen.
+
+Run as ``python -m nbdsnap.hooks.agent UUID SECONDS`` (the watcher).
+"""
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import libvirt
+import libvirt_qemu
+
+from . import virt
+
+log = logging.getLogger(__name__)
+
+WATCH_SECONDS = 600
+WATCH_POLL = 2
+
+
+def command(dom, execute, timeout):
+    """An agent command's return value, or None if the agent did not answer."""
+    try:
+        out = libvirt_qemu.qemuAgentCommand(
+            dom, json.dumps({"execute": execute}), int(max(1, timeout)), 0)
+    except libvirt.libvirtError as e:
+        log.debug("agent %s on %s: %s", execute, dom.name(),
+                  e.get_error_message())
+        return None
+    return json.loads(out).get("return")
+
+
+def answers(dom, timeout):
+    return command(dom, "guest-ping", timeout) is not None
+
+
+class ResponseTimeout:
+    """The domain's agent response timeout, for the snapshot's duration."""
+
+    def __init__(self, dom, seconds):
+        self.dom = dom
+        self.seconds = int(max(1, seconds))
+
+    def __enter__(self):
+        try:
+            self.dom.agentSetResponseTimeout(self.seconds, 0)
+        except libvirt.libvirtError as e:
+            log.warning("cannot bound the agent's response time on %s: %s",
+                        self.dom.name(), e.get_error_message())
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.dom.agentSetResponseTimeout(
+                libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT, 0)
+        except libvirt.libvirtError as e:
+            log.warning("cannot restore the agent's response time on %s: %s",
+                        self.dom.name(), e.get_error_message())
+
+
+def thaw_if_frozen(dom, timeout):
+    """Thaw the guest if its agent says it is frozen; return its state."""
+    status = command(dom, "guest-fsfreeze-status", timeout)
+    if status == "frozen":
+        command(dom, "guest-fsfreeze-thaw", timeout)
+        log.warning("domain %s: the guest was left frozen by a quiesce that "
+                    "timed out; thawed it", dom.name())
+        status = command(dom, "guest-fsfreeze-status", timeout)
+    return status
+
+
+def start_watcher(dom, seconds=WATCH_SECONDS):
+    """Detach a watcher that thaws the guest once its agent answers."""
+    subprocess.Popen(
+        [sys.executable, "-m", "nbdsnap.hooks.agent", dom.UUIDString(),
+         str(seconds)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    log.warning("domain %s: a freeze may still be queued in the guest "
+                "agent; watching it for up to %d s to thaw the guest",
+                dom.name(), seconds)
+
+
+def watch(uuid, seconds):
+    deadline = time.monotonic() + seconds
+    conn = virt.connect()
+    try:
+        while time.monotonic() < deadline:
+            found = virt.lookup(conn, uuid=uuid)
+            if found is None or virt.state(found[0]) not in (virt.RUNNING,
+                                                             virt.PAUSED):
+                return 0            # no guest, nothing frozen
+            dom = found[0]
+            if answers(dom, WATCH_POLL):
+                # The agent runs again: whatever it had queued is done.
+                status = thaw_if_frozen(dom, 10)
+                log.info("domain %s: agent answers again, filesystems %s",
+                         dom.name(), status)
+                return 0 if status == "thawed" else 1
+            time.sleep(WATCH_POLL)
+        log.error("domain %s: the agent did not answer for %d s; check the "
+                  "guest with 'virsh domfsfreeze/domfsthaw'", uuid, seconds)
+        return 1
+    finally:
+        conn.close()
+
+
+def main(argv=None):
+    from . import log as log_mod
+    argv = sys.argv[1:] if argv is None else argv
+    log_mod.setup("nbdsnap-agent-watch")
+    return watch(argv[0], float(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
