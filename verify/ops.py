@@ -24,30 +24,17 @@ import collections
 import concurrent.futures
 import os
 import threading
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Iterable, Iterator, Optional
 
 from . import blkhash
 from . import manifest as manifest_mod
 from .errors import SizeMismatch
 from .manifest import ManifestError
-from .sources import Extent
+from .plan import Piece, Range, cut, data_segments, plan
 
 
 # A job reads at least this much: enough to make handing it to a thread cheap.
 JOB_SIZE = 4 * 1024 * 1024
-
-
-class Range(NamedTuple):
-    offset: int
-    length: int
-
-
-class Piece(NamedTuple):
-    """A block-aligned range of the image: data to read, or known zeros."""
-
-    is_data: bool
-    offset: int
-    length: int
 
 
 def default_threads(*sources) -> int:
@@ -137,7 +124,7 @@ def scan(source, sinks: Iterable, algorithm: str = blkhash.DEFAULT_ALGORITHM,
             buf = local.buf = bytearray(min(piece_size, segment))
         # Hash each piece right after reading it, while it is in the cache.
         out = []
-        for start, n in _chunks(offset, length, len(buf)):
+        for start, n in cut(offset, length, len(buf)):
             view = memoryview(buf)[:n]
             source.read_into(start, view)
             out.append(blkhash.block_digests(view, algorithm, block_size))
@@ -182,8 +169,8 @@ def compare(source, copy, block_size: int = blkhash.BLOCK_SIZE,
         return list(_differing_blocks(buf_a, view_b, offset, block_size))
 
     pieces = (Piece(True, offset, length)
-              for seg in _data_segments(source.extents(), copy.extents())
-              for offset, length in _chunks(seg.offset, seg.length, segment))
+              for seg in data_segments(source.extents(), copy.extents())
+              for offset, length in cut(seg.offset, seg.length, segment))
     run = None      # [start, end) of the differing range being merged
     for _, starts in _run(pieces, job, threads or
                           default_threads(source, copy)):
@@ -197,49 +184,6 @@ def compare(source, copy, block_size: int = blkhash.BLOCK_SIZE,
                 run = [start, end]
     if run:
         yield Range(run[0], run[1] - run[0])
-
-
-def plan(extents: Iterable[Extent], size: int, block_size: int,
-         segment: int) -> Iterator[Piece]:
-    """Cut [0, size) into data pieces to read and zero runs to skip.
-
-    A block that holds any data is read whole (the rest of it reads as
-    zeros anyway); only whole blocks of hole become zero runs.  Data
-    pieces are at most segment long and never cross a multiple of
-    segment, so reads stay aligned::
-
-        extents  |hole |data  |hole          |da|hole   |
-        blocks   |    |    |    |    |    |    |    |    |
-        pieces   |zero|data     |zero     |data|zero    |
-    """
-    pos = 0
-    for start, end in _data_runs(extents, size, block_size):
-        if start > pos:
-            yield Piece(False, pos, start - pos)
-        for offset, length in _chunks(start, end - start, segment):
-            yield Piece(True, offset, length)
-        pos = end
-    if pos < size:
-        yield Piece(False, pos, size - pos)
-
-
-def _data_runs(extents: Iterable[Extent], size: int,
-               block_size: int) -> Iterator[tuple[int, int]]:
-    """The data extents widened to whole blocks, overlapping ones merged."""
-    run = None
-    for e in extents:
-        if not e.is_data or not e.length:
-            continue
-        start = e.offset // block_size * block_size
-        end = min(size, -(-(e.offset + e.length) // block_size) * block_size)
-        if run and start <= run[1]:
-            run[1] = max(run[1], end)
-        else:
-            if run:
-                yield run[0], run[1]
-            run = [start, end]
-    if run:
-        yield run[0], run[1]
 
 
 def _run(pieces: Iterable[Piece], job, workers: int) -> Iterator[tuple]:
@@ -295,7 +239,7 @@ def _read(source, offset: int, view: memoryview) -> None:
     if len(view) <= piece:
         source.read_into(offset, view)
         return
-    for start, n in _chunks(offset, len(view), piece):
+    for start, n in cut(offset, len(view), piece):
         source.read_into(start, view[start - offset:start - offset + n])
 
 
@@ -314,38 +258,3 @@ def _differing_blocks(buf_a: bytearray, view_b: memoryview, offset: int,
         if not buf_a.startswith(view_b[i:j], i):
             yield block_start
         i = j
-
-
-def _chunks(offset: int, length: int, size: int) -> Iterator[tuple[int, int]]:
-    """Split [offset, offset + length) at multiples of size."""
-    end = offset + length
-    while offset < end:
-        n = min(end, (offset // size + 1) * size) - offset
-        yield offset, n
-        offset += n
-
-
-def _data_segments(a: Iterable[Extent], b: Iterable[Extent]) -> Iterator[Range]:
-    """The ranges that are data in a or in b (not a hole in both), merged."""
-    a, b = iter(a), iter(b)
-    ea, eb = next(a, None), next(b, None)
-    pos = 0
-    run = None
-    while ea is not None and eb is not None:
-        end_a = ea.offset + ea.length
-        end_b = eb.offset + eb.length
-        end = min(end_a, end_b)
-        if ea.is_data or eb.is_data:
-            if run and run[1] == pos:
-                run[1] = end
-            else:
-                if run:
-                    yield Range(run[0], run[1] - run[0])
-                run = [pos, end]
-        pos = end
-        if end_a == end:
-            ea = next(a, None)
-        if end_b == end:
-            eb = next(b, None)
-    if run:
-        yield Range(run[0], run[1] - run[0])

@@ -1,4 +1,4 @@
-"""nbdsnap.verify.ops: the plan, the parallel digest and compare, in order."""
+"""nbdsnap.verify.ops: the parallel digest and compare, in order."""
 
 import random
 import threading
@@ -61,50 +61,6 @@ def extents_of(size, holes):
     if pos < size:
         out.append(Extent(pos, size - pos, True))
     return out
-
-
-# plan(): fixed answers.
-
-def test_plan_all_data_cut_at_segments():
-    pieces = list(ops.plan([Extent(0, 10 * BS + 5, True)], 10 * BS + 5, BS,
-                           4 * BS))
-    assert pieces == [Piece(True, 0, 4 * BS), Piece(True, 4 * BS, 4 * BS),
-                      Piece(True, 8 * BS, 2 * BS + 5)]
-
-
-def test_plan_holes_become_zero_runs_of_whole_blocks():
-    #  |data 100|hole ...........|data 10 at 5 BS + 3|hole ....|
-    size = 9 * BS + 1
-    extents = [Extent(0, 100, True), Extent(100, 5 * BS - 97, False),
-               Extent(5 * BS + 3, 10, True),
-               Extent(5 * BS + 13, size - 5 * BS - 13, False)]
-    assert list(ops.plan(extents, size, BS, 4 * BS)) == [
-        Piece(True, 0, BS),
-        Piece(False, BS, 4 * BS),
-        Piece(True, 5 * BS, BS),
-        Piece(False, 6 * BS, 3 * BS + 1),
-    ]
-
-
-def test_plan_merges_extents_sharing_a_block():
-    extents = [Extent(0, 10, True), Extent(10, 20, False),
-               Extent(30, 10, True), Extent(40, 2 * BS - 40, False),
-               Extent(2 * BS, BS, True)]
-    assert list(ops.plan(extents, 3 * BS, BS, 8 * BS)) == [
-        Piece(True, 0, BS), Piece(False, BS, BS), Piece(True, 2 * BS, BS)]
-
-
-def test_plan_data_pieces_never_cross_a_segment():
-    extents = [Extent(0, 3 * BS, False), Extent(3 * BS, 6 * BS, True)]
-    assert list(ops.plan(extents, 9 * BS, BS, 4 * BS)) == [
-        Piece(False, 0, 3 * BS), Piece(True, 3 * BS, BS),
-        Piece(True, 4 * BS, 4 * BS), Piece(True, 8 * BS, BS)]
-
-
-def test_plan_empty_image_and_all_hole():
-    assert list(ops.plan([], 0, BS, 4 * BS)) == []
-    assert list(ops.plan([Extent(0, 5, False)], 5, BS, 4 * BS)) == [
-        Piece(False, 0, 5)]
 
 
 # scan() and checksum(): the same answer however it is cut and scheduled.
