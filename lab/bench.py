@@ -19,7 +19,7 @@ import threading
 import time
 
 import lab
-from lab import bench_verify
+from lab import bench_quiesce, bench_verify
 
 MiB = 1 << 20
 SIZE = 512          # MiB, the exported raw base
@@ -340,8 +340,11 @@ def main(argv=None):
         print("nbd-verify against sha256sum, openssl, b3sum, cmp, nbdcopy",
               flush=True)
         verify_section = bench_verify.run()
+        print("quiesced freezes on the lab guest", flush=True)
+        quiesce_section = bench_quiesce.run(args.reps)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    text = report(facts, r, args.reps) + "\n" + verify_section
+    text = (report(facts, r, args.reps) + "\n" + verify_section + "\n"
+            + quiesce_section)
     with open(args.output, "w") as f:
         f.write(text)
     print(text + "\nwritten to %s" % args.output)
