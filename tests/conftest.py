@@ -1,4 +1,4 @@
-"""What the unit and the real tests share: tests/ on sys.path, for verifykit."""
+"""Shared by the unit and the real tests: tests/ on sys.path, for verifykit."""
 
 import os
 import sys
