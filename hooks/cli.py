@@ -250,9 +250,10 @@ def _history(args):
 def _export(args):
     from . import export as export_mod
     from .freeze import Freezer
+    config = _load_config()
     export_mod.run(args.domain, args.disk, args.name, args.allow,
-                   args.output, args.force,
-                   is_ours=Freezer(_load_config()).is_ours)
+                   args.output, args.force, is_ours=Freezer(config).is_ours,
+                   manifest_dir=config.manifest_dir if config.digest else None)
     return 0
 
 

@@ -118,8 +118,22 @@ def _q(word):
     return nbd_config.printf_escape(shlex.quote(word))
 
 
-def sections(domain, disks, name, folder, authfile=None):
-    """[(section name, text)] for disks = [(target, base path)]."""
+def manifest_section(domain, target, section, manifest_dir, authfile):
+    """The read-only export of a disk's freeze-time manifest (digest = on),
+    no hooks: ``nbd-verify check nbd://HOST/SECTION.manifest COPY``."""
+    path = os.path.join(manifest_dir, "%s-%s.manifest"
+                        % (domain.replace("/", "_"), target))
+    items = [("exportname", nbd_config.printf_escape(path)),
+             ("readonly", True)]
+    if authfile:
+        items.append(("authfile", authfile))
+    return (section + ".manifest",
+            nbd_config.format_section(section + ".manifest", items))
+
+
+def sections(domain, disks, name, folder, authfile=None, manifest_dir=None):
+    """[(section name, text)] for disks = [(target, base path)], and for
+    each its manifest export when manifest_dir is given (digest = on)."""
     result = []
     for target, path in disks:
         section = name if len(disks) == 1 else "%s-%s" % (name, target)
@@ -139,6 +153,9 @@ def sections(domain, disks, name, folder, authfile=None):
         except ValueError as e:
             raise Unsupported("%s; choose another with --name" % e)
         result.append((section, text))
+        if manifest_dir:
+            result.append(manifest_section(domain, target, section,
+                                           manifest_dir, authfile))
     return result
 
 
@@ -195,7 +212,8 @@ def write_file(path, text, force=False):
 
 
 def run(domain_name, targets=(), name=None, allow=(), output=None,
-        force=False, folder=None, is_ours=lambda path: False, out=print):
+        force=False, folder=None, is_ours=lambda path: False, out=print,
+        manifest_dir=None):
     """Print or write the sections; return the section names."""
     conn = virt.connect()
     try:
@@ -216,7 +234,7 @@ def run(domain_name, targets=(), name=None, allow=(), output=None,
              else "/etc/nbd-server/conf.d")
     authfile = os.path.join(where, name + ".allow")
     parts = sections(domain.name, disks, name, folder or bin_dir(),
-                     authfile if allow else None)
+                     authfile if allow else None, manifest_dir)
     names = [n for n, _ in parts]
     text = render(domain.name, parts, allow, authfile)
     if not allow:

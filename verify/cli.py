@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 
 from . import blkhash, manifest, ops, sources
 from .errors import ERROR, Error
@@ -182,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "'nbd-verify digest --manifest'.")
     _add_max_ranges(p_check)
     _add_speed_options(p_check)
+    p_check.add_argument(
+        "--wait", type=float, default=0, metavar="SECONDS",
+        help="wait up to SECONDS for an incomplete manifest (a freeze-time "
+             "digest still running) to complete, reading it again every "
+             "few seconds (default 0: refuse it at once)")
     p_check.add_argument("manifest", metavar="MANIFEST")
     p_check.add_argument("copy", metavar="COPY")
     return parser
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
             return compare(args.source, args.copy, args.max_ranges,
                            args.threads, args.connections)
         return check(args.manifest, args.copy, args.max_ranges,
-                     args.threads, args.connections)
+                     args.threads, args.connections, args.wait)
     except Error as e:
         _error(e)
         return e.status
@@ -239,13 +245,32 @@ def compare(source_name: str, copy_name: str, max_ranges: int,
         return _report(ranges, max_ranges, copy_name, source_name)
 
 
+WAIT_POLL = 2.0
+
+
 def check(manifest_name: str, copy_name: str, max_ranges: int,
-          threads=None, connections=None) -> int:
-    with sources.open_source(manifest_name, 1) as src:
-        m = manifest.read(src)
+          threads=None, connections=None, wait: float = 0) -> int:
+    m = _complete_manifest(manifest_name, wait)
     with sources.open_source(copy_name, connections) as copy:
         ranges = ops.check(m, copy, threads=threads)
     return _report(ranges, max_ranges, copy_name, manifest_name)
+
+
+def _complete_manifest(name: str, wait: float):
+    """The manifest at name, read again (a new connection for nbd://, the
+    file anew) until it is complete or wait seconds have passed."""
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        with sources.open_source(name, 1) as src:
+            m = manifest.read(src)
+        if m.complete or time.monotonic() >= deadline:
+            return m        # check refuses one still incomplete
+        if not announced:
+            print(f"{PROG}: {name}: the digest is still running; waiting up "
+                  f"to {wait:g} s", file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(min(WAIT_POLL, max(0.0, deadline - time.monotonic())))
 
 
 def _report(ranges, max_ranges: int, copy_name: str, reference: str) -> int:

@@ -9,6 +9,7 @@ reads real files and asks the real libvirtd about the exportnames.
 import os
 import signal
 import stat
+import subprocess
 
 import pytest
 
@@ -181,4 +182,27 @@ def test_lint_names_a_stale_overlay(virt, env):
     assert "stale session" in stale and "nbdsnap recover %s" % base in stale
     nbdsnap(env, "recover", "--all", check=0)
     assert [l for l in findings(env, path) if "overlay" in l] == []
+    assert_clean(env, dom, base)
+
+
+def test_export_serves_the_manifest_when_digests_are_on(virt, env):
+    env.configure(digest="on", manifest_dir=env.path("manifests"))
+    dom, base = export_domain(virt, env)
+    confd = env.path("conf.d")
+    os.mkdir(confd)
+    nbdsnap(env, "export", dom.name(), "--allow", "127.0.0.1", "-o",
+            os.path.join(confd, "vm.conf"), check=0)
+    name = dom.name() + "-vda"
+    server = included_server(virt, env, confd)
+    held = lab.HeldConnection(server.port, name)        # the freeze starts
+    copy = env.path("copy.raw")
+    lab.nbdcopy(server.uri(name), copy)
+    # The cron recipe: check the copy against the session's own manifest,
+    # over NBD, waiting (bounded) for the digest to complete.
+    proc = subprocess.run(
+        [os.path.join(lab.VENV_BIN, "nbd-verify"), "check", "--wait", "60",
+         server.uri(name + ".manifest"), copy],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    held.close()
     assert_clean(env, dom, base)

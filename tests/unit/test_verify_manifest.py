@@ -280,3 +280,22 @@ def test_manifest_cannot_be_written(tmp_path, image):
     cp = run("digest", "--manifest", tmp_path / "no" / "m", image)
     assert_one_error_line(cp, "cannot write manifest")
     assert cp.stdout == ""
+
+
+def test_check_waits_for_an_incomplete_manifest_to_complete(tmp_path, image):
+    import threading
+    from nbdsnap.verify import manifest as manifest_mod
+    path = str(tmp_path / "m.json")
+    assert run("digest", "--manifest", path, image).returncode == 0
+    done = manifest_mod.loads(open(path).read(), path)
+    manifest_mod.write(path, done._replace(complete=False, chunks=[]))
+    refused = run("check", path, image)
+    assert refused.returncode == 2 and "incomplete" in refused.stderr
+    timer = threading.Timer(1.0, manifest_mod.write, (path, done))
+    timer.start()
+    try:
+        waited = run("check", "--wait", "30", path, image)
+    finally:
+        timer.join()
+    assert waited.returncode == 0, waited.stderr
+    assert "waiting up to 30 s" in waited.stderr
