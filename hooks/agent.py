@@ -27,6 +27,7 @@ import libvirt
 import libvirt_qemu
 
 from . import virt
+from .errors import Error
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,23 @@ def start_watcher(dom, seconds=WATCH_SECONDS):
 
 def watch(uuid, seconds):
     deadline = time.monotonic() + seconds
-    conn = virt.connect()
+    conn = None
     try:
         while time.monotonic() < deadline:
-            found = virt.lookup(conn, uuid=uuid)
+            if conn is None:
+                try:
+                    conn = virt.connect()
+                except Error as e:      # libvirtd restarting: try again
+                    log.warning("%s", e)
+                    time.sleep(WATCH_POLL)
+                    continue
+            try:
+                found = virt.lookup(conn, uuid=uuid)
+            except Error as e:
+                log.warning("%s", e)
+                conn.close()
+                conn = None
+                continue
             if found is None or virt.state(found[0]) not in (virt.RUNNING,
                                                              virt.PAUSED):
                 return 0            # no guest, nothing frozen
@@ -118,7 +132,8 @@ def watch(uuid, seconds):
                   "guest with 'virsh domfsfreeze/domfsthaw'", uuid, seconds)
         return 1
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
 def main(argv=None):

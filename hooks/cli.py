@@ -8,8 +8,10 @@ syslog and stderr) before the process exits.
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
+import threading
 
 from . import config as config_mod
 from . import log as log_mod
@@ -43,6 +45,25 @@ def _run(prog, func, verbose=False, stderr_level=logging.INFO):
 
 def _load_config():
     return config_mod.load()
+
+
+def _watchdog(prog, seconds):
+    """End this hook if libvirt or QEMU stop answering, rather than hold the
+    disk's lock and the client without end.
+
+    A thread, because the main one may be blocked inside a libvirt call
+    (which releases the GIL); the session's intent or committing phase
+    tells recover where the hook was.
+    """
+    def expire():
+        log.critical("%s ran for more than %d s (libvirt or QEMU not "
+                     "answering?); stopping, the session is left for "
+                     "'nbdsnap recover'", prog, seconds)
+        logging.shutdown()
+        os._exit(1)
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _hook_parser(prog, description, statuses):
@@ -80,8 +101,11 @@ def prerun_main(argv=None):
 
     def run():
         from .freeze import Freezer
-        Freezer(_load_config()).prerun(args.export, quiesce=args.quiesce,
-                                       domain=args.domain, disk=args.disk)
+        config = _load_config()
+        _watchdog("nbd-prerun", config.lock_timeout
+                  + 3 * config.quiesce_timeout + 300)
+        Freezer(config).prerun(args.export, quiesce=args.quiesce,
+                               domain=args.domain, disk=args.disk)
         return 0
     return _run("nbd-prerun", run, args.verbose)
 
@@ -98,9 +122,14 @@ def postrun_main(argv=None):
 
     def run():
         from .freeze import Freezer
-        Freezer(_load_config()).postrun(args.export)
+        config = _load_config()
+        _watchdog("nbd-postrun", config.lock_timeout + config.digest_timeout
+                  + config.commit_timeout + 300)
+        Freezer(config).postrun(args.export)
         return 0
-    return _run("nbd-postrun", run, args.verbose)
+    # 0 or 1 only (DESIGN.md): a configuration error also leaves the
+    # session for recovery.
+    return min(_run("nbd-postrun", run, args.verbose), 1)
 
 
 def _nbdsnap_parser():

@@ -50,7 +50,7 @@ class Freeze:
     disk: str
     overlay: str | None
     base: domxml.Layer
-    merged: bool = False      # a commit had pivoted (phase committing)
+    merged: bool = False      # a commit had pivoted: the base has it all
 
     @classmethod
     def from_session(cls, state):
@@ -60,7 +60,7 @@ class Freeze:
                    base=domxml.Layer(state.get("base_type") or "file",
                                      state["base"],
                                      state.get("base_format") or "raw"),
-                   merged=state["phase"] == "committing")
+                   merged=bool(state.get("merged")))
 
     def __str__(self):
         return "domain %s disk %s" % (self.domain, self.disk)
@@ -104,6 +104,14 @@ def plan(conn, freeze):
         return Step(ONLINE, "%s is %s on overlay %s"
                     % (freeze, state, freeze.overlay), dom)
     if state == virt.SHUTOFF and _on(live, freeze):
+        if virt.has_managed_save(dom):
+            # Its saved memory and its save image's XML name the overlay:
+            # an offline commit would make it unable to resume.
+            return Step(KEEP, "%s is shut off with a managed save image "
+                        "that runs on overlay %s; start the domain (virsh "
+                        "start) and run recover again" % (freeze,
+                                                          freeze.overlay),
+                        dom)
         return Step(OFFLINE, "%s is shut off and defined on overlay %s"
                     % (freeze, freeze.overlay), dom)
     if not active and state != virt.SHUTOFF:
@@ -116,8 +124,13 @@ def plan(conn, freeze):
                 dom)
 
 
-def run(conn, freeze, step, timeout):
-    """Carry out step; raise Stuck or CommitFailed if it cannot be done."""
+def run(conn, freeze, step, timeout, merged=lambda: None):
+    """Carry out step; raise Stuck or CommitFailed if it cannot be done.
+
+    merged() is called once the base holds everything (after the pivot or
+    the offline commit), before the overlay is deleted: the caller records
+    it, so that a crash in between is recovered without a comparison.
+    """
     if step.action == KEEP:
         raise Stuck(step.why)
     if step.action == ONLINE:
@@ -129,7 +142,26 @@ def run(conn, freeze, step, timeout):
     if step.dom is not None:
         _check_definition(conn, step.dom, freeze)
     if freeze.overlay and os.path.lexists(freeze.overlay):
+        merged()
+        if step.dom is not None:
+            _unused(step.dom, freeze)
         os.unlink(freeze.overlay)
+
+
+def _unused(dom, freeze):
+    """Last look before the overlay goes: nothing may name it any more."""
+    for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+        try:
+            parsed = domxml.parse(dom.XMLDesc(flags))
+        except libvirt.libvirtError as e:
+            raise VirtError("cannot read the XML of %s: %s"
+                            % (freeze, e.get_error_message()))
+        for disk in parsed.disks:
+            if freeze.overlay in [layer.path for layer in disk.layers]:
+                raise CommitFailed("%s: disk %s names overlay %s again (was "
+                                   "the domain started or redefined "
+                                   "meanwhile?); overlay kept"
+                                   % (freeze, disk.target, freeze.overlay))
 
 
 def _check_backing(backing_path, freeze, where):
@@ -207,9 +239,12 @@ def _check_definition(conn, dom, freeze):
         log.info("%s: definition still names the overlay; pointing it back "
                  "at %s", freeze, freeze.base.path)
         _point_back(conn, dom, freeze)
-    disk = domxml.find_disk(
-        domxml.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)),
-        freeze.disk)
+    try:
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    except libvirt.libvirtError as e:
+        raise VirtError("cannot read the definition of %s: %s"
+                        % (freeze, e.get_error_message()))
+    disk = domxml.find_disk(domxml.parse(xml), freeze.disk)
     if disk is None or locate.key_of(disk.top.path) != freeze.key:
         raise CommitFailed("the definition of %s is not on its base %s"
                            % (freeze, freeze.base.path))

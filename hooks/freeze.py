@@ -330,7 +330,9 @@ class Freezer:
             try:
                 step = commit.plan(conn, freeze)
                 log.info("%s: last holder gone; %s", describe(state), step)
-                commit.run(conn, freeze, step, self.config.commit_timeout)
+                commit.run(conn, freeze, step, self.config.commit_timeout,
+                           merged=lambda: self.store.save(
+                               dict(state, merged=True)))
             finally:
                 conn.close()
         except Error as e:

@@ -78,13 +78,14 @@ class Recovery:
 
     # -- survey ------------------------------------------------------------
 
-    def _sessions(self):
+    def _sessions(self, wanted):
         cases, overlays = [], set()
         for key in self.store.keys():
             try:
                 state = self.store.load(key)
-            except CorruptState as e:
-                self._set_aside(key, e)
+            except CorruptState:
+                if wanted is None or key in wanted:
+                    self._set_aside(key)
                 continue
             if state is None:
                 continue
@@ -95,13 +96,21 @@ class Recovery:
             cases.append(Case(key, state["export"], freeze, state))
         return cases, overlays
 
-    def _set_aside(self, key, error):
+    def _set_aside(self, key):
+        """Move a corrupt session file aside, under its disk's lock, if it
+        is still corrupt then (a hook may have rewritten it meanwhile)."""
         path = os.path.join(self.config.sessions_dir, key + ".json")
         aside = "%s.corrupt-%d" % (path, time.time())
-        if self.dry_run:
-            self.out("%s: would move it aside to %s" % (error, aside))
-            return
-        os.replace(path, aside)
+        with self.store.lock(key):
+            try:
+                self.store.load(key)
+                return
+            except CorruptState as e:
+                error = e
+            if self.dry_run:
+                self.out("%s: would move it aside to %s" % (error, aside))
+                return
+            os.replace(path, aside)
         log.error("%s; moved aside to %s, recovering from the domains and "
                   "overlays instead", error, aside)
         self.out("%s: moved aside to %s" % (error, aside))
@@ -168,24 +177,35 @@ class Recovery:
                 wanted[key] = export
         conn = virt.connect()
         try:
-            cases, known = self._sessions()
+            cases, known = self._sessions(wanted)
             cases += self._orphans(conn, known)
             if wanted is not None:
                 cases = [c for c in cases if c.key in wanted]
             if not cases:
                 self.out("nothing to recover")
             for case in cases:
-                self._one(conn, case)
+                try:
+                    self._one(conn, case)
+                except Error as e:
+                    # One disk that cannot be done now must not keep every
+                    # other one frozen (at boot, say): report it, go on.
+                    self.stuck += 1
+                    self.out("%s: STUCK: %s" % (case.label, e))
+                    log.error("recover %s: still stuck: %s", case.label, e)
         finally:
             conn.close()
         return self.stuck
 
     def _one(self, conn, case):
         with self.store.lock(case.key):
-            state = self.store.load(case.key) if case.state else None
+            # Always the session as it is now: an "orphan" found before the
+            # lock may have become a live session's overlay meanwhile.
+            state = self.store.load(case.key)
             if case.state and state is None:
                 self.out("%s: already recovered" % case.label)
                 return
+            if state is not None and case.state is None:
+                case.label = state["export"]
             if state is not None and sessions.assess(
                     state, procs.is_alive) == sessions.LIVE:
                 self.out("%s: live session %s (a client is connected), "
@@ -229,7 +249,10 @@ class Recovery:
             digest.finish(self.config, state)
             self.store.save(sessions.with_phase(state, sessions.COMMITTING))
         try:
-            commit.run(conn, case.freeze, step, self.config.commit_timeout)
+            commit.run(conn, case.freeze, step, self.config.commit_timeout,
+                       merged=lambda: state and self.store.save(
+                           sessions.with_phase(state, sessions.COMMITTING,
+                                               merged=True)))
         except Error as e:
             self.stuck += 1
             self.out("%s: STUCK: %s" % (case.label, e))

@@ -28,7 +28,8 @@ import tempfile
 import time
 
 from . import procs
-from .errors import ConfigError, CorruptState, LockError, LockTimeout
+from .errors import (ConfigError, CorruptState, Error, LockError,
+                     LockTimeout)
 
 VERSION = 1
 
@@ -40,6 +41,10 @@ PHASES = (INTENT, FROZEN, COMMITTING, FAILED)
 
 ONLINE = "online"     # the domain ran: an overlay takes its writes
 OFFLINE = "offline"   # the domain was shut off: nothing to snapshot
+
+# What every session file holds; the rest (overlay, digest...) may be absent.
+REQUIRED = frozenset(("id", "key", "export", "domain", "uuid", "disk", "base",
+                      "mode", "phase", "holders", "created"))
 
 # What assess() says of a session seen under its lock.
 LIVE = "live"         # frozen, with at least one live holder: join it
@@ -252,8 +257,12 @@ class SessionStore:
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise CorruptState("cannot open session state %s: %s"
-                               % (path, e.strerror))
+            if e.errno == errno.ELOOP:
+                raise CorruptState("session state %s is a symlink, not ours"
+                                   % path)
+            # Unreadable is not corrupt: nothing may set it aside for this.
+            raise Error("cannot open session state %s: %s"
+                        % (path, e.strerror))
         with os.fdopen(fd, encoding="utf-8") as f:
             try:
                 state = json.load(f)
@@ -262,7 +271,9 @@ class SessionStore:
                                    % (path, e))
         if (not isinstance(state, dict) or state.get("version") != VERSION
                 or state.get("phase") not in PHASES
-                or state.get("key") != key):
+                or state.get("key") != key
+                or not REQUIRED <= set(state)
+                or not isinstance(state["holders"], list)):
             raise CorruptState("session state %s is not a version %d "
                                "session of this disk" % (path, VERSION))
         return state
@@ -298,6 +309,9 @@ class SessionStore:
             names = os.listdir(self.config.sessions_dir)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise Error("cannot read %s: %s (nbdsnap runs as root)"
+                        % (self.config.sessions_dir, e.strerror))
         return sorted(n[:-5] for n in names
                       if n.endswith(".json") and not n.startswith("."))
 

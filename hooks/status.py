@@ -42,7 +42,25 @@ def collect(config, now=None, domain_state=None):
             entry["warning"] = ("the domain was started during the copy: "
                                 "copies taken meanwhile may be inconsistent")
         result.append(entry)
-    return result
+    return result + _orphans(config, {e.get("overlay") for e in result})
+
+
+def _orphans(config, named):
+    """Overlays in snapshot_dir that no session names: a crash lost their
+    session (or a corrupt one was set aside); recover finds their domain."""
+    try:
+        names = sorted(os.listdir(config.snapshot_dir))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        path = os.path.join(config.snapshot_dir, name)
+        if name.startswith("nbdsnap-") and path not in named:
+            found.append({"key": None, "phase": "orphan", "verdict": "orphan",
+                          "overlay": path, "overlay_bytes": _allocated(path),
+                          "error": "no session names this overlay; run "
+                                   "'nbdsnap recover --all'"})
+    return found
 
 
 def libvirt_states():
@@ -78,11 +96,15 @@ def format_json(entries):
 
 def format_text(entries):
     if not entries:
-        return "no sessions: every exported disk is clean"
+        return "no sessions and no overlays: every exported disk is clean"
     lines = []
     for e in entries:
         if e["phase"] == "corrupt":
             lines.append("%s: CORRUPT: %s" % (e["key"], e["error"]))
+            continue
+        if e["phase"] == "orphan":
+            lines.append("%s  ORPHAN (%s bytes allocated): %s" % (
+                e["overlay"], e["overlay_bytes"], e["error"]))
             continue
         holders = ", ".join("%d (%s)" % (h["pid"], "alive" if h["alive"]
                                          else "dead")

@@ -315,3 +315,11 @@ def resume_if_io_paused(dom):
     except libvirt.libvirtError as e:
         log.warning("cannot resume domain %s: %s", dom.name(),
                     e.get_error_message())
+
+
+def has_managed_save(dom):
+    try:
+        return bool(dom.hasManagedSaveImage(0))
+    except libvirt.libvirtError as e:
+        raise VirtError("cannot ask whether %s has a managed save image: %s"
+                        % (dom.name(), e.get_error_message()))

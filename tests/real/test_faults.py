@@ -276,7 +276,7 @@ def test_postrun_killed_during_the_commit(virt, env):
 
 def test_killed_between_the_pivot_and_the_overlay_deletion(virt, env):
     """What a postrun killed after the pivot leaves: the domain on its base,
-    the overlay still there, the session committing."""
+    the overlay still there, the session committing and marked merged."""
     dom, base, _ = freeze_and_kill(virt, env, signal.SIGTERM)
     (entry,) = status(env)
     overlay = entry["overlay"]
@@ -288,6 +288,7 @@ def test_killed_between_the_pivot_and_the_overlay_deletion(virt, env):
     with open(path) as f:
         state = json.load(f)
     state["phase"] = "committing"
+    state["merged"] = True
     with open(path, "w") as f:
         json.dump(state, f)
     # The guest writes on after the pivot: the base now differs from the
@@ -467,8 +468,9 @@ def test_state_file_truncated_while_the_session_is_live(virt, env):
     lab.guest_write(dom, "vda", 0x5a, 0, MiB)
     overlay = read_session(env, base)["overlay"]
     os.truncate(session_file(env, base), 0)
-    (entry,) = status(env)
+    entry, orphan = status(env)        # the overlay it no longer names too
     assert entry["phase"] == "corrupt" and entry["verdict"] == "corrupt"
+    assert orphan["verdict"] == "orphan" and orphan["overlay"] == overlay
     with pytest.raises(lab.RefusedError):
         lab.HeldConnection(server.port, "vm").close()
     proc = env.hook("nbd-prerun", base, check=1)
@@ -663,3 +665,29 @@ def test_twenty_multiconnection_cycles_under_guest_writes(virt, env):
     assert_clean(env, dom, base)
     assert status(env) == []
     assert records_of(base, size) == image_after(start, writer.done)
+
+
+def test_committing_without_merged_is_compared_not_assumed(virt, env):
+    """A session left 'committing' before its commit pivoted (a recover
+    interrupted during its comparison, say): the overlay holds writes the
+    base lacks, so it is kept and reported, never deleted unread."""
+    dom, base, _ = freeze_and_kill(virt, env, signal.SIGTERM)
+    (entry,) = status(env)
+    overlay = entry["overlay"]
+    dom.destroy()
+    # By hand, as an operator might: back on the base, the overlay unmerged.
+    subprocess.run(["virsh", "-c", lab.URI, "detach-disk", dom.name(), "vda",
+                    "--config"], check=True, capture_output=True)
+    subprocess.run(["virsh", "-c", lab.URI, "attach-disk", dom.name(), base,
+                    "vda", "--config", "--subdriver", "raw"], check=True,
+                   capture_output=True)
+    path = session_file(env, base)
+    with open(path) as f:
+        state = json.load(f)
+    state["phase"] = "committing"
+    with open(path, "w") as f:
+        json.dump(state, f)
+    proc = env.hook("nbdsnap", "recover", "--all", check=1)
+    assert "holds data the base lacks" in proc.stdout
+    assert os.path.exists(overlay)
+    assert lab.image_reads(overlay, 0x5a, 2 * MiB, MiB)

@@ -137,8 +137,8 @@ def test_corrupt_state_file_is_set_aside_and_recovered(virt, env):
     path = os.path.join(env.state_dir, "sessions", name)
     with open(path, "r+") as f:
         f.truncate(10)
-    (entry,) = status(env)
-    assert entry["phase"] == "corrupt"
+    # The corrupt file, and the overlay it no longer names.
+    assert sorted(e["phase"] for e in status(env)) == ["corrupt", "orphan"]
     assert env.hook("nbd-prerun", base, check=1).stderr.count("\n") == 1
     proc = env.hook("nbdsnap", "recover", "--all", check=0)
     assert "moved aside" in proc.stdout
@@ -168,3 +168,16 @@ def test_stale_recover_setting_recovers_then_freezes_anew(virt, env):
     assert entry["verdict"] == "live" and len(env.overlays()) == 1
     held.close()
     assert_clean(env, dom, base)
+
+
+def test_status_shows_an_overlay_whose_session_is_lost(virt, env):
+    dom, base, _ = freeze_and_kill(virt, env, signal.SIGTERM)
+    (name,) = env.sessions()
+    os.unlink(os.path.join(env.state_dir, "sessions", name))
+    (entry,) = status(env)
+    assert entry["verdict"] == "orphan" and entry["overlay"]
+    assert "ORPHAN" in env.hook("nbdsnap", "status", check=0).stdout
+    env.hook("nbdsnap", "recover", "--all", check=0)
+    assert_clean(env, dom, base)
+    assert status(env) == []
+    assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
