@@ -5,6 +5,7 @@ Exit codes become errors with qemu-img's own message.
 
 import json
 import subprocess
+import time
 
 from .errors import Error
 
@@ -43,12 +44,26 @@ def info(path):
     return json.loads(p.stdout)
 
 
-def commit(path):
-    """Merge the overlay at path into its backing file, and no further."""
-    p = _run(["commit", "-q", "-f", "qcow2", path])
-    if p.returncode != 0:
-        raise QemuImgError("qemu-img commit %s: %s"
-                           % (path, _last_line(p.stderr)))
+LOCK_WAIT = 30
+
+
+def commit(path, lock_wait=LOCK_WAIT):
+    """Merge the overlay at path into its backing file, and no further.
+
+    A QEMU that was just destroyed can hold its image locks a moment
+    longer than libvirt says it runs: a lock refusal is tried again, for
+    lock_wait seconds at most.
+    """
+    deadline = time.monotonic() + lock_wait
+    while True:
+        p = _run(["commit", "-q", "-f", "qcow2", path])
+        if p.returncode == 0:
+            return
+        locked = "lock" in p.stderr
+        if not locked or time.monotonic() > deadline:
+            raise QemuImgError("qemu-img commit %s: %s"
+                               % (path, _last_line(p.stderr)))
+        time.sleep(0.5)
 
 
 def same_content(overlay, base, base_format):

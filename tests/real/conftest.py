@@ -58,8 +58,16 @@ class Env:
 
     def wait_clean(self, timeout=60):
         """Wait for every postrun to finish: no session left."""
-        lab.wait_until(lambda: not self.sessions(), timeout,
-                       what="the last postrun to end the session")
+        try:
+            lab.wait_until(lambda: not self.sessions(), timeout,
+                           what="the last postrun to end the session")
+        except TimeoutError as e:
+            # nbd-server throws the hooks' stderr away: show what the
+            # session says instead (its phase and error).
+            folder = os.path.join(self.state_dir, "sessions")
+            states = [open(os.path.join(folder, n)).read()
+                      for n in self.sessions()]
+            raise TimeoutError("%s; sessions: %s" % (e, states)) from None
 
 
 @pytest.fixture(scope="session")
