@@ -19,6 +19,7 @@ Every path deletes an overlay only once its content is in the base.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -124,28 +125,33 @@ def plan(conn, freeze):
                 dom)
 
 
-def run(conn, freeze, step, timeout, merged=lambda: None):
+def run(conn, freeze, step, timeout, merged=lambda: None,
+        domain_lock=contextlib.nullcontext):
     """Carry out step; raise Stuck or CommitFailed if it cannot be done.
 
     merged() is called once the base holds everything (after the pivot or
     the offline commit), before the overlay is deleted: the caller records
     it, so that a crash in between is recovered without a comparison.
+    domain_lock() guards the domain's definition: two disks of one domain
+    committed at once (each under its own disk lock) rewrite the same
+    definition, and must not undo each other's change.
     """
     if step.action == KEEP:
         raise Stuck(step.why)
     if step.action == ONLINE:
         _online(conn, step.dom, freeze, timeout)
-    elif step.action == OFFLINE:
-        _offline(conn, step.dom, freeze)
     elif step.action == DISCARD:
         _discard(conn, step.dom, freeze)
-    if step.dom is not None:
-        _check_definition(conn, step.dom, freeze)
-    if freeze.overlay and os.path.lexists(freeze.overlay):
-        merged()
+    with domain_lock():
+        if step.action == OFFLINE:
+            _offline(conn, step.dom, freeze)
         if step.dom is not None:
-            _unused(step.dom, freeze)
-        os.unlink(freeze.overlay)
+            _check_definition(conn, step.dom, freeze)
+        if freeze.overlay and os.path.lexists(freeze.overlay):
+            merged()
+            if step.dom is not None:
+                _unused(step.dom, freeze)
+            os.unlink(freeze.overlay)
 
 
 def _unused(dom, freeze):

@@ -41,6 +41,10 @@ class Freezer:
         self.config = config
         self.store = sessions.SessionStore(config)
 
+    def domain_lock(self, freeze):
+        """The lock of a domain's definition (taken after a disk's)."""
+        return self.store.lock("domain-%s" % (freeze.uuid or freeze.domain))
+
     def is_ours(self, path):
         return (path is not None
                 and os.path.dirname(os.path.normpath(path))
@@ -332,7 +336,8 @@ class Freezer:
                 log.info("%s: last holder gone; %s", describe(state), step)
                 commit.run(conn, freeze, step, self.config.commit_timeout,
                            merged=lambda: self.store.save(
-                               dict(state, merged=True)))
+                               dict(state, merged=True)),
+                           domain_lock=lambda: self.domain_lock(freeze))
             finally:
                 conn.close()
         except Error as e:

@@ -252,7 +252,9 @@ class Recovery:
             commit.run(conn, case.freeze, step, self.config.commit_timeout,
                        merged=lambda: state and self.store.save(
                            sessions.with_phase(state, sessions.COMMITTING,
-                                               merged=True)))
+                                               merged=True)),
+                       domain_lock=lambda: self.freezer.domain_lock(
+                           case.freeze))
         except Error as e:
             self.stuck += 1
             self.out("%s: STUCK: %s" % (case.label, e))

@@ -181,3 +181,26 @@ def test_status_shows_an_overlay_whose_session_is_lost(virt, env):
     assert_clean(env, dom, base)
     assert status(env) == []
     assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
+
+
+def test_two_disks_of_a_stopped_domain_committed_at_once(virt, env):
+    """Two sessions, one per disk, end together after the domain was shut
+    off: both offline commits rewrite its definition, neither undoes the
+    other's."""
+    second = lab.make_image(env.path("second.raw"), 16, fill=0x22)
+    dom, base = export_domain(virt, env, disks=[lab.disk_xml(second, "vdb")])
+    server = serve(virt, env, {"vm": base, "vm2": second})
+    held = [lab.HeldConnection(server.port, "vm"),
+            lab.HeldConnection(server.port, "vm2")]
+    lab.guest_write(dom, "vda", 0x5a, 0, MiB)
+    lab.guest_write(dom, "vdb", 0x6b, 0, MiB)
+    dom.destroy()
+    for h in held:
+        h.close()
+    env.wait_clean()
+    assert env.overlays() == []
+    assert lab.disk_source(dom, "vda", inactive=True) == base
+    assert lab.disk_source(dom, "vdb", inactive=True) == second
+    assert lab.read_range(base, 0, MiB) == b"\x5a" * MiB
+    assert lab.read_range(second, 0, MiB) == b"\x6b" * MiB
+    dom.create()
