@@ -22,11 +22,17 @@ MANPAGES := $(patsubst %.rst,%,$(wildcard man/*.rst))
 
 all: venv man
 
-# Man pages: reStructuredText sources, built to roff by docutils' rst2man.
+# Man pages: reStructuredText sources, built to roff by docutils' rst2man:
+# Debian's (python3-docutils) where installed, so that `make install` on a
+# VM host needs no virtualenv of ours; else the one in the project's venv.
+SYSTEM_RST2MAN := $(shell command -v rst2man 2>/dev/null)
+RST2MAN ?= $(if $(SYSTEM_RST2MAN),$(SYSTEM_RST2MAN),$(VENV)/bin/rst2man)
+RST2MAN_DEPS := $(if $(SYSTEM_RST2MAN),,venv)
+
 man: $(MANPAGES)
 
-man/%: man/%.rst venv
-	$(VENV)/bin/rst2man $< $@
+man/%: man/%.rst $(RST2MAN_DEPS)
+	$(RST2MAN) $< $@
 
 host:
 	sh tools/setup-host
