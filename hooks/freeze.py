@@ -40,6 +40,7 @@ class Freezer:
     def __init__(self, config):
         self.config = config
         self.store = sessions.SessionStore(config)
+        self._warning = None
 
     def domain_lock(self, freeze):
         """The lock of a domain's definition (taken after a disk's)."""
@@ -174,7 +175,8 @@ class Freezer:
         except BaseException:
             self._undo_intent(dom, match.disk.target, overlay, state)
             raise
-        state = sessions.with_phase(state, FROZEN, consistency=consistency)
+        state = sessions.with_phase(state, FROZEN, consistency=consistency,
+                                    warning=self._warning)
         self.store.save(state)
         log.info("%s: frozen (%s) for pid %d", describe(state), consistency,
                  holder.pid)
@@ -203,6 +205,7 @@ class Freezer:
             virt.snapshot(dom, xml, quiesce=False)
             return "crash-consistent"
         timeout = self.config.quiesce_timeout
+        self._warning = None
         asked = False
         try:
             # An agent that does not answer is not asked to freeze: the
@@ -231,6 +234,9 @@ class Freezer:
         log.warning("%s: quiesced snapshot failed (%s); taking it "
                     "crash-consistent (quiesce = try)", describe(state),
                     failure)
+        # status shows it for as long as the session lasts.
+        self._warning = ("quiesce failed (%s): the freeze is crash-consistent"
+                         % failure)
         self._remove_unused(dom, target, overlay)
         virt.snapshot(dom, xml, quiesce=False)
         return "crash-consistent"

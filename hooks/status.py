@@ -36,7 +36,7 @@ def collect(config, now=None, domain_state=None):
         entry["overlay_bytes"] = _allocated(state.get("overlay"))
         entry["domain_state"] = domain_state(state["uuid"]) \
             if domain_state else None
-        entry["warning"] = None
+        entry["warning"] = state.get("warning")
         if (state["mode"] == sessions.OFFLINE
                 and entry["domain_state"] not in (None, "shut off")):
             entry["warning"] = ("the domain was started during the copy: "

@@ -137,6 +137,9 @@ def test_try_without_agent_goes_ahead_crash_consistent(virt, env, guest,
     held = lab.HeldConnection(server.port, "vm")
     (session,) = sessions(env)
     assert session["consistency"] == "crash-consistent"
+    assert "quiesce failed" in session["warning"]
+    assert "WARNING      quiesce failed" in env.hook("nbdsnap", "status",
+                                                    check=0).stdout
     warned = lab.wait_until(
         lambda: records(syslog, "nbd-prerun", WARNING, guest.data,
                         "crash-consistent", "quiesce = try"),
