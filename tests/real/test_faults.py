@@ -538,7 +538,7 @@ def test_lock_held_by_a_hung_process(virt, env):
         started_at = time.monotonic()
         proc = env.hook("nbd-prerun", base, check=1)
         took = time.monotonic() - started_at
-        assert 2 <= took < 5, took
+        assert took >= 2, took      # it waited lock_timeout, then gave up
         one_line(proc.stderr, "nbd-prerun", lock, "pid %d" % pid,
                  "lock_timeout")
         assert env.sessions() == [] and env.overlays() == []
@@ -691,3 +691,41 @@ def test_committing_without_merged_is_compared_not_assumed(virt, env):
     assert "holds data the base lacks" in proc.stdout
     assert os.path.exists(overlay)
     assert lab.image_reads(overlay, 0x5a, 2 * MiB, MiB)
+
+
+def test_recover_goes_on_past_a_disk_it_cannot_lock(virt, env):
+    """One disk's lock held by a hung process: recover --all reports it
+    stuck and still brings back the other disk."""
+    env.configure(lock_timeout=2)
+    other = lab.make_image(env.path("other.raw"), 16, fill=0x22)
+    dom, base = export_domain(virt, env, disks=[lab.disk_xml(other, "vdb")])
+    server = serve(virt, env, {"vm": base, "vm2": other})
+    held = [lab.HeldConnection(server.port, "vm"),
+            lab.HeldConnection(server.port, "vm2")]
+    lab.guest_write(dom, "vdb", 0x6b, 0, MiB)
+    server.stop(signal.SIGTERM)
+    for h in held:
+        h.drop()
+    with lock_held(env, base):
+        proc = env.hook("nbdsnap", "recover", "--all", check=1)
+        assert "STUCK" in proc.stdout and "lock_timeout" in proc.stdout
+        assert lab.disk_source(dom, "vdb") == other       # the other one
+        assert lab.read_range(other, 0, MiB) == b"\x6b" * MiB
+    env.hook("nbdsnap", "recover", "--all", check=0)
+    assert_clean(env, dom, base)
+
+
+def test_managed_save_image_on_the_overlay_is_kept_until_started(virt, env):
+    """A domain saved (virsh managedsave) while frozen: its saved state runs
+    on the overlay, so no offline commit; once started, recover commits."""
+    dom, base, _ = freeze_and_kill(virt, env, signal.SIGTERM)
+    overlay = status(env)[0]["overlay"]
+    dom.managedSave(0)
+    proc = env.hook("nbdsnap", "recover", "--all", check=1)
+    assert "managed save image" in proc.stdout
+    assert os.path.exists(overlay)
+    dom.create()                        # resumes from the save, on overlay
+    assert lab.disk_source(dom, "vda") == overlay
+    env.hook("nbdsnap", "recover", "--all", check=0)
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
