@@ -206,13 +206,19 @@ class Lab:
             dom.create()
         return dom
 
-    def close(self):
+    def stop(self):
+        """Stop the servers and the domains, keeping the definitions: what
+        must happen before the disks under them (a loop device) go."""
         for server in self.servers:
             server.stop()
         for dom in self.domains:
             with contextlib.suppress(libvirt.libvirtError):
                 if dom.isActive():
                     dom.destroy()
+
+    def close(self):
+        self.stop()
+        for dom in self.domains:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.undefine()
         self.conn.close()

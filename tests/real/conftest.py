@@ -32,6 +32,10 @@ class Env:
         lab.write_config(self.config, self.state_dir, self.snapshot_dir,
                          **self.settings)
 
+    def name(self, prefix):
+        """A domain name that no other test's can be: prefix-<folder>."""
+        return prefix + "-" + os.path.basename(self.folder)[-6:]
+
     def path(self, *names):
         return os.path.join(self.folder, *names)
 

@@ -82,7 +82,7 @@ def test_exported_section_is_served_frozen_committed_and_guarded(virt, env):
 
 def test_export_refuses_and_keeps_foreign_files(virt, env):
     spaced = lab.make_image(env.path("a b.raw"), 8)
-    dom = virt.define("spaced-" + os.path.basename(env.folder)[-6:],
+    dom = virt.define(env.name("spaced"),
                       [lab.disk_xml(spaced, "vda")], start=False)
     proc = nbdsnap(env, "export", dom.name(), check=1)
     assert "a b.raw" in proc.stderr and proc.stderr.count("\n") == 1
@@ -130,7 +130,7 @@ def test_lint_asks_libvirt_about_every_exportname(virt, env):
     template = lab.make_image(env.path("template.raw"), 8)
     top = lab.make_image(env.path("top.qcow2"), 8, fmt="qcow2",
                          backing=template)
-    virt.define("foreign-" + os.path.basename(env.folder)[-6:],
+    virt.define(env.name("foreign"),
                 [lab.disk_xml(top, "vda", fmt="qcow2")])
     allow = env.path("allow")
     with open(allow, "w") as f:

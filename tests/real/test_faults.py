@@ -126,7 +126,7 @@ def big_domain(virt, env, size=128):
     """A domain on a sparse raw disk, for overlays big enough to make a
     commit last long enough (about half a second here) to be caught."""
     base = lab.make_image(env.path("big.raw"), size)
-    dom = virt.define("big-" + os.path.basename(env.folder)[-6:],
+    dom = virt.define(env.name("big"),
                       [lab.disk_xml(base, "vda")])
     return dom, base
 
@@ -426,7 +426,7 @@ def test_snapshot_dir_fills_up_during_the_freeze(small_overlays, virt, env):
     base = lab.make_image(env.path("base.raw"), 32, fill=0x11)
     with open(base, "r+b") as f:
         f.write(WRITER_BOOT_SECTOR)
-    dom = virt.define("full-" + os.path.basename(env.folder)[-6:],
+    dom = virt.define(env.name("full"),
                       [lab.disk_xml(base, "vda")])
     lab.wait_until(lambda: written(dom) >= 512, 60, what="the guest to boot")
     server = serve(virt, env, {"vm": base})

@@ -24,7 +24,7 @@ def export_domain(virt, env, name="d", disks=None, start=True):
     image = "base.raw" if name == "d" else name + ".raw"
     base = lab.make_image(env.path(image), SIZE, fill=0x11)
     disks = disks or []
-    dom = virt.define(name + "-" + os.path.basename(env.folder)[-6:],
+    dom = virt.define(env.name(name),
                       [lab.disk_xml(base, "vda")] + disks, start=start)
     return dom, base
 
@@ -38,8 +38,7 @@ def serve(virt, env, exports):
 def assert_clean(env, dom, base, target="vda"):
     env.wait_clean()
     assert lab.disk_source(dom, target) == base
-    if dom.isActive():
-        assert lab.disk_source(dom, target, inactive=True) == base
+    assert lab.disk_source(dom, target, inactive=True) == base
     assert env.overlays() == []
 
 
@@ -122,7 +121,7 @@ def test_linked_clone_stays_on_its_top_and_template_is_not_written(virt, env):
     top = lab.make_image(env.path("top.qcow2"), SIZE, fmt="qcow2",
                          backing=template)
     template_sum = lab.sha256(template)
-    dom = virt.define("clone-" + os.path.basename(env.folder)[-6:],
+    dom = virt.define(env.name("clone"),
                       [lab.disk_xml(top, "vda", fmt="qcow2")])
     lab.guest_write(dom, "vda", 0x66, 0, MiB)         # before: into top
     server = serve(virt, env, {"vm": top})

@@ -8,7 +8,6 @@ it back, as an operator would check: the copy equals the frozen base, the
 guest's writes are in the base, the domain is back on its base, no overlay.
 """
 
-import contextlib
 import json
 import os
 
@@ -16,32 +15,16 @@ import libvirt
 import pytest
 
 import lab
+from test_freeze import assert_clean, serve
 
 MiB = 1 << 20
 SIZE = 16   # MiB per test disk
-
-
-def name(env, prefix):
-    return prefix + "-" + os.path.basename(env.folder)[-6:]
-
-
-def serve(virt, env, exports):
-    return virt.nbd_server(env.folder, {n: (p, None)
-                                        for n, p in exports.items()},
-                           env.vars)
 
 
 def session(env):
     (name,) = env.sessions()
     with open(os.path.join(env.state_dir, "sessions", name)) as f:
         return json.load(f)
-
-
-def assert_clean(env, dom, base, target="vda"):
-    env.wait_clean()
-    assert lab.disk_source(dom, target) == base
-    assert lab.disk_source(dom, target, inactive=True) == base
-    assert env.overlays() == []
 
 
 def freeze_copy_commit(virt, env, dom, image, exports, copy_through):
@@ -74,12 +57,7 @@ def loop(virt, env):
         try:
             yield dev, image
         finally:
-            for server in virt.servers:
-                server.stop()
-            for dom in virt.domains:
-                with contextlib.suppress(libvirt.libvirtError):
-                    if dom.isActive():
-                        dom.destroy()
+            virt.stop()
 
 
 def test_block_device_exported_through_another_node(virt, env, loop):
@@ -87,7 +65,7 @@ def test_block_device_exported_through_another_node(virt, env, loop):
     # /dev/mapper/vg-lv beside /dev/dm-N: same numbers, another node.
     alias = lab.device_node(dev, env.path("vg-lv"))
     assert os.path.realpath(alias) != os.path.realpath(dev)
-    dom = virt.define(name(env, "blk"), [lab.disk_xml(dev, "vda",
+    dom = virt.define(env.name("blk"), [lab.disk_xml(dev, "vda",
                                                       kind="block")])
     freeze_copy_commit(virt, env, dom, image, {"lv": alias}, "lv")
 
@@ -102,7 +80,7 @@ def test_symlink_to_the_file_disk(virt, env):
     base = lab.make_image(env.path("base.raw"), SIZE, fill=0x11)
     link = env.path("vg-lv-link")
     os.symlink(base, link)         # /dev/vg/lv -> ../dm-3
-    dom = virt.define(name(env, "lnk"), [lab.disk_xml(base, "vda")])
+    dom = virt.define(env.name("lnk"), [lab.disk_xml(base, "vda")])
     freeze_copy_commit(virt, env, dom, base, {"lv": link}, "lv")
 
     assert_clean(env, dom, base)
@@ -115,7 +93,7 @@ def test_one_base_under_two_exports_is_one_session(virt, env):
     base = lab.make_image(env.path("base.raw"), SIZE, fill=0x11)
     link = env.path("other-name")
     os.symlink(base, link)
-    dom = virt.define(name(env, "two"), [lab.disk_xml(base, "vda")])
+    dom = virt.define(env.name("two"), [lab.disk_xml(base, "vda")])
     frozen = lab.sha256(base)
     server = serve(virt, env, {"by-file": base, "by-link": link})
 
@@ -149,7 +127,7 @@ def test_one_base_under_two_exports_is_one_session(virt, env):
 def test_prerun_by_hand_with_domain_and_disk(virt, env):
     base = lab.make_image(env.path("base.raw"), SIZE, fill=0x11)
     other = lab.make_image(env.path("other.raw"), 8, fill=0x33)
-    dom = virt.define(name(env, "hand"), [lab.disk_xml(base, "vda"),
+    dom = virt.define(env.name("hand"), [lab.disk_xml(base, "vda"),
                                           lab.disk_xml(other, "vdb")])
     dname = dom.name()
     before = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)

@@ -10,7 +10,6 @@ fsck-clean with every finished file intact.
 """
 
 import json
-import os
 import re
 import shutil
 
@@ -18,6 +17,7 @@ import pytest
 
 import lab
 from lab import guest as lab_guest
+from test_freeze import assert_clean
 
 WARNING = 4
 DAEMON = 3
@@ -25,7 +25,7 @@ DAEMON = 3
 
 @pytest.fixture
 def guest(virt, env):
-    name = "qga-" + os.path.basename(env.folder)[-6:]
+    name = env.name("qga")
     data = lab_guest.make_data_disk(env.path("data.raw"))
     try:
         g = lab_guest.define_guest(virt, env.folder, name, data)
@@ -54,13 +54,6 @@ def sessions(env):
 def history(env):
     return json.loads(env.hook("nbdsnap", "history", "--json",
                                check=0).stdout)["sessions"]
-
-
-def assert_clean(env, dom, base):
-    env.wait_clean()
-    assert lab.disk_source(dom, "vda") == base
-    assert lab.disk_source(dom, "vda", inactive=True) == base
-    assert env.overlays() == []
 
 
 def assert_thawed(dom):

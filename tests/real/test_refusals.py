@@ -16,19 +16,10 @@ import libvirt
 import pytest
 
 import lab
+from test_freeze import serve
 
 MiB = 1 << 20
 SIZE = 16   # MiB per test disk
-
-
-def name(env, prefix):
-    return prefix + "-" + os.path.basename(env.folder)[-6:]
-
-
-def serve(virt, env, exports):
-    return virt.nbd_server(env.folder, {n: (p, None)
-                                        for n, p in exports.items()},
-                           env.vars)
 
 
 def definitions(doms):
@@ -72,7 +63,7 @@ def assert_refused(virt, env, export, doms, *words, status=1, before=()):
 
 def a_domain(virt, env, prefix, disks=(), start=True):
     base = lab.make_image(env.path(prefix + "-base.raw"), SIZE, fill=0x11)
-    dom = virt.define(name(env, prefix), [lab.disk_xml(base, "vda")]
+    dom = virt.define(env.name(prefix), [lab.disk_xml(base, "vda")]
                       + list(disks), start=start)
     return dom, base
 
