@@ -251,10 +251,8 @@ def nbdsnap_main(argv=None):
 def _status(args):
     from . import status as status_mod
     config = _load_config()
-    entries = status_mod.collect(config)
-    if entries:
-        entries = status_mod.collect(
-            config, domain_state=status_mod.libvirt_states())
+    entries = status_mod.collect(config,
+                                 domain_states=status_mod.libvirt_states)
     print(status_mod.format_json(entries) if args.json
           else status_mod.format_text(entries))
     return 0

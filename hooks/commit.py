@@ -195,8 +195,7 @@ def _online(conn, dom, freeze, timeout):
 
 
 def _offline(conn, dom, freeze):
-    info = qemu_img.info(freeze.overlay)
-    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    backing, _ = qemu_img.backing(freeze.overlay)
     if not backing:
         raise Stuck("%s: overlay %s has no backing file" % (freeze,
                                                             freeze.overlay))

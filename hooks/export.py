@@ -72,8 +72,7 @@ def base_path(disk, is_ours):
         return top
     if disk.chain and disk.chain[0].path:
         return disk.chain[0].path
-    info = qemu_img.info(top)
-    base = info.get("full-backing-filename") or info.get("backing-filename")
+    base, _ = qemu_img.backing(top)
     if not base:
         raise Unsupported("disk %s runs on overlay %s, which has no backing "
                           "file; run 'nbdsnap recover --all'" % (disk.target,

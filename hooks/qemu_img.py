@@ -47,6 +47,13 @@ def info(path):
 LOCK_WAIT = 30
 
 
+def backing(path):
+    """(path, format) of the image's backing file; (None, None) if none."""
+    data = info(path)
+    name = data.get("full-backing-filename") or data.get("backing-filename")
+    return name, data.get("backing-filename-format")
+
+
 def commit(path, lock_wait=LOCK_WAIT):
     """Merge the overlay at path into its backing file, and no further.
 

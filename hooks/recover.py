@@ -51,17 +51,14 @@ def _base_layer(path, fmt):
 
 def _from_overlay(path, uuid, domain, disk, key=None):
     """A Freeze for an overlay with no session, from its qcow2 header."""
-    info = qemu_img.info(path)
-    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    backing, fmt = qemu_img.backing(path)
     if not backing:
         return None
     key = key or locate.key_of(backing)
     if key is None:
         return None
     return commit.Freeze(key=key, uuid=uuid, domain=domain, disk=disk,
-                         overlay=path,
-                         base=_base_layer(backing,
-                                          info.get("backing-filename-format")))
+                         overlay=path, base=_base_layer(backing, fmt))
 
 
 class Recovery:

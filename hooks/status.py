@@ -8,16 +8,18 @@ from . import procs, sessions
 from .errors import CorruptState
 
 
-def collect(config, now=None, domain_state=None):
+def collect(config, now=None, domain_states=None):
     """One dict per session file; a corrupt file is an entry too.
 
-    domain_state(uuid) gives a domain's state now (see libvirt_states); a
+    domain_states() gives a function uuid -> the domain's state now (see
+    libvirt_states), called only if there is a session to ask about; a
     shut-off domain started during its copy is flagged with a warning.
     """
     store = sessions.SessionStore(config)
     now = time.time() if now is None else now
     boot = procs.boot_id()
     result = []
+    domain_state = None
     for key in store.keys():
         try:
             state = store.load(key)
@@ -34,6 +36,8 @@ def collect(config, now=None, domain_state=None):
         entry["verdict"] = sessions.assess(state, alive)
         entry["age"] = round(now - state["created"], 1)
         entry["overlay_bytes"] = _allocated(state.get("overlay"))
+        if domain_state is None and domain_states is not None:
+            domain_state = domain_states() or (lambda uuid: None)
         entry["domain_state"] = domain_state(state["uuid"]) \
             if domain_state else None
         entry["warning"] = state.get("warning")
