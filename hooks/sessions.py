@@ -228,6 +228,51 @@ def _holder(fd):
         return "another process"
 
 
+def malformed(state, key):
+    """What makes state no session of disk key, or None if it is one.
+
+    Every later step reads these fields without checking them again: a
+    holder that is not {pid, start, boot} would end status, recover and
+    the hooks in a traceback instead of a corrupt state to set aside.
+    """
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    if state.get("version") != VERSION:
+        return "version %r" % (state.get("version"),)
+    missing = REQUIRED - set(state)
+    if missing:
+        return "no %s" % ", ".join(sorted(missing))
+    if state["key"] != key:
+        return "key %r" % (state["key"],)
+    if state["phase"] not in PHASES:
+        return "phase %r" % (state["phase"],)
+    if state["mode"] not in (ONLINE, OFFLINE):
+        return "mode %r" % (state["mode"],)
+    for name in ("id", "export", "domain", "uuid", "disk", "base"):
+        if not isinstance(state[name], str):
+            return "%s %r is no string" % (name, state[name])
+    if not isinstance(state.get("overlay"), (str, type(None))):
+        return "overlay %r is no path" % (state["overlay"],)
+    if not _is_number(state["created"]):
+        return "created %r is no time" % (state["created"],)
+    if not isinstance(state["holders"], list):
+        return "holders %r is no list" % (state["holders"],)
+    for h in state["holders"]:
+        if not (isinstance(h, dict) and {"pid", "start", "boot"} <= set(h)
+                and _is_int(h["pid"]) and h["pid"] > 0
+                and _is_int(h["start"]) and isinstance(h["boot"], str)):
+            return "malformed holder %.80r" % (h,)
+    return None
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return _is_int(value) or isinstance(value, float)
+
+
 class SessionStore:
     def __init__(self, config):
         self.config = config
@@ -253,7 +298,9 @@ class SessionStore:
         """The session of disk key, or None.  CorruptState if unreadable."""
         path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO planted here must not hang the hook.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -263,19 +310,21 @@ class SessionStore:
             # Unreadable is not corrupt: nothing may set it aside for this.
             raise Error("cannot open session state %s: %s"
                         % (path, e.strerror))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptState("session state %s is not a regular file "
+                               "(a folder?)" % path)
         with os.fdopen(fd, encoding="utf-8") as f:
             try:
                 state = json.load(f)
             except (ValueError, UnicodeDecodeError) as e:
                 raise CorruptState("session state %s is corrupt: %s"
                                    % (path, e))
-        if (not isinstance(state, dict) or state.get("version") != VERSION
-                or state.get("phase") not in PHASES
-                or state.get("key") != key
-                or not REQUIRED <= set(state)
-                or not isinstance(state["holders"], list)):
+        problem = malformed(state, key)
+        if problem:
             raise CorruptState("session state %s is not a version %d "
-                               "session of this disk" % (path, VERSION))
+                               "session of this disk: %s"
+                               % (path, VERSION, problem))
         return state
 
     def save(self, state):

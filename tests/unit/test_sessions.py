@@ -391,6 +391,64 @@ def test_unreadable_state_is_corrupt_and_names_the_file(store, cfg, data):
     assert path in str(e.value)
 
 
+def holder_entry(**changes):
+    return dict(A.to_json(), **changes)
+
+
+@pytest.mark.parametrize("holder", [
+    pytest.param("1001", id="a-string"),
+    pytest.param(None, id="null"),
+    pytest.param({"pid": 1001, "start": 500}, id="no-boot"),
+    pytest.param(holder_entry(pid="abc"), id="pid-not-a-number"),
+    pytest.param(holder_entry(pid=1.5), id="pid-a-float"),
+    pytest.param(holder_entry(pid=0), id="pid-zero"),
+    pytest.param(holder_entry(pid=True), id="pid-a-boolean"),
+    pytest.param(holder_entry(start=[1]), id="start-a-list"),
+    pytest.param(holder_entry(boot=7), id="boot-a-number"),
+])
+def test_malformed_holder_is_corrupt_state(store, cfg, holder):
+    data = dict(session(), holders=[A.to_json(), holder])
+    path = write_state(cfg, KEY, json.dumps(data).encode())
+    with pytest.raises(CorruptState, match="malformed holder") as e:
+        store.load(KEY)
+    assert path in str(e.value)
+
+
+@pytest.mark.parametrize("changes", [
+    pytest.param({"holders": {"pid": 1}}, id="holders-not-a-list"),
+    pytest.param({"mode": "sideways"}, id="unknown-mode"),
+    pytest.param({"uuid": None}, id="uuid-null"),
+    pytest.param({"export": 42}, id="export-a-number"),
+    pytest.param({"overlay": ["/o"]}, id="overlay-a-list"),
+    pytest.param({"created": "yesterday"}, id="created-a-string"),
+])
+def test_mistyped_field_is_corrupt_state(store, cfg, changes):
+    write_state(cfg, KEY, json.dumps(dict(session(), **changes)).encode())
+    with pytest.raises(CorruptState):
+        store.load(KEY)
+
+
+def test_extra_fields_are_no_corruption(store):
+    s = dict(session(), later_field={"x": 1},
+             holders=[holder_entry(note="kept")])
+    store.save(s)
+    assert store.load(KEY) == s
+
+
+def test_folder_in_place_of_the_state_file_is_corrupt_state(store, cfg):
+    path = os.path.join(cfg.sessions_dir, KEY + ".json")
+    os.mkdir(path)
+    with pytest.raises(CorruptState, match="not a regular file") as e:
+        store.load(KEY)
+    assert path in str(e.value)
+
+
+def test_fifo_in_place_of_the_state_file_does_not_hang(store, cfg):
+    os.mkfifo(os.path.join(cfg.sessions_dir, KEY + ".json"))
+    with pytest.raises(CorruptState, match="not a regular file"):
+        store.load(KEY)
+
+
 def test_symlinked_state_file_is_not_followed(store, cfg, tmp_path):
     target = tmp_path / "planted.json"
     target.write_text(json.dumps(session()))
