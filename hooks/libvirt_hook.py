@@ -46,9 +46,13 @@ def check(name, operation, suboperation, xml):
         config = config_mod.load()
         uuid = domxml.parse(xml).uuid
         found = blocking_sessions(uuid, config)
-    except (Error, ValueError, OSError) as e:
+    except Exception as e:
+        # Anything this hook cannot read (malformed XML, a broken state
+        # file, a bug) would otherwise refuse the start with a traceback:
+        # one line in syslog, and the domain starts.
         log.error("cannot check domain %s for offline copies, letting it "
-                  "start: %s", name, e)
+                  "start: %s", name, _one_line(e))
+        log.debug("what the check stopped on", exc_info=True)
         return None
     if not found:
         return None
@@ -58,3 +62,10 @@ def check(name, operation, suboperation, xml):
               % (name, state["id"], state["export"], len(state["holders"])))
     log.warning("refused to start: %s", reason)
     return reason
+
+
+def _one_line(e):
+    """The error as one line: lxml's and Python's own messages may not be."""
+    text = " ".join(str(e).split())
+    return text if isinstance(e, Error) else "%s: %s" % (type(e).__name__,
+                                                         text)

@@ -11,6 +11,8 @@ import pytest
 import lab
 from test_freeze import export_domain, serve
 
+from nbdsnap.hooks import procs, sessions
+
 
 @contextlib.contextmanager
 def installed_hook(env):
@@ -84,3 +86,46 @@ def test_broken_configuration_never_stops_a_start(virt, env):
                           capture_output=True,
                           env=dict(os.environ, NBDSNAP_CONFIG=env.config))
     assert proc.returncode == 0 and "letting it start" in proc.stderr
+
+
+def bare_run(hook, args, xml):
+    """Run the installed hook as libvirtd does: a bare environment."""
+    return subprocess.run([hook] + args, input=xml, capture_output=True,
+                          text=True, timeout=60,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                               "HOME": "/", "LC_ALL": "C"})
+
+
+@pytest.mark.parametrize("xml", [
+    pytest.param("<domain><name>d</name>", id="truncated"),
+    pytest.param("not XML at all", id="not-xml"),
+    pytest.param("", id="empty"),
+    pytest.param("<domain><uuid>u</uuid><devices><disk><source/></disk>",
+                 id="unclosed-disk"),
+])
+def test_malformed_xml_lets_the_domain_start_with_one_line(env, xml):
+    with installed_hook(env) as hook:
+        proc = bare_run(hook, ["d", "prepare", "begin", "-"], xml)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert "cannot check domain d for offline copies, letting it start: " \
+           "XMLSyntaxError: " in line
+
+
+def test_malformed_session_never_stops_a_start(virt, env):
+    # A session of the domain's disk whose holder entry is malformed: the
+    # hook cannot tell whether a copy runs, so it lets libvirtd start it.
+    dom, base = export_domain(virt, env, start=False)
+    folder = os.path.join(env.state_dir, "sessions")
+    os.makedirs(folder, mode=0o700)
+    os.chmod(env.state_dir, 0o711)
+    key = sessions.disk_key(os.stat(base))
+    state = sessions.new_session(
+        key, base, dom.name(), dom.UUIDString(), "vda", base,
+        sessions.OFFLINE, procs.holder_of(os.getpid()))
+    state["holders"] = [{"pid": os.getpid()}]          # no start, no boot
+    with open(os.path.join(folder, key + ".json"), "w") as f:
+        json.dump(state, f)
+    with installed_hook(env):
+        dom.create()
+        assert dom.isActive()
