@@ -250,11 +250,14 @@ def nbdsnap_main(argv=None):
 
 def _status(args):
     from . import status as status_mod
-    config = _load_config()
-    entries = status_mod.collect(config,
-                                 domain_states=status_mod.libvirt_states)
-    print(status_mod.format_json(entries) if args.json
-          else status_mod.format_text(entries))
+    text = status_mod.report(_load_config(), args.json,
+                             domain_states=status_mod.libvirt_states)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # The reader went away (nbdsnap status | head -1): end quietly as
+        # ls does, and keep Python's own flush at exit from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -1,19 +1,21 @@
-"""nbdsnap status: what every session looks like now."""
+"""nbdsnap status: what every session looks like now, and what on the host
+would make the next freeze fail (see health)."""
 
 import json
 import os
 import time
 
-from . import procs, sessions
+from . import health, procs, sessions
 from .errors import CorruptState
 
 
 def collect(config, now=None, domain_states=None):
     """One dict per session file; a corrupt file is an entry too.
 
-    domain_states() gives a function uuid -> the domain's state now (see
-    libvirt_states), called only if there is a session to ask about; a
-    shut-off domain started during its copy is flagged with a warning.
+    domain_states() gives a function uuid -> (the domain's state now, why
+    it paused on an I/O error or None) (see libvirt_states), called only if
+    there is a session to ask about; a shut-off domain started during its
+    copy is flagged with a warning.
     """
     store = sessions.SessionStore(config)
     now = time.time() if now is None else now
@@ -37,9 +39,9 @@ def collect(config, now=None, domain_states=None):
         entry["age"] = round(now - state["created"], 1)
         entry["overlay_bytes"] = _allocated(state.get("overlay"))
         if domain_state is None and domain_states is not None:
-            domain_state = domain_states() or (lambda uuid: None)
-        entry["domain_state"] = domain_state(state["uuid"]) \
-            if domain_state else None
+            domain_state = domain_states() or (lambda uuid: (None, None))
+        entry["domain_state"], entry["io_error"] = (
+            domain_state(state["uuid"]) if domain_state else (None, None))
         entry["warning"] = state.get("warning")
         if (state["mode"] == sessions.OFFLINE
                 and entry["domain_state"] not in (None, "shut off")):
@@ -79,10 +81,31 @@ def libvirt_states():
     def state(uuid):
         try:
             found = virt.lookup(conn, uuid=uuid)
-            return virt.state(found[0]) if found else "undefined"
+            if not found:
+                return "undefined", None
+            return virt.state(found[0]), _io_error(found[0])
         except VirtError:
-            return None
+            return None, None
     return state
+
+
+def _io_error(dom):
+    """Why dom is paused on an I/O error ("vda: no space left"), or None."""
+    import libvirt
+    why = {libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE: NO_SPACE,
+           libvirt.VIR_DOMAIN_DISK_ERROR_UNSPEC: "I/O error"}
+    try:
+        if list(dom.state()) != [libvirt.VIR_DOMAIN_PAUSED,
+                                 libvirt.VIR_DOMAIN_PAUSED_IOERROR]:
+            return None
+        errors = dom.diskErrors()
+    except libvirt.libvirtError:
+        return None
+    return ", ".join("%s: %s" % (disk, why.get(code, "error %d" % code))
+                     for disk, code in sorted(errors.items())) or "I/O error"
+
+
+NO_SPACE = "no space left"
 
 
 def _allocated(path):
@@ -94,17 +117,28 @@ def _allocated(path):
         return None
 
 
-def format_json(entries):
-    return json.dumps({"sessions": entries}, sort_keys=True, indent=2)
+def report(config, as_json=False, domain_states=None):
+    """The text nbdsnap status prints."""
+    entries = collect(config, domain_states=domain_states)
+    found = health.problems(config, entries)
+    return (format_json(entries, found) if as_json
+            else format_text(entries, found))
 
 
-def format_text(entries):
+def format_json(entries, found=()):
+    return json.dumps({"sessions": entries, "problems": list(found)},
+                      sort_keys=True, indent=2)
+
+
+def format_text(entries, found=()):
+    lines = ["PROBLEM  %s" % p["message"] for p in found]
     if not entries:
-        return "no sessions and no overlays: every exported disk is clean"
-    lines = []
+        lines.append("no sessions and no overlays: every exported disk is "
+                     "clean" if not found else "no sessions and no overlays")
     for e in entries:
         if e["phase"] == "corrupt":
-            lines.append("%s: CORRUPT: %s" % (e["key"], e["error"]))
+            lines.append("%s: CORRUPT: %s ('nbdsnap recover --all' sets it "
+                         "aside)" % (e["key"], e["error"]))
             continue
         if e["phase"] == "orphan":
             lines.append("%s  ORPHAN (%s bytes allocated): %s" % (
@@ -128,11 +162,26 @@ def format_text(entries):
             lines.append("    overlay      %s (%s)" % (
                 e["overlay"], "missing" if size is None
                 else "%d bytes allocated" % size))
+        if e.get("io_error"):
+            lines.append("    PAUSED       %s" % paused_advice(e))
         if e.get("error"):
             lines.append("    error        %s" % e["error"])
         if e.get("warning"):
             lines.append("    WARNING      %s" % e["warning"])
     return "\n".join(lines)
+
+
+def paused_advice(e):
+    """What to say of a frozen domain that paused on an I/O error."""
+    where = os.path.dirname(e["overlay"]) if e.get("overlay") else None
+    if NO_SPACE in e["io_error"] and where:
+        todo = ("free space in %s, where its overlay grows, then 'virsh "
+                "resume %s' (the commit at the copy's end also resumes it)"
+                % (where, e["domain"]))
+    else:
+        todo = ("see the host's log for the failed disk, then 'virsh resume "
+                "%s'" % e["domain"])
+    return "on an I/O error (%s): %s" % (e["io_error"], todo)
 
 
 def _age(seconds):
