@@ -554,3 +554,56 @@ def test_dangling_symlink_at_the_lock_path_creates_nothing(store, cfg,
         with store.lock(KEY):
             pass
     assert not target.exists()
+
+
+HOLD_DISK_LOCK = textwrap.dedent("""
+    import sys
+    from nbdsnap.hooks.sessions import DiskLock
+    with DiskLock(sys.argv[1], timeout=5):
+        print("locked", flush=True)
+        sys.stdin.read()
+""")
+
+
+def test_timeout_names_the_process_that_holds_the_lock(store, cfg):
+    path = os.path.join(cfg.locks_dir, KEY + ".lock")
+    p = subprocess.Popen([sys.executable, "-c", HOLD_DISK_LOCK, path],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline() == "locked\n"
+        with pytest.raises(LockTimeout, match=r"^pid %d \(\S*python\S* -c "
+                           % p.pid):
+            with store.lock(KEY):
+                pytest.fail("got a lock another process holds")
+    finally:
+        p.stdin.close()
+        p.wait(timeout=10)
+
+
+def test_lock_in_a_missing_folder_creates_no_folder(cfg):
+    lock = sessions.DiskLock(os.path.join(cfg.locks_dir, KEY + ".lock"),
+                             timeout=0.3)
+    with pytest.raises(LockError, match="cannot open lock file"):
+        with lock:
+            pass
+    assert not os.path.exists(cfg.state_dir)
+
+
+def test_lock_can_be_taken_again_after_release(store):
+    with store.lock(KEY):
+        pass
+    with store.lock(KEY) as lock:
+        assert lock.fd is not None
+
+
+def test_disk_lock_of_a_holder_killed_by_sigkill_is_free(store, cfg):
+    path = os.path.join(cfg.locks_dir, KEY + ".lock")
+    p = subprocess.Popen([sys.executable, "-c", HOLD_DISK_LOCK, path],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline() == "locked\n"
+    p.kill()
+    p.wait(timeout=10)
+    with store.lock(KEY):
+        pass
