@@ -1,6 +1,7 @@
 """Benchmarks: our hooks against the original recipe's virsh hooks.
 
     make bench       (or: .venv/bin/python -m lab.bench [--reps N] [--idle N])
+    .venv/bin/python -m lab.bench hooks      (one part: its section only)
 
 One domain, one nbd-server exporting its base as "ours" (our hooks), "virsh"
 (DESIGN.md's recipe) and "plain" (no hooks); the two recipes alternate in one
@@ -19,7 +20,7 @@ import threading
 import time
 
 import lab
-from lab import bench_quiesce, bench_verify
+from lab import bench_hooks, bench_quiesce, bench_verify
 
 MiB = 1 << 20
 SIZE = 512          # MiB, the exported raw base
@@ -303,13 +304,21 @@ def report(facts, r, reps):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="lab.bench", description=__doc__)
-    p.add_argument("--reps", type=int, default=5, help="runs per measurement")
+    p.add_argument("--reps", type=int, help="runs per measurement (5; the "
+                   "hook runs by kind: %d)" % bench_hooks.REPS)
     p.add_argument("--idle", type=int, default=200,
                    help="shut-off domains to define for the scaling")
     p.add_argument("--output", default=OUT, help="the report (BENCHMARKS.md)")
+    p.add_argument("part", nargs="?", choices=("all", "hooks"),
+                   default="all", help="all (the default), or only the hook "
+                   "runs by kind, rewriting only their section of the report")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))   # clean up too
     lab.ensure_host()
+    if args.part == "hooks":
+        return one_part(args.output, bench_hooks.run(args.reps
+                                                     or bench_hooks.REPS))
+    args.reps = args.reps or 5
     folder = lab.workdir("nbdsnap-bench-")
     virt = lab.Lab()
     r = {"latency": {k: [] for k in KINDS}, "commit": {k: [] for k in KINDS},
@@ -342,12 +351,27 @@ def main(argv=None):
         verify_section = bench_verify.run()
         print("quiesced freezes on the lab guest", flush=True)
         quiesce_section = bench_quiesce.run(args.reps)
+        print("hook runs by kind", flush=True)
+        hooks_section = bench_hooks.run(max(args.reps, bench_hooks.REPS))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     text = (report(facts, r, args.reps) + "\n" + verify_section + "\n"
-            + quiesce_section)
+            + quiesce_section + "\n" + hooks_section)
     with open(args.output, "w") as f:
         f.write(text)
     print(text + "\nwritten to %s" % args.output)
+
+
+def one_part(output, section):
+    """Rewrite only section's part of the report, keep the rest."""
+    try:
+        with open(output) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    text = bench_hooks.splice(text, section)
+    with open(output, "w") as f:
+        f.write(text)
+    print(section + "\nwritten to %s" % output)
 
 
 if __name__ == "__main__":
