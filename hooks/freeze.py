@@ -10,11 +10,18 @@ import os
 import stat
 import time
 
-from . import (agent, commit, digest, domxml, history, locate, procs,
-               sessions, virt)
+from . import digest, history, lazy, procs, sessions
 from .errors import (CommitFailed, CorruptState, Error, NotFound, Stale,
                      Unsupported, VirtError)
 from .sessions import FROZEN, OFFLINE, ONLINE
+
+# Loaded when first used: a join and a postrun that is not the last need
+# neither libvirt nor lxml (lazy.py).
+agent = lazy.module("agent")
+commit = lazy.module("commit")
+domxml = lazy.module("domxml")
+locate = lazy.module("locate")
+virt = lazy.module("virt")
 
 log = logging.getLogger(__name__)
 

@@ -160,7 +160,9 @@ def startup(reps):
     probes = [("`virsh --version`", ["virsh", "--version"]),
               ("`python -c pass`", [sys.executable, "-c", "pass"]),
               ("python, importing the hooks (libvirt, lxml)",
-               [sys.executable, "-c", "import nbdsnap.hooks.freeze"])]
+               # what a freeze imports; a join or a leave needs less
+               [sys.executable, "-c", "import nbdsnap.hooks.freeze, "
+                "nbdsnap.hooks.commit, nbdsnap.hooks.agent"])]
     return [(k, [run_timed(v) for _ in range(reps)]) for k, v in probes]
 
 
@@ -229,7 +231,8 @@ small raw disk:
 - **Freeze.** The snapshot is quick: the recipe's whole prerun, virsh's start
   included, reaches the first byte in %(first_virsh).3f s. Ours needs
   %(min_ours).3f s at best, mostly start-up, which every hook run pays:
-  Python and the hooks' imports (libvirt, lxml) take %(python).3f s.
+  Python and a freeze's imports (libvirt, lxml) take %(python).3f s; a join
+  or a leave imports neither ("Hook runs by kind" below).
 - **Outliers.** To find the domain behind EXPORT, prerun lists all domains,
   and libvirt's list waits for each domain's lock: while another domain on
   the host is being destroyed (or started), our prerun waits (%(d).3f s).
