@@ -19,7 +19,8 @@ Everything the tests use is here as `lab.NAME`.
 """
 
 from .host import (HOOKS_DIR, KEEP_HOOK, LIBVIRTD_PIDFILE, URI,  # noqa: F401
-                   VENV_BIN, cleanup_folder, ensure_host, restart_libvirtd,
+                   VENV_BIN, cleanup_folder, ensure_host,
+                   libvirt_hooks_missing, restart_libvirtd, started_by_lab,
                    _libvirt_answers, _running, wait_until, workdir,
                    write_config)
 from .images import (device_node, image_reads, loop_device,  # noqa: F401

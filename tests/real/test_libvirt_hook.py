@@ -17,6 +17,9 @@ from nbdsnap.hooks import procs, sessions
 @contextlib.contextmanager
 def installed_hook(env):
     """The hook script as `make install` writes it, for this test's config."""
+    missing = lab.libvirt_hooks_missing()
+    if missing:
+        pytest.fail(missing, pytrace=False)
     root = os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
     with open(os.path.join(root, "contrib", "libvirt-hook-qemu.in")) as f:
