@@ -38,6 +38,8 @@ PACKAGES = ("busybox-static", "qemu-guest-agent")
 MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic",
            "ext4")
 MULTIARCH = "lib/x86_64-linux-gnu"
+# A build removes the guests of other keys unused for this long (prune).
+UNUSED_DAYS = 7
 # The files whose text makes the guest: a change to either is a new guest.
 RECIPE = (__file__, guest_init.__file__)
 
@@ -238,6 +240,9 @@ def build(cache_dir=CACHE_DIR):
     """
     if cache_dir not in _built or not os.path.exists(_built[cache_dir][1]):
         _built[cache_dir] = _build(cache_dir)
+        # In use: kept from prune() for UNUSED_DAYS.
+        with contextlib.suppress(OSError):
+            os.utime(manifest_path(_built[cache_dir][0]))
     return _built[cache_dir]
 
 
@@ -319,12 +324,34 @@ def _build_into(cache_dir, key, kernel_pkg, pinned):
                 raise           # not another build that won the race
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for old in os.listdir(cache_dir):   # guests of older package versions
-        path = os.path.join(cache_dir, old)
-        if old != key and not old.startswith(".") and os.path.isdir(path):
+    prune(cache_dir, key)
+
+
+def prune(cache_dir, key, now=None):
+    """Remove the guests other than key that no process took for
+    UNUSED_DAYS (build() touches the manifest of the one it returns).
+
+    A guest of another key is not only one of older package versions: the
+    recipe is in the key, and another branch or worktree on this machine may
+    be booting its own guest right now.
+    """
+    cutoff = (time.time() if now is None else now) - UNUSED_DAYS * 86400
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        if name == key or name.startswith(".") or not os.path.isdir(path):
+            continue
+        try:
+            used = os.stat(os.path.join(path, "manifest.json")).st_mtime
+        except OSError:
+            used = 0
+        if used < cutoff:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def manifest_path(kernel):
+    return os.path.join(os.path.dirname(kernel), "manifest.json")
+
+
 def manifest(kernel):
-    with open(os.path.join(os.path.dirname(kernel), "manifest.json")) as f:
+    with open(manifest_path(kernel)) as f:
         return json.load(f)

@@ -77,3 +77,18 @@ def test_restart_libvirtd_only_restarts_the_labs_own(tmp_path):
                        "domains=[], conn=None))")
     assert out["alive"], out
     assert "was not started by the lab" in out["error"]
+
+
+def test_a_build_keeps_the_guests_other_branches_use(tmp_path):
+    # Two worktrees on one machine have two recipes, so two keys: a build of
+    # one must not delete the guest the other is booting.
+    from lab import guest_build
+    now = 10 ** 9
+    for name, days in (("mine", 0), ("theirs", 1), ("old", 8)):
+        (tmp_path / name).mkdir()
+        manifest = tmp_path / name / "manifest.json"
+        manifest.write_text("{}")
+        os.utime(manifest, (now - days * 86400,) * 2)
+    (tmp_path / ".build-x").mkdir()
+    guest_build.prune(str(tmp_path), "mine", now=now)
+    assert sorted(os.listdir(tmp_path)) == [".build-x", "mine", "theirs"]
