@@ -13,7 +13,8 @@ By what they do:
 - domains: domain XML, Lab (a test's domains and servers), guest I/O
 - nbd: nbd-server with our hooks, nbdcopy, a client holding a connection
 - guest: the small Linux guest with an agent, at run time; guest_build
-  builds it, guest_init holds its scripts
+  builds it from guest_debs (Debian's packages), guest_init holds its
+  scripts
 
 Everything the tests use is here as `lab.NAME`.
 """

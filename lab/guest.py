@@ -5,7 +5,8 @@ its data disk, its domain and its control at run time.
     guest = define_guest(the_lab, folder, name, data_image)
     guest_control(guest.dom, "stop-agent")
 
-The build is lab/guest_build.py, the guest's own scripts lab/guest_init.py.
+The build is lab/guest_build.py (from the Debian packages of
+lab/guest_debs.py), the guest's own scripts lab/guest_init.py.
 """
 
 import contextlib

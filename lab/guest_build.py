@@ -1,16 +1,17 @@
 """The test guest's build: a kernel and an initramfs from Debian's packages.
 
-Built without installing them on the host (``apt-get download`` +
-``dpkg-deb -x``): the kernel of linux-image-amd64, booted uncompressed (the
-kernel has PVH: QEMU loads the ELF directly and the emulated CPU does not
-decompress it, which halves the boot under TCG); an initramfs with
+Built without installing them on the host (lab/guest_debs.py: ``apt-get
+download`` + ``dpkg-deb -x``): the kernel of linux-image-amd64, booted
+uncompressed (the kernel has PVH: QEMU loads the ELF directly and the
+emulated CPU does not decompress it, which halves the boot under TCG); an
+initramfs with
 busybox-static, qemu-guest-agent and the shared libraries it links, the
 kernel modules in MODULES with their dependencies, and the scripts of
 lab/guest_init.py.
 
 The build is cached under a key made of the packages' versions (and the
-recipe: this file and guest_init.py): built in a temporary folder, renamed
-into place when complete.
+recipe: this file, guest_debs.py and guest_init.py): built in a temporary
+folder, renamed into place when complete.
 """
 
 import contextlib
@@ -24,14 +25,12 @@ import subprocess
 import tempfile
 import time
 
-from . import guest_init
+from . import guest_debs, guest_init
+from .guest_debs import (KERNEL_META, PACKAGES, _download,  # noqa: F401
+                         _run, wanted_packages)
 from .guest_init import FSFREEZE_HOOK, INIT
 
 CACHE_DIR = "/var/cache/nbdsnap-lab/guest"
-KERNEL_META = "linux-image-amd64"
-# What the initramfs needs; qemu-guest-agent's libraries are added from its
-# dependencies (library_packages), the kernel's package from KERNEL_META.
-PACKAGES = ("busybox-static", "qemu-guest-agent")
 # Loaded in this order after their own dependencies (read from each .ko's
 # depends=).  crc32c_generic is a soft dependency of jbd2 and ext4 that
 # nothing would load for us: there is no modprobe in the guest.
@@ -40,68 +39,8 @@ MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic",
 MULTIARCH = "lib/x86_64-linux-gnu"
 # A build removes the guests of other keys unused for this long (prune).
 UNUSED_DAYS = 7
-# The files whose text makes the guest: a change to either is a new guest.
-RECIPE = (__file__, guest_init.__file__)
-
-
-# -- Debian's packages -------------------------------------------------------------
-
-def _run(cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True,
-                          timeout=kw.pop("timeout", 600), **kw).stdout
-
-
-def _depends(package, recurse=False):
-    cmd = ["apt-cache", "depends", "--no-recommends", "--no-suggests",
-           "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances",
-           "--no-pre-depends"]
-    out = _run(cmd + (["--recurse"] if recurse else []) + [package])
-    if recurse:
-        return sorted({l for l in out.splitlines()
-                       if l and not l.startswith(" ") and "<" not in l})
-    return [l.split(":", 1)[1].strip() for l in out.splitlines()
-            if l.strip().startswith("Depends:")]
-
-
-def library_packages():
-    """qemu-guest-agent's run-time closure: the packages its libraries are
-    in.  ldd later picks the files it links; the rest is left out."""
-    return [p for p in _depends("qemu-guest-agent", recurse=True)
-            if p != "qemu-guest-agent"]
-
-
-def versions(packages):
-    """{package: candidate version}; apt-get update once if one is unknown."""
-    def candidates():
-        out = _run(["apt-cache", "policy"] + list(packages))
-        found, name = {}, None
-        for line in out.splitlines():
-            if not line.startswith(" "):
-                name = line.rstrip(":")
-            elif line.strip().startswith("Candidate:"):
-                v = line.split(":", 1)[1].strip()
-                if v != "(none)":
-                    found[name] = v
-        return found
-    found = candidates()
-    if set(found) != set(packages):
-        _run(["apt-get", "update", "-qq"])
-        found = candidates()
-    missing = sorted(set(packages) - set(found))
-    if missing:
-        raise RuntimeError("no Debian package %s in apt's lists"
-                           % ", ".join(missing))
-    return found
-
-
-def wanted_packages():
-    kernel = [p for p in _depends(KERNEL_META)
-              if p.startswith("linux-image-")]
-    if len(kernel) != 1:
-        raise RuntimeError("%s depends on %r, not on one kernel"
-                           % (KERNEL_META, kernel))
-    pkgs = kernel + list(PACKAGES) + library_packages()
-    return kernel[0], versions(pkgs)
+# The files whose text makes the guest: a change to any is a new guest.
+RECIPE = (__file__, guest_debs.__file__, guest_init.__file__)
 
 
 def cache_key(pinned):
@@ -174,15 +113,6 @@ def linked_libraries(root, binary):
             libs.append(path)
     return libs + [ldso]
 
-
-def _download(folder, pinned):
-    _run(["apt-get", "download", "-o", "APT::Sandbox::User=root"]
-         + ["%s=%s" % kv for kv in sorted(pinned.items())], cwd=folder)
-    root = os.path.join(folder, "root")
-    for deb in sorted(os.listdir(folder)):
-        if deb.endswith(".deb"):
-            _run(["dpkg-deb", "-x", os.path.join(folder, deb), root])
-    return root
 
 
 def _install(src, dest, mode=0o644):

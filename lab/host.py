@@ -93,7 +93,7 @@ def ensure_host():
         wait_until(_libvirt_answers, 60, 0.2, "libvirtd to answer")
 
 
-# -- which libvirtd: the lab's own, and does it run hooks ----------------------
+# -- which libvirtd: the lab's own, and does it run hooks -----------------
 
 LIBVIRTD_PIDFILE = "/run/libvirtd.pid"
 # The libvirtd the lab started, as "PID START": the only one it ever stops.
