@@ -21,9 +21,9 @@ Everything the tests use is here as `lab.NAME`.
 
 from .host import (HOOKS_DIR, KEEP_HOOK, LIBVIRTD_PIDFILE, URI,  # noqa: F401
                    VENV_BIN, cleanup_folder, ensure_host,
-                   libvirt_hooks_missing, restart_libvirtd, started_by_lab,
-                   _libvirt_answers, _running, wait_until, workdir,
-                   write_config)
+                   libvirt_hooks_missing, restart_libvirtd, scratch,
+                   started_by_lab, _libvirt_answers, _running, wait_until,
+                   workdir, write_config)
 from .images import (device_node, image_reads, loop_device,  # noqa: F401
                      make_image, read_range, sha256)
 from .domains import (Lab, disk_alias, disk_source, disk_xml,  # noqa: F401

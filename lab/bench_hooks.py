@@ -198,11 +198,8 @@ def section(r, reps=REPS, before=None):
 
 
 def run(reps=REPS):
-    folder = lab.workdir("nbdsnap-bench-hooks-")
-    try:
+    with lab.scratch("nbdsnap-bench-hooks-") as folder:
         return section(measure(folder, reps), reps)
-    finally:
-        lab.cleanup_folder(folder)
 
 
 def splice(text, part, heading="## Hook runs by kind"):

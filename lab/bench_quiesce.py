@@ -128,11 +128,8 @@ def section(r, reps=REPS):
 
 
 def run(reps=REPS):
-    folder = lab.workdir("nbdsnap-bench-quiesce-")
-    try:
+    with lab.scratch("nbdsnap-bench-quiesce-") as folder:
         return section(measure(folder, reps), reps)
-    finally:
-        lab.cleanup_folder(folder)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,16 @@ def cleanup_folder(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch(prefix="nbdsnap-lab-"):
+    """A workdir() for the with block, removed at its end."""
+    folder = workdir(prefix)
+    try:
+        yield folder
+    finally:
+        cleanup_folder(folder)
+
+
 # -- libvirtd restarted under a test --------------------------------------------
 
 def restart_libvirtd(the_lab, timeout=60):
