@@ -159,8 +159,7 @@ def startup(reps):
     """Process start-up alone, which every hook run pays."""
     probes = [("`virsh --version`", ["virsh", "--version"]),
               ("`python -c pass`", [sys.executable, "-c", "pass"]),
-              ("python, importing the hooks (libvirt, lxml)",
-               # what a freeze imports; a join or a leave needs less
+              ("python, importing what a freeze imports (libvirt, lxml)",
                [sys.executable, "-c", "import nbdsnap.hooks.freeze, "
                 "nbdsnap.hooks.commit, nbdsnap.hooks.agent"])]
     return [(k, [run_timed(v) for _ in range(reps)]) for k, v in probes]
