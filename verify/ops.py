@@ -116,9 +116,6 @@ def scan(source, sinks: Iterable, algorithm: str = blkhash.DEFAULT_ALGORITHM,
     local = threading.local()
 
     def job(offset: int, length: int) -> bytes:
-        if getattr(source, "can_map", False):
-            with source.mapped(offset, length) as view:
-                return blkhash.block_digests(view, algorithm, block_size)
         buf = getattr(local, "buf", None)
         if buf is None:
             buf = local.buf = bytearray(min(piece_size, segment))
