@@ -6,6 +6,7 @@ Argument parsing, output and exit statuses only; the work is in ops.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -103,6 +104,17 @@ def _positive(text: str) -> int:
 
 _positive.__name__ = "positive count"
 
+
+def _seconds(text: str) -> float:
+    """A duration: finite and not negative (nan would wait for ever)."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(text)
+    return value
+
+
+_seconds.__name__ = "seconds"
+
 _SIZE = re.compile(r"(\d+)([KMG]?)(?:I?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -184,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_max_ranges(p_check)
     _add_speed_options(p_check)
     p_check.add_argument(
-        "--wait", type=float, default=0, metavar="SECONDS",
+        "--wait", type=_seconds, default=0, metavar="SECONDS",
         help="wait up to SECONDS for an incomplete manifest (a freeze-time "
              "digest still running) to complete, reading it again every "
              "few seconds (default 0: refuse it at once)")

@@ -299,3 +299,16 @@ def test_check_waits_for_an_incomplete_manifest_to_complete(tmp_path, image):
         timer.join()
     assert waited.returncode == 0, waited.stderr
     assert "waiting up to 30 s" in waited.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "-0.5"])
+def test_check_refuses_a_wait_that_never_ends(tmp_path, image, value):
+    """nan made the deadline never come: an incomplete manifest was waited
+    for for ever.  A usage error, before any manifest is read."""
+    from nbdsnap.verify import manifest as manifest_mod
+    path = str(tmp_path / "m.json")
+    assert run("digest", "--manifest", path, image).returncode == 0
+    done = manifest_mod.loads(open(path).read(), path)
+    manifest_mod.write(path, done._replace(complete=False, chunks=[]))
+    cp = run("check", f"--wait={value}", path, image)
+    assert_one_error_line(cp, "--wait", "invalid seconds value", value)
