@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
+import traceback
 
 from . import blkhash, manifest, ops, sources
 from .errors import ERROR, Error
@@ -30,6 +32,7 @@ exit status:
   0  digests printed / images equal
   1  images differ (compare, check)
   2  error: bad arguments, unreadable source, size mismatch, bad manifest...
+     or an internal error (a bug: NBD_VERIFY_DEBUG=1 shows its traceback)
 """
 
 DIGEST_EPILOG = f"""\
@@ -222,6 +225,15 @@ def main(argv=None) -> int:
     except Error as e:
         _error(e)
         return e.status
+    except BrokenPipeError:
+        # Whoever reads our output left early (| head): not a bug.  Point
+        # stdout at /dev/null, or the interpreter's last flush fails again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"{PROG}: output closed early (broken pipe)", file=sys.stderr)
+        return ERROR
+    except Exception as e:  # noqa: BLE001 -- a bug must not read "differ"
+        _bug(e)
+        return ERROR
 
 
 def digest(names: list, algorithm: str, manifest_path=None,
@@ -303,6 +315,19 @@ def _report(ranges, max_ranges: int, copy_name: str, reference: str) -> int:
 
 def _error(e: Error) -> None:
     print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+
+
+DEBUG_ENV = "NBD_VERIFY_DEBUG"
+
+
+def _bug(e: Exception) -> None:
+    """A bug: one line, exit status 2 (1 would say "the images differ");
+    the traceback only when DEBUG_ENV asks for it."""
+    what = " ".join(f"{type(e).__name__}: {e}".split())
+    print(f"{PROG}: internal error, please report it: {what}",
+          file=sys.stderr, flush=True)
+    if os.environ.get(DEBUG_ENV, "0") != "0":
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

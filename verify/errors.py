@@ -1,8 +1,10 @@
 """The errors of nbd-verify.
 
-nbd-verify catches only Error, prints ``nbd-verify: message`` and exits with
-Error.status; anything else is a bug and keeps its traceback.  Every error is
-exit status 2: 1 means "the images differ", which is an answer, not an error.
+nbd-verify catches Error, prints ``nbd-verify: message`` and exits with
+Error.status.  Anything else is a bug: one line "internal error, please
+report it", exit status 2 too, and its traceback with NBD_VERIFY_DEBUG=1.
+Every error is exit status 2: 1 means "the images differ", which is an
+answer, not an error, and a bug must never read as one.
 """
 
 ERROR = 2

@@ -124,3 +124,48 @@ def test_block_device_shrinks_while_digested(image, data):
     finally:
         subprocess.run(["losetup", "--detach", dev], check=True, timeout=30)
 
+
+BUG = """
+from nbdsnap.verify import ops
+def _bug(*args, **kwargs):
+    raise KeyError("a bug\\non two lines")
+ops.{function} = _bug
+"""
+
+
+@pytest.mark.parametrize("function,args", [
+    ("checksum", ["digest", "{image}"]),
+    ("compare", ["compare", "{image}", "{image}"]),
+    ("check", ["check", "{manifest}", "{image}"]),
+])
+def test_a_bug_is_an_error_not_a_difference(image, tmp_path, function, args):
+    manifest = tmp_path / "m.json"
+    assert run("digest", "--manifest", manifest, image).returncode == 0
+    args = [a.format(image=image, manifest=manifest) for a in args]
+    cp = run_with_seam(BUG.format(function=function), *args)
+    assert_one_error_line(cp, "internal error", "KeyError", "a bug")
+    assert "Traceback" not in cp.stderr
+    assert cp.stdout == ""
+
+
+def test_a_bug_shows_its_traceback_when_asked(image):
+    cp = run_with_seam(BUG.format(function="checksum"), "digest", image,
+                       env={"NBD_VERIFY_DEBUG": "1"})
+    assert cp.returncode == 2
+    assert cp.stderr.startswith("nbd-verify: internal error")
+    assert "Traceback" in cp.stderr
+    assert "KeyError" in cp.stderr.splitlines()[-1]
+
+
+def test_output_closed_early(image, tmp_path):
+    """nbd-verify compare ... | head -1: the reader left, nobody erred."""
+    copy = tmp_path / "copy.raw"
+    copy.write_bytes(bytes(SIZE))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbdsnap.verify.cli", "compare",
+         "--max-ranges", "0", image, copy],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err == "nbd-verify: output closed early (broken pipe)\n"
