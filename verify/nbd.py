@@ -34,6 +34,7 @@ are refused.  Every failure is an NbdError with a one-line message.
 
 from __future__ import annotations
 
+import bisect
 import struct
 
 from . import nbdconn
@@ -58,15 +59,44 @@ DEPTH = 16
 
 
 class _Read:
-    """One NBD_CMD_READ in flight: where its bytes go, how many came."""
+    """One NBD_CMD_READ in flight: where its bytes go, which came.
 
-    __slots__ = ("offset", "view", "received", "error")
+    The chunks of a structured reply may come in any order but must not
+    overlap (doc/proto.md, "Structured reply chunk message types"), so
+    counting bytes is not enough: two chunks over one range plus a range
+    that no chunk filled add up to the right count.  ``spans`` holds the
+    ranges received, relative to offset, sorted and merged where they
+    touch; with no overlap, ``received == len(view)`` means every byte.
+    """
+
+    __slots__ = ("offset", "view", "received", "error", "spans")
 
     def __init__(self, offset: int, view: memoryview):
         self.offset = offset
         self.view = view
         self.received = 0
         self.error = None
+        self.spans = []     # [[begin, end]], sorted, disjoint
+
+    def cover(self, begin: int, end: int) -> bool:
+        """Record [begin, end) as received; False if it overlaps a range
+        already received (then nothing is recorded)."""
+        spans = self.spans
+        if not spans or begin >= spans[-1][1]:
+            # In order, the usual case: a server sends chunks ascending.
+            if spans and begin == spans[-1][1]:
+                spans[-1][1] = end
+            else:
+                spans.append([begin, end])
+        else:
+            i = bisect.bisect_right(spans, [begin, end])
+            if i and spans[i - 1][1] > begin:
+                return False
+            if i < len(spans) and spans[i][0] < end:
+                return False
+            spans.insert(i, [begin, end])
+        self.received += end - begin
+        return True
 
 
 class Client:
@@ -170,17 +200,21 @@ class Client:
             n = length - 8
             if begin < 0 or begin + n > size:
                 raise conn.fail("protocol error: data outside the request")
+            if not req.cover(begin, begin + n):
+                raise conn.fail(f"protocol error: overlapping chunks {during}")
             conn.recv_into(req.view[begin:begin + n], during)
-            req.received += n
         elif rtype == REPLY_TYPE_OFFSET_HOLE:
             if length != 12:
                 raise conn.fail("protocol error: bad hole chunk")
             start, n = struct.unpack(">QI", conn.recv(12, during))
             begin = start - req.offset
+            if n == 0:
+                raise conn.fail("protocol error: empty hole chunk")
             if begin < 0 or begin + n > size:
                 raise conn.fail("protocol error: hole outside the request")
+            if not req.cover(begin, begin + n):
+                raise conn.fail(f"protocol error: overlapping chunks {during}")
             _fill_zeros(req.view[begin:begin + n])
-            req.received += n
         elif rtype & REPLY_TYPE_ERROR_BIT:
             req.error = self._error_chunk(length, during)
         elif rtype != REPLY_TYPE_NONE or length:

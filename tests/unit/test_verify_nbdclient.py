@@ -1,0 +1,182 @@
+"""nbdsnap.verify.nbd: structured read replies, crafted byte for byte.
+
+The server is a script in a thread on the other end of a socket pair:
+the handshake negotiates structured replies, then each test answers one
+read with the chunks it wants.  Real servers are in
+tests/real/test_verify_nbd.py.
+"""
+
+import socket
+import struct
+import threading
+
+import pytest
+
+from nbdsnap.verify import nbd, nbdconn, nbdproto
+
+KiB = 1024
+SIZE = 1024 * KiB
+READ = 64 * KiB
+
+
+def recv_exactly(conn, n):
+    data = b""
+    while len(data) < n:
+        more = conn.recv(n - len(data))
+        if not more:
+            raise OSError("client went away")
+        data += more
+    return data
+
+
+def option_reply(conn, option, rtype, data=b""):
+    conn.sendall(struct.pack(">QIII", nbdproto.OPTION_REPLY_MAGIC, option,
+                             rtype, len(data)) + data)
+
+
+def handshake(conn):
+    """Fixed newstyle, structured replies, no meta context, GO."""
+    conn.sendall(struct.pack(">QQH", nbdproto.NBDMAGIC, nbdproto.IHAVEOPT,
+                             nbdproto.FLAG_FIXED_NEWSTYLE
+                             | nbdproto.FLAG_NO_ZEROES))
+    recv_exactly(conn, 4)
+    while True:
+        _, option, length = struct.unpack(">QII", recv_exactly(conn, 16))
+        recv_exactly(conn, length)
+        if option == nbdproto.OPT_GO:
+            option_reply(conn, option, nbdproto.REP_INFO, struct.pack(
+                ">HQH", nbdproto.INFO_EXPORT, SIZE,
+                nbdproto.FLAG_HAS_FLAGS | nbdproto.FLAG_READ_ONLY))
+            option_reply(conn, option, nbdproto.REP_ACK)
+            return
+        option_reply(conn, option, nbdproto.REP_ACK)
+
+
+def data_chunk(handle, offset, payload, done=False):
+    return struct.pack(
+        ">IHHQIQ", nbdproto.STRUCTURED_REPLY_MAGIC,
+        nbdproto.REPLY_FLAG_DONE if done else 0,
+        nbdproto.REPLY_TYPE_OFFSET_DATA, handle, 8 + len(payload),
+        offset) + payload
+
+
+def hole_chunk(handle, offset, length, done=False):
+    return struct.pack(
+        ">IHHQIQI", nbdproto.STRUCTURED_REPLY_MAGIC,
+        nbdproto.REPLY_FLAG_DONE if done else 0,
+        nbdproto.REPLY_TYPE_OFFSET_HOLE, handle, 12, offset, length)
+
+
+def done_chunk(handle):
+    return struct.pack(">IHHQI", nbdproto.STRUCTURED_REPLY_MAGIC,
+                       nbdproto.REPLY_FLAG_DONE, nbdproto.REPLY_TYPE_NONE,
+                       handle, 0)
+
+
+@pytest.fixture
+def client(monkeypatch):
+    """client(reply) -> an nbd.Client whose server answers its first read
+    with reply(handle, offset, length): the bytes of the chunks."""
+    threads = []
+
+    def make(reply):
+        ours, theirs = socket.socketpair()
+        ours.settimeout(10)
+        theirs.settimeout(10)
+
+        def serve():
+            with theirs:
+                try:
+                    handshake(theirs)
+                    _, _, cmd, handle, offset, length = struct.unpack(
+                        ">IHHQQI", recv_exactly(theirs, 28))
+                    assert cmd == nbdproto.CMD_READ
+                    theirs.sendall(reply(handle, offset, length))
+                    recv_exactly(theirs, 28)    # NBD_CMD_DISC, or gone
+                except OSError:
+                    pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        threads.append(thread)
+        monkeypatch.setattr(nbdconn, "_connect", lambda *args: ours)
+        c = nbd.Client("nbd://fake/x", timeout=10)
+        assert c.structured
+        return c
+
+    yield make
+    for thread in threads:
+        thread.join(10)
+
+
+PATTERN = bytes(range(256)) * (READ // 256)
+
+
+def read(c):
+    buf = bytearray(b"\xee" * READ)
+    with c:
+        c.read_into(0, buf)
+    return bytes(buf)
+
+
+def test_data_and_hole_in_any_order(client):
+    half = READ // 2
+
+    def reply(handle, offset, length):
+        return (hole_chunk(handle, half, half)
+                + data_chunk(handle, 0, PATTERN[:half], done=True))
+
+    assert read(client(reply)) == PATTERN[:half] + bytes(half)
+
+
+def test_many_chunks_out_of_order(client):
+    cuts = [(i * 4 * KiB, 4 * KiB) for i in range(READ // (4 * KiB))]
+    order = cuts[1::2] + cuts[0::2]
+
+    def reply(handle, offset, length):
+        return b"".join(data_chunk(handle, start, PATTERN[start:start + n])
+                        for start, n in order) + done_chunk(handle)
+
+    assert read(client(reply)) == PATTERN
+
+
+@pytest.mark.parametrize("chunks", [
+    # Overlap + gap of the same size: the byte count is right, the bytes
+    # from 48 KiB on never came.
+    [("data", 0, 32), ("data", 16, 32)],
+    [("data", 32, 32), ("data", 16, 32)],     # out of order: bisect
+    [("hole", 0, 32), ("data", 24, 16), ("data", 48, 16)],
+    [("data", 8, 8), ("data", 32, 32), ("hole", 0, 8), ("hole", 0, 16)],
+])
+def test_overlapping_chunks_are_refused(client, chunks):
+    def reply(handle, offset, length):
+        out = []
+        for kind, start, n in chunks:
+            start, n = start * KiB, n * KiB
+            if kind == "data":
+                out.append(data_chunk(handle, start, PATTERN[start:start + n]))
+            else:
+                out.append(hole_chunk(handle, start, n))
+        return b"".join(out) + done_chunk(handle)
+
+    assert sum(n for _, _, n in chunks) * KiB == READ
+    with pytest.raises(nbd.NbdError, match="overlapping chunks"):
+        read(client(reply))
+
+
+def test_a_gap_is_a_short_reply(client):
+    def reply(handle, offset, length):
+        return (data_chunk(handle, 0, PATTERN[:16 * KiB])
+                + hole_chunk(handle, 32 * KiB, 32 * KiB, done=True))
+
+    with pytest.raises(nbd.NbdError, match="short reply"):
+        read(client(reply))
+
+
+def test_an_empty_hole_is_refused(client):
+    def reply(handle, offset, length):
+        return (hole_chunk(handle, 0, 0)
+                + data_chunk(handle, 0, PATTERN, done=True))
+
+    with pytest.raises(nbd.NbdError, match="empty hole chunk"):
+        read(client(reply))
