@@ -2,8 +2,9 @@
 
 Plain functions: nbd-verify run as a program and what it prints read back,
 blkhash computed the slow, obvious way (hashlib straight on bytes, sharing
-no code with nbdsnap.verify) to check its digests against, and images of
-seeded random data with zeros, or real holes, where a test wants them.
+no code with nbdsnap.verify) to check its digests against, images of
+seeded random data with zeros, or real holes, where a test wants them, and
+the server's side of an NBD handshake for a fake server.
 
 tests/conftest.py puts this folder on sys.path: ``from verifykit import run``.
 """
@@ -13,8 +14,11 @@ import os
 import random
 import re
 import socket
+import struct
 import subprocess
 import sys
+
+from nbdsnap.verify import nbdproto
 
 # blkhash's block size, written out here: the reference must not take it
 # from the code it checks.
@@ -95,3 +99,41 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def recv_exactly(conn, n):
+    """n bytes from the socket conn; OSError if the peer goes away."""
+    data = b""
+    while len(data) < n:
+        more = conn.recv(n - len(data))
+        if not more:
+            raise OSError("client went away")
+        data += more
+    return data
+
+
+def serve_handshake(conn, size, structured=False):
+    """A fake server's fixed newstyle handshake, up to NBD_OPT_GO, which
+    succeeds with an export of size bytes.  Every other option is refused
+    as unsupported, or, with structured, acknowledged (structured replies
+    then; SET_META_CONTEXT selects no context)."""
+    conn.sendall(struct.pack(
+        ">QQH", nbdproto.NBDMAGIC, nbdproto.IHAVEOPT,
+        nbdproto.FLAG_FIXED_NEWSTYLE | nbdproto.FLAG_NO_ZEROES))
+    recv_exactly(conn, 4)
+    while True:
+        _, option, length = struct.unpack(">QII", recv_exactly(conn, 16))
+        recv_exactly(conn, length)
+        if option == nbdproto.OPT_GO:
+            _option_reply(conn, option, nbdproto.REP_INFO, struct.pack(
+                ">HQH", nbdproto.INFO_EXPORT, size,
+                nbdproto.FLAG_HAS_FLAGS | nbdproto.FLAG_READ_ONLY))
+            _option_reply(conn, option, nbdproto.REP_ACK)
+            return
+        _option_reply(conn, option, nbdproto.REP_ACK if structured
+                      else nbdproto.REP_ERR_UNSUP)
+
+
+def _option_reply(conn, option, rtype, data=b""):
+    conn.sendall(struct.pack(">QIII", nbdproto.OPTION_REPLY_MAGIC, option,
+                             rtype, len(data)) + data)

@@ -22,7 +22,8 @@ import pytest
 
 from nbdsnap.verify import blkhash, nbd, nbdproto, ops, sources
 from verifykit import (assert_one_error_line, flip, free_port, make_sparse,
-                       random_data, ranges, reference, run)
+                       random_data, ranges, recv_exactly, reference, run,
+                       serve_handshake)
 
 BS = 64 * 1024
 MiB = 1024 * 1024
@@ -433,34 +434,9 @@ def fake():
         server.close()
 
 
-def recv_exactly(conn, n):
-    data = b""
-    while len(data) < n:
-        more = conn.recv(n - len(data))
-        if not more:
-            raise OSError("client went away")
-        data += more
-    return data
-
-
 def handshake(conn, size=4 * MiB):
     """Fixed newstyle; every option unsupported but GO, which succeeds."""
-    conn.sendall(struct.pack(">QQH", nbdproto.NBDMAGIC, nbdproto.IHAVEOPT,
-                             nbdproto.FLAG_FIXED_NEWSTYLE | nbdproto.FLAG_NO_ZEROES))
-    recv_exactly(conn, 4)
-    while True:
-        _, option, length = struct.unpack(">QII", recv_exactly(conn, 16))
-        recv_exactly(conn, length)
-        if option == nbdproto.OPT_GO:
-            info = struct.pack(">HQH", nbdproto.INFO_EXPORT, size,
-                               nbdproto.FLAG_HAS_FLAGS | nbdproto.FLAG_READ_ONLY)
-            conn.sendall(struct.pack(">QIII", nbdproto.OPTION_REPLY_MAGIC, option,
-                                     nbdproto.REP_INFO, len(info)) + info)
-            conn.sendall(struct.pack(">QIII", nbdproto.OPTION_REPLY_MAGIC, option,
-                                     nbdproto.REP_ACK, 0))
-            return
-        conn.sendall(struct.pack(">QIII", nbdproto.OPTION_REPLY_MAGIC, option,
-                                 nbdproto.REP_ERR_UNSUP, 0))
+    serve_handshake(conn, size)
 
 
 def next_read(conn):

@@ -13,43 +13,11 @@ import threading
 import pytest
 
 from nbdsnap.verify import nbd, nbdconn, nbdproto
+from verifykit import recv_exactly, serve_handshake
 
 KiB = 1024
 SIZE = 1024 * KiB
 READ = 64 * KiB
-
-
-def recv_exactly(conn, n):
-    data = b""
-    while len(data) < n:
-        more = conn.recv(n - len(data))
-        if not more:
-            raise OSError("client went away")
-        data += more
-    return data
-
-
-def option_reply(conn, option, rtype, data=b""):
-    conn.sendall(struct.pack(">QIII", nbdproto.OPTION_REPLY_MAGIC, option,
-                             rtype, len(data)) + data)
-
-
-def handshake(conn):
-    """Fixed newstyle, structured replies, no meta context, GO."""
-    conn.sendall(struct.pack(">QQH", nbdproto.NBDMAGIC, nbdproto.IHAVEOPT,
-                             nbdproto.FLAG_FIXED_NEWSTYLE
-                             | nbdproto.FLAG_NO_ZEROES))
-    recv_exactly(conn, 4)
-    while True:
-        _, option, length = struct.unpack(">QII", recv_exactly(conn, 16))
-        recv_exactly(conn, length)
-        if option == nbdproto.OPT_GO:
-            option_reply(conn, option, nbdproto.REP_INFO, struct.pack(
-                ">HQH", nbdproto.INFO_EXPORT, SIZE,
-                nbdproto.FLAG_HAS_FLAGS | nbdproto.FLAG_READ_ONLY))
-            option_reply(conn, option, nbdproto.REP_ACK)
-            return
-        option_reply(conn, option, nbdproto.REP_ACK)
 
 
 def data_chunk(handle, offset, payload, done=False):
@@ -87,7 +55,7 @@ def client(monkeypatch):
         def serve():
             with theirs:
                 try:
-                    handshake(theirs)
+                    serve_handshake(theirs, SIZE, structured=True)
                     _, _, cmd, handle, offset, length = struct.unpack(
                         ">IHHQQI", recv_exactly(theirs, 28))
                     assert cmd == nbdproto.CMD_READ
