@@ -169,3 +169,24 @@ def test_output_closed_early(image, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert err == "nbd-verify: output closed early (broken pipe)\n"
+
+
+def test_background_digest_of_a_shrinking_base(image, tmp_path):
+    """The hooks' freeze-time digest (hooks/digest.py, a detached child)
+    runs this code: a base that shrinks under it is a logged failure and
+    exit status 1, its manifest not written, not a death by SIGBUS."""
+    manifest = tmp_path / "m.json"
+    code = truncate_on_first_hash(image, 100000) + f"""
+import sys
+from nbdsnap.hooks import digest
+sys.exit(digest.main([{os.fspath(manifest)!r}, {os.fspath(image)!r},
+                      "sha256", "s1"]))
+"""
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, timeout=120)
+    assert_no_signal_death(cp)
+    assert cp.returncode == 1, cp.stderr
+    assert "digest of" in cp.stderr and "failed" in cp.stderr
+    assert "unexpected end of file" in cp.stderr
+    assert "Traceback" not in cp.stderr
+    assert not manifest.exists()
