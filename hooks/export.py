@@ -22,7 +22,8 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
+
+from nbdsnap.verify.files import write_atomic
 
 from . import domxml, nbd_config, qemu_img, virt
 from .errors import Error, NotFound, Unsupported
@@ -189,25 +190,8 @@ def write_file(path, text, force=False):
     if not force and not _ours(path):
         raise Unsupported("%s exists and was not written by nbdsnap export; "
                           "--force replaces it" % path)
-    folder = os.path.dirname(os.path.abspath(path))
     # The temporary name ends in .tmp: nbd-server's includedir skips it.
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp",
-                               prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, text, mode=0o644)
 
 
 def run(domain_name, targets=(), name=None, allow=(), output=None,

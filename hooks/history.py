@@ -7,8 +7,9 @@ is dropped (the file is rewritten atomically, under the history's lock).
 
 import json
 import os
-import tempfile
 import time
+
+from nbdsnap.verify.files import write_atomic
 
 from .sessions import DiskLock
 
@@ -56,12 +57,7 @@ def record(config, line, max_bytes=MAX_BYTES):
 def _trim(path):
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
-    fd, tmp = tempfile.mkstemp(prefix=".history-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(lines[len(lines) // 2:])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, "".join(lines[len(lines) // 2:]))
 
 
 def read(config):

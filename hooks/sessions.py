@@ -24,8 +24,9 @@ import json
 import os
 import secrets
 import stat
-import tempfile
 import time
+
+from nbdsnap.verify.files import write_atomic
 
 from . import procs
 from .errors import (ConfigError, CorruptState, Error, LockError,
@@ -336,22 +337,8 @@ class SessionStore:
 
     def save(self, state):
         """Write atomically: temp file 0600, fsync, rename, fsync folder."""
-        folder = self.config.sessions_dir
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state, f, sort_keys=True, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path(state["key"]))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(folder)
+        write_atomic(self._path(state["key"]),
+                     json.dumps(state, sort_keys=True, indent=2) + "\n")
 
     def delete(self, key):
         try:

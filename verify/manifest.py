@@ -43,11 +43,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import tempfile
 from typing import Iterator, NamedTuple, Optional
 
 from . import blkhash
+from .files import write_atomic
 from .errors import ManifestError
 
 FORMAT = "nbdsnap-manifest"
@@ -185,33 +184,11 @@ def dumps(manifest: Manifest) -> str:
 
 def write(path: str, manifest: Manifest) -> None:
     """Write the manifest atomically: a reader sees the old file or the new."""
-    folder = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-")
+        write_atomic(path, dumps(manifest).encode("ascii"), mode=0o644)
     except OSError as e:
         raise ManifestError(
             f"cannot write manifest {path}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(dumps(manifest))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        _unlink(tmp)
-        raise ManifestError(
-            f"cannot write manifest {path}: {e.strerror}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def loads(text, name: str) -> Manifest:
