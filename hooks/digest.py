@@ -25,6 +25,7 @@ import time
 
 from . import procs
 from .errors import Error
+from .sessions import _secure_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,23 @@ def manifest_path(config, state):
     return os.path.join(config.manifest_dir, name)
 
 
+def prepare_dir(config):
+    """Create or check manifest_dir as the other state folders: root's, not
+    writable by others, no symlink (the digest writes there as root).
+
+    0700: nbd-server opens the manifest exports as root (it must run as
+    root for the hooks), and clone hosts read manifests over NBD; block
+    digests let whoever reads them confirm a guess of a block's content,
+    so local users get nothing.
+    """
+    _secure_dir(config.manifest_dir, 0o700)
+
+
 def start(config, state, base):
     """Write the incomplete manifest and start the digest; return its info."""
     from nbdsnap.verify import blkhash, manifest, sources
     path = manifest_path(config, state)
-    os.makedirs(config.manifest_dir, mode=0o755, exist_ok=True)
+    prepare_dir(config)
     with sources.open_source(base) as source:
         size = source.size
     width = len(blkhash.Hasher(config.digest_algorithm).hexdigest())
