@@ -209,7 +209,8 @@ def _nbdsnap_parser():
     ex.add_argument("--allow", metavar="ADDR", action="append", default=[],
                     type=_allow_address,
                     help="a client address or address/prefix allowed to "
-                    "connect (repeatable); without it, every address may")
+                    "connect (repeatable, needs -o); without it, every "
+                    "address may")
     ex.add_argument("-o", "--output", metavar="FILE",
                     help="write FILE (e.g. /etc/nbd-server/conf.d/DOM.conf) "
                     "instead of printing")

@@ -14,6 +14,10 @@ path, unquoted) and then ``/bin/sh -c``: every literal part is shell-quoted
 and its ``%`` doubled, and an exportname the shell would split or
 interpret is refused.  ``--domain/--disk`` spare prerun its search of every
 domain's XML, which costs time and waits on other domains' jobs.
+
+The authfile (--allow) is written with the sections, first, and only so:
+printed sections would name an authfile that nothing writes, and
+nbd-server lets every address in when an export's authfile is missing.
 """
 
 import ipaddress
@@ -26,7 +30,7 @@ import sys
 from nbdsnap.verify.files import write_atomic
 
 from . import domxml, nbd_config, qemu_img, virt
-from .errors import Error, NotFound, Unsupported
+from .errors import ConfigError, Error, NotFound, Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +194,29 @@ def write_file(path, text, force=False):
     if not force and not _ours(path):
         raise Unsupported("%s exists and was not written by nbdsnap export; "
                           "--force replaces it" % path)
-    # The temporary name ends in .tmp: nbd-server's includedir skips it.
-    write_atomic(path, text, mode=0o644)
+    try:
+        # The temporary name ends in .tmp: nbd-server's includedir skips it.
+        write_atomic(path, text, mode=0o644)
+    except OSError as e:
+        raise ConfigError("cannot write %s: %s" % (path, e.strerror))
 
 
 def run(domain_name, targets=(), name=None, allow=(), output=None,
         force=False, folder=None, is_ours=lambda path: False, out=print,
         manifest_dir=None):
     """Print or write the sections; return the section names."""
+    if allow and output is None:
+        # Printed sections name an authfile that nothing writes; pasted or
+        # redirected into conf.d, nbd-server finds no authfile and lets
+        # every address in: the closed export asked for would be open.
+        raise ConfigError("--allow needs -o FILE, which writes the authfile "
+                          "with the sections: printed, they would name a "
+                          "missing authfile, and nbd-server then lets every "
+                          "address in")
+    where = os.path.dirname(os.path.abspath(output or "."))
+    if output is not None and not os.path.isdir(where):
+        raise ConfigError("cannot write %s: there is no folder %s"
+                          % (output, where))
     conn = virt.connect()
     try:
         found = virt.lookup(conn, name=domain_name)
@@ -213,11 +232,9 @@ def run(domain_name, targets=(), name=None, allow=(), output=None,
     if "/" in name or name.startswith("."):
         raise Unsupported("section name %r cannot name the authfile %s.allow"
                           % (name, name))
-    where = (os.path.dirname(os.path.abspath(output)) if output
-             else "/etc/nbd-server/conf.d")
-    authfile = os.path.join(where, name + ".allow")
+    authfile = os.path.join(where, name + ".allow") if allow else None
     parts = sections(domain.name, disks, name, folder or bin_dir(),
-                     authfile if allow else None, manifest_dir)
+                     authfile, manifest_dir)
     names = [n for n, _ in parts]
     text = render(domain.name, parts, allow, authfile)
     if not allow:
@@ -225,10 +242,6 @@ def run(domain_name, targets=(), name=None, allow=(), output=None,
                     "reaches nbd-server may copy %s", ", ".join(names),
                     "them" if len(names) > 1 else "it")
     if output is None:
-        if allow:
-            text += ("\n# Write the allowed clients into %s before nbd-server "
-                     "reads this:\n# without that file it lets every "
-                     "address in.\n" % authfile)
         out(text.rstrip("\n"))
         return names
     if not output.endswith(".conf"):

@@ -80,6 +80,27 @@ def test_exported_section_is_served_frozen_committed_and_guarded(virt, env):
     assert env.sessions() == [] and env.overlays() == []
 
 
+def test_printed_sections_never_serve_an_open_export(virt, env):
+    """--allow without -o: printed sections would name an authfile nothing
+    writes, and nbd-server lets every address in when it is missing."""
+    dom, base = export_domain(virt, env, start=False)
+    confd = env.path("conf.d")
+    os.mkdir(confd)
+    nbdsnap(env, "export", dom.name(), "--name", "closed", "--allow",
+            "127.0.0.2", "-o", os.path.join(confd, "closed.conf"), check=0)
+    printed = nbdsnap(env, "export", dom.name(), "--name", "printed",
+                      "--allow", "127.0.0.2")
+    with open(os.path.join(confd, "printed.conf"), "w") as f:
+        f.write(printed.stdout)                 # pasted into conf.d
+    server = included_server(virt, env, confd)
+    for name in ("closed", "printed"):
+        with pytest.raises(lab.RefusedError):
+            lab.HeldConnection(server.port, name)       # from 127.0.0.1
+    assert env.sessions() == []
+    assert printed.returncode == 2 and printed.stdout == ""
+    assert printed.stderr.count("\n") == 1 and "-o FILE" in printed.stderr
+
+
 def test_export_refuses_and_keeps_foreign_files(virt, env):
     spaced = lab.make_image(env.path("a b.raw"), 8)
     dom = virt.define(env.name("spaced"),
@@ -98,6 +119,11 @@ def test_export_refuses_and_keeps_foreign_files(virt, env):
         assert f.read() == "[generic]\n"
     nbdsnap(env, "export", dom.name(), "-o", mine, "--force", check=0)
     nbdsnap(env, "export", dom.name(), "-o", mine, check=0)   # ours now
+    # A usage error: exit 2, one line, nothing written.
+    missing = env.path("no-such-folder", "dom.conf")
+    proc = nbdsnap(env, "export", dom.name(), "--allow", "127.0.0.1", "-o",
+                   missing, check=2)
+    assert proc.stderr.count("\n") == 1 and missing in proc.stderr
     proc = nbdsnap(env, "export", dom.name(), "--disk", "vdz", check=1)
     assert "no disk vdz" in proc.stderr
 
@@ -206,3 +232,4 @@ def test_export_serves_the_manifest_when_digests_are_on(virt, env):
     assert proc.returncode == 0, proc.stderr
     held.close()
     assert_clean(env, dom, base)
+

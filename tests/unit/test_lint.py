@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from nbdsnap.hooks import export, lint, nbd_config, sessions
-from nbdsnap.hooks.errors import NotFound, Unsupported
+from nbdsnap.hooks.errors import ConfigError, NotFound, Unsupported
 
 IMAGES = "/var/lib/libvirt/images/"
 OVERLAYS = "/var/lib/nbdsnap/overlays/"
@@ -290,6 +290,24 @@ def test_write_file_is_atomic_and_keeps_foreign_files(tmp_path):
         export.write_file(str(tmp_path / "theirs.conf"), "x")
     export.write_file(str(tmp_path / "theirs.conf"), "x", force=True)
     assert sorted(os.listdir(str(tmp_path))) == ["theirs.conf", "x.conf"]
+
+
+def test_write_file_into_a_missing_folder_is_a_usage_error(tmp_path):
+    with pytest.raises(ConfigError, match="No such file") as e:
+        export.write_file(str(tmp_path / "no" / "x.conf"), export.MARK)
+    assert e.value.status == 2
+
+
+def test_allow_without_output_is_refused_before_anything(monkeypatch):
+    """Printed, the sections would name an authfile nothing writes, and
+    nbd-server lets every address in when it is missing."""
+    monkeypatch.setattr(export.virt, "connect", lambda: pytest.fail("asked"))
+    printed = []
+    with pytest.raises(ConfigError, match="--allow needs -o FILE") as e:
+        export.run("dom1", allow=["192.0.2.1"], out=printed.append)
+    assert e.value.status == 2 and printed == []
+    with pytest.raises(ConfigError, match="no folder /nonexistent"):
+        export.run("dom1", output="/nonexistent/dom1.conf")
 
 
 def test_allow_address():
