@@ -224,9 +224,9 @@ def _nbdsnap_parser():
             "includedir, the export sections) and print one line per "
             "finding, SECTION: finding: exports that are writable or "
             "copy-on-write, unpaired or unsafe hook strings, exportnames "
-            "that are no domain's disk or sit on an overlay now, no "
-            "authfile, nbd-server running as a user other than root, "
-            "AppArmor before libvirt 12.1.", 78),
+            "that are no domain's disk or sit on an overlay now, images "
+            "with a backing file, no authfile, nbd-server running as a "
+            "user other than root, AppArmor before libvirt 12.1.", 78),
         epilog="exit status: 0 no finding, 1 findings, 2 the configuration "
                "cannot be read or nbd-server would refuse it")
     li.set_defaults(run=_lint)

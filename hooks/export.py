@@ -18,6 +18,9 @@ domain's XML, which costs time and waits on other domains' jobs.
 The authfile (--allow) is written with the sections, first, and only so:
 printed sections would name an authfile that nothing writes, and
 nbd-server lets every address in when an export's authfile is missing.
+nbd-server serves the disk's file as it is: a qcow2 disk is copied as the
+qcow2 file, with the path of its backing file if it has one; a comment
+above the section and a warning say so.
 """
 
 import ipaddress
@@ -26,6 +29,7 @@ import os
 import shlex
 import shutil
 import sys
+import textwrap
 
 from nbdsnap.verify.files import write_atomic
 
@@ -85,6 +89,49 @@ def base_path(disk, is_ours):
     return base
 
 
+def served_image(disk, is_ours, info=qemu_img.info):
+    """(format, backing file or None) of the file an export of disk serves.
+
+    The domain XML says, when it lists the chain; info (qemu-img info)
+    otherwise, not for raw, which has no backing file.  None: unknown.
+    """
+    layers = disk.layers[1:] if is_ours(disk.top.path) else disk.layers
+    fmt = layers[0].format if layers else None
+    if fmt == "raw" or info is None:
+        return fmt, None
+    if len(layers) > 1 and layers[1].path:
+        return fmt, layers[1].path
+    try:
+        data = info(base_path(disk, is_ours))
+    except Error as e:
+        log.warning("disk %s: cannot tell its backing file: %s",
+                    disk.target, e)
+        return fmt, None
+    return (fmt or data.get("format"),
+            data.get("full-backing-filename") or data.get("backing-filename"))
+
+
+def what_clients_copy(disk, is_ours):
+    """served_as() of disk's export, asking qemu-img if the XML is mute."""
+    return served_as(*served_image(disk, is_ours, qemu_img.info))
+
+
+def served_as(fmt, backing):
+    """What a client copies from an export of a file of format fmt with that
+    backing file: nbd-server serves the file as it is, not the guest's view.
+    """
+    if backing:
+        return ("the %s file itself, which names backing file %s: the copy "
+                "holds only what differs from it and is of no use where "
+                "that file is missing" % (fmt or "image", backing))
+    if fmt == "raw":
+        return "the raw disk"
+    if fmt is None:
+        return "the disk's file as it is (format unknown)"
+    return ("the %s file itself, not the disk the guest sees: keep the copy "
+            "as a %s file" % (fmt, fmt))
+
+
 def choose(domain, targets, is_ours):
     """[(target, base path)] of the disks to export, or a clear refusal."""
     if targets:
@@ -135,10 +182,12 @@ def manifest_section(domain, target, section, manifest_dir, authfile):
             nbd_config.format_section(section + ".manifest", items))
 
 
-def sections(domain, disks, name, folder, authfile=None, manifest_dir=None):
+def sections(domain, disks, name, folder, authfile=None, manifest_dir=None,
+             notes=None):
     """[(section name, text)] for disks = [(target, base path)], and for
-    each its manifest export when manifest_dir is given (digest = on)."""
-    result = []
+    each its manifest export when manifest_dir is given (digest = on).
+    notes: {target: what a client copies}, a comment above the section."""
+    result, notes = [], notes or {}
     for target, path in disks:
         section = name if len(disks) == 1 else "%s-%s" % (name, target)
         items = [("exportname", path), ("readonly", True)]
@@ -153,7 +202,9 @@ def sections(domain, disks, name, folder, authfile=None, manifest_dir=None):
             pieces, bad = nbd_config.printf_parts(hook)
             assert len(pieces) == 2 and not bad, hook
         try:
-            text = nbd_config.format_section(section, items)
+            text = nbd_config.format_section(section, items, textwrap.wrap(
+                "Clients copy %s." % notes[target], 76, break_on_hyphens=False,
+                break_long_words=False) if target in notes else ())
         except ValueError as e:
             raise Unsupported("%s; choose another with --name" % e)
         result.append((section, text))
@@ -233,9 +284,17 @@ def run(domain_name, targets=(), name=None, allow=(), output=None,
         raise Unsupported("section name %r cannot name the authfile %s.allow"
                           % (name, name))
     authfile = os.path.join(where, name + ".allow") if allow else None
+    notes = {}
+    for target, _ in disks:
+        fmt, backing = served_image(domxml.find_disk(domain, target), is_ours)
+        if fmt != "raw":
+            notes[target] = served_as(fmt, backing)
     parts = sections(domain.name, disks, name, folder or bin_dir(),
-                     authfile, manifest_dir)
+                     authfile, manifest_dir, notes)
     names = [n for n, _ in parts]
+    for target, note in notes.items():
+        log.warning("disk %s of domain %s: clients copy %s", target,
+                    domain.name, note)
     text = render(domain.name, parts, allow, authfile)
     if not allow:
         log.warning("%s: no --allow, so no authfile: every address that "

@@ -148,8 +148,10 @@ class Freezer:
                 base_type=match.disk.top.type,
                 base_format=match.disk.top.format)
             self.store.save(state)
+            from .export import what_clients_copy
             log.info("%s: domain is shut off, nothing to snapshot; frozen "
-                     "for pid %d", describe(state), holder.pid)
+                     "for pid %d; clients copy %s", describe(state),
+                     holder.pid, what_clients_copy(match.disk, self.is_ours))
             return self._start_digest(state)
         if dstate not in (virt.RUNNING, virt.PAUSED):
             raise Unsupported("%s: domain is %s; it can be frozen only when "
@@ -173,9 +175,11 @@ class Freezer:
         # appear there between this check and libvirt's create.
         if os.path.lexists(overlay):
             raise Unsupported("overlay path %s already exists" % overlay)
+        from .export import what_clients_copy
+        copied = what_clients_copy(match.disk, self.is_ours)
         self.store.save(state)          # intent: before the snapshot call
-        log.info("%s: snapshot into %s (quiesce %s)", describe(state),
-                 overlay, quiesce)
+        log.info("%s: snapshot into %s (quiesce %s); clients copy %s",
+                 describe(state), overlay, quiesce, copied)
         try:
             consistency = self._take(dom, match.domain, match.disk.target,
                                      overlay, quiesce, state)

@@ -222,6 +222,7 @@ class Host:
     is_overlay: object          # path -> an nbdsnap overlay?
     verdict: object             # key -> session verdict, None, or "corrupt"
     error: str = ""
+    info: object = None         # path -> qemu-img info, when the XML is mute
 
 
 def check_disk(section, host, key_of):
@@ -255,16 +256,28 @@ def check_disk(section, host, key_of):
             match = locate.choose(found, path, len(host.domains))
     except Error as e:
         return [str(e)], bool(found)
+    image = check_image(match, host)
     if match.how != locate.FROZEN:
-        return [], True
+        return image, True
     overlay, state = match.disk.top.path, host.verdict(key)
     if state == sessions.LIVE:
         return ["%s runs on nbdsnap overlay %s right now: a client is "
-                "copying it" % (match, overlay)], True
+                "copying it" % (match, overlay)] + image, True
     why = ("that no session names (left by a crash)" if state is None
            else "of a %s session" % state)
     return ["%s runs on nbdsnap overlay %s %s: the next client is refused; "
-            "run 'nbdsnap recover %s'" % (match, overlay, why, path)], True
+            "run 'nbdsnap recover %s'" % (match, overlay, why, path)
+            ] + image, True
+
+
+def check_image(match, host):
+    """A finding when the export is an image with a backing file: nbd-server
+    serves the file as it is, and the copy names a backing file that a
+    clone host does not have."""
+    from .export import served_as, served_image
+    fmt, backing = served_image(match.disk, host.is_overlay, host.info)
+    return ["%s: clients copy %s" % (match, served_as(fmt, backing))] \
+        if backing else []
 
 
 def _read(path):
@@ -295,7 +308,7 @@ def host(freezer):
     """What libvirt, the kernel and qemu.conf say, for lint()."""
     import libvirt
     from lxml import etree
-    from . import virt
+    from . import qemu_img, virt
     from .errors import VirtError
 
     def verdict(key):
@@ -314,7 +327,7 @@ def host(freezer):
     except OSError:
         drivers = ["apparmor"] if on else []
     result = Host(None, libvirt.getVersion(), drivers, on, freezer.is_ours,
-                  verdict)
+                  verdict, info=qemu_img.info)
     try:
         conn = virt.connect()
     except VirtError as e:

@@ -233,3 +233,53 @@ def test_export_serves_the_manifest_when_digests_are_on(virt, env):
     held.close()
     assert_clean(env, dom, base)
 
+
+def test_qcow2_and_linked_clone_exports_say_what_the_copy_is(virt, env):
+    """nbd-server serves the file: a qcow2 disk is copied as the qcow2
+    file, a linked clone as one that names a backing file."""
+    plain = lab.make_image(env.path("plain.qcow2"), 8, fmt="qcow2")
+    template = lab.make_image(env.path("template.raw"), 8, fill=0x55)
+    top = lab.make_image(env.path("top.qcow2"), 8, fmt="qcow2",
+                         backing=template)
+    qdom = virt.define(env.name("q"), [lab.disk_xml(plain, "vda",
+                                                    fmt="qcow2")],
+                       start=False)
+    clone = virt.define(env.name("clone"), [lab.disk_xml(top, "vda",
+                                                         fmt="qcow2")])
+    confd = env.path("conf.d")
+    os.mkdir(confd)
+    shown = {}
+    for dom in (qdom, clone):
+        proc = nbdsnap(env, "export", dom.name(), "--allow", "127.0.0.1",
+                       "-o", os.path.join(confd, dom.name() + ".conf"),
+                       check=0)
+        (warning,) = proc.stderr.splitlines()
+        with open(os.path.join(confd, dom.name() + ".conf")) as f:
+            above = f.read().split("[%s-vda]" % dom.name())[0]
+        shown[dom] = (warning, " ".join(above.replace("#", "").split()))
+    warning, comment = shown[qdom]
+    said = "the qcow2 file itself, not the disk the guest sees"
+    assert "clients copy " + said in warning
+    assert "Clients copy " + said in comment
+    warning, comment = shown[clone]
+    said = "the qcow2 file itself, which names backing file " + template
+    assert "clients copy " + said in warning
+    assert "Clients copy " + said in comment
+
+    server = included_server(virt, env, confd)
+    lines = nbdsnap(env, "lint", server.conf, check=1).stdout.splitlines()
+    assert lines == ["%s-vda: %s:vda: clients copy the qcow2 file itself, "
+                     "which names backing file %s: the copy holds only what "
+                     "differs from it and is of no use where that file is "
+                     "missing" % (clone.name(), clone.name(), template)]
+
+    proc = env.hook("nbd-prerun", top, check=0)
+    (line,) = [l for l in proc.stderr.splitlines() if "snapshot into" in l]
+    assert "clients copy the qcow2 file itself, which names backing file " \
+        "%s" % template in line
+    env.hook("nbd-postrun", top, check=0)
+    assert_clean(env, clone, top)
+    proc = env.hook("nbd-prerun", plain, check=0)
+    assert "clients copy the qcow2 file itself" in proc.stderr
+    env.hook("nbd-postrun", plain, check=0)
+    env.wait_clean()

@@ -108,7 +108,8 @@ def test_base_below_a_foreign_overlay(virt, env):
 
 
 # What the hook logs before it calls libvirt: an attempt, not a refusal.
-SNAPSHOT_INTO = r": snapshot into \S+ \(quiesce \w+\)$"
+SNAPSHOT_INTO = (r": snapshot into \S+ \(quiesce \w+\); clients copy the raw "
+                 r"disk$")
 
 
 @pytest.fixture
