@@ -33,7 +33,8 @@ import textwrap
 
 from nbdsnap.verify.files import write_atomic
 
-from . import domxml, nbd_config, qemu_img, virt
+from . import domxml, nbd_config, virt
+from .served import base_path, served_as, served_image
 from .errors import ConfigError, Error, NotFound, Unsupported
 
 log = logging.getLogger(__name__)
@@ -74,64 +75,6 @@ def _why_not(disk):
     return None
 
 
-def base_path(disk, is_ours):
-    """The disk's base: its top, or below nbdsnap's overlay when frozen."""
-    top = disk.top.path
-    if not is_ours(top):
-        return top
-    if disk.chain and disk.chain[0].path:
-        return disk.chain[0].path
-    base, _ = qemu_img.backing(top)
-    if not base:
-        raise Unsupported("disk %s runs on overlay %s, which has no backing "
-                          "file; run 'nbdsnap recover --all'" % (disk.target,
-                                                                 top))
-    return base
-
-
-def served_image(disk, is_ours, info=qemu_img.info):
-    """(format, backing file or None) of the file an export of disk serves.
-
-    The domain XML says, when it lists the chain; info (qemu-img info)
-    otherwise, not for raw, which has no backing file.  None: unknown.
-    """
-    layers = disk.layers[1:] if is_ours(disk.top.path) else disk.layers
-    fmt = layers[0].format if layers else None
-    if fmt == "raw" or info is None:
-        return fmt, None
-    if len(layers) > 1 and layers[1].path:
-        return fmt, layers[1].path
-    try:
-        data = info(base_path(disk, is_ours))
-    except Error as e:
-        log.warning("disk %s: cannot tell its backing file: %s",
-                    disk.target, e)
-        return fmt, None
-    return (fmt or data.get("format"),
-            data.get("full-backing-filename") or data.get("backing-filename"))
-
-
-def what_clients_copy(disk, is_ours):
-    """served_as() of disk's export, asking qemu-img if the XML is mute."""
-    return served_as(*served_image(disk, is_ours, qemu_img.info))
-
-
-def served_as(fmt, backing):
-    """What a client copies from an export of a file of format fmt with that
-    backing file: nbd-server serves the file as it is, not the guest's view.
-    """
-    if backing:
-        return ("the %s file itself, which names backing file %s: the copy "
-                "holds only what differs from it and is of no use where "
-                "that file is missing" % (fmt or "image", backing))
-    if fmt == "raw":
-        return "the raw disk"
-    if fmt is None:
-        return "the disk's file as it is (format unknown)"
-    return ("the %s file itself, not the disk the guest sees: keep the copy "
-            "as a %s file" % (fmt, fmt))
-
-
 def choose(domain, targets, is_ours):
     """[(target, base path)] of the disks to export, or a clear refusal."""
     if targets:
@@ -163,6 +106,16 @@ def _checked(path):
             "command unquoted; give it a plain name (a symlink will do, the "
             "hooks match disks by identity)" % (path, " ".join(map(repr, bad))))
     return path
+
+
+def notes_of(domain, disks, is_ours):
+    """{target: what a client copies} for the disks that are not raw."""
+    notes = {}
+    for target, _ in disks:
+        fmt, backing = served_image(domxml.find_disk(domain, target), is_ours)
+        if fmt != "raw":
+            notes[target] = served_as(fmt, backing)
+    return notes
 
 
 def _q(word):
@@ -264,10 +217,11 @@ def run(domain_name, targets=(), name=None, allow=(), output=None,
                           "with the sections: printed, they would name a "
                           "missing authfile, and nbd-server then lets every "
                           "address in")
-    where = os.path.dirname(os.path.abspath(output or "."))
-    if output is not None and not os.path.isdir(where):
-        raise ConfigError("cannot write %s: there is no folder %s"
-                          % (output, where))
+    if output is not None:
+        where = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(where):
+            raise ConfigError("cannot write %s: there is no folder %s"
+                              % (output, where))
     conn = virt.connect()
     try:
         found = virt.lookup(conn, name=domain_name)
@@ -284,11 +238,7 @@ def run(domain_name, targets=(), name=None, allow=(), output=None,
         raise Unsupported("section name %r cannot name the authfile %s.allow"
                           % (name, name))
     authfile = os.path.join(where, name + ".allow") if allow else None
-    notes = {}
-    for target, _ in disks:
-        fmt, backing = served_image(domxml.find_disk(domain, target), is_ours)
-        if fmt != "raw":
-            notes[target] = served_as(fmt, backing)
+    notes = notes_of(domain, disks, is_ours)
     parts = sections(domain.name, disks, name, folder or bin_dir(),
                      authfile, manifest_dir, notes)
     names = [n for n, _ in parts]

@@ -148,7 +148,7 @@ class Freezer:
                 base_type=match.disk.top.type,
                 base_format=match.disk.top.format)
             self.store.save(state)
-            from .export import what_clients_copy
+            from .served import what_clients_copy
             log.info("%s: domain is shut off, nothing to snapshot; frozen "
                      "for pid %d; clients copy %s", describe(state),
                      holder.pid, what_clients_copy(match.disk, self.is_ours))
@@ -175,7 +175,7 @@ class Freezer:
         # appear there between this check and libvirt's create.
         if os.path.lexists(overlay):
             raise Unsupported("overlay path %s already exists" % overlay)
-        from .export import what_clients_copy
+        from .served import what_clients_copy
         copied = what_clients_copy(match.disk, self.is_ours)
         self.store.save(state)          # intent: before the snapshot call
         log.info("%s: snapshot into %s (quiesce %s); clients copy %s",

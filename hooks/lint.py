@@ -18,7 +18,7 @@ import pwd
 import re
 import shlex
 
-from . import locate, nbd_config, procs, sessions
+from . import locate, nbd_config, procs, served, sessions
 from .errors import CorruptState, Error, NotFound
 
 PRERUN, POSTRUN = "nbd-prerun", "nbd-postrun"
@@ -274,9 +274,8 @@ def check_image(match, host):
     """A finding when the export is an image with a backing file: nbd-server
     serves the file as it is, and the copy names a backing file that a
     clone host does not have."""
-    from .export import served_as, served_image
-    fmt, backing = served_image(match.disk, host.is_overlay, host.info)
-    return ["%s: clients copy %s" % (match, served_as(fmt, backing))] \
+    fmt, backing = served.served_image(match.disk, host.is_overlay, host.info)
+    return ["%s: clients copy %s" % (match, served.served_as(fmt, backing))] \
         if backing else []
 
 
