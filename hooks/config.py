@@ -1,7 +1,10 @@
 """Settings from /etc/nbdsnap.conf (or the file named by NBDSNAP_CONFIG).
 
 The file is INI with one section, ``[nbdsnap]``.  A missing default file
-means all defaults; a file named by NBDSNAP_CONFIG must exist.
+means all defaults; a file named by NBDSNAP_CONFIG must exist.  A ``#`` or
+``;`` after a blank starts a comment, as people write them after a value
+(``quiesce = try   # or require``); one with no blank before it belongs to
+the value (``/srv/a#b``).  Whatever is wrong with the file is one line.
 """
 
 import configparser
@@ -14,6 +17,8 @@ from .errors import ConfigError
 DEFAULT_PATH = "/etc/nbdsnap.conf"
 SECTION = "nbdsnap"
 QUIESCE_POLICIES = ("require", "try", "off")
+# A configuration is a few lines: more is some other file named by mistake.
+MAX_BYTES = 1 << 20
 STALE_POLICIES = ("refuse", "recover")
 
 
@@ -56,16 +61,19 @@ def load(path=None):
     """Return the Config from ``path``, NBDSNAP_CONFIG or the default file."""
     explicit = path or os.environ.get("NBDSNAP_CONFIG")
     path = explicit or DEFAULT_PATH
-    parser = configparser.ConfigParser(interpolation=None)
     try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
+        text = _read(path)
     except FileNotFoundError:
         if explicit:
             raise ConfigError("configuration file %s does not exist" % path)
         return Config(path="(defaults)")
-    except (OSError, configparser.Error) as e:
-        raise ConfigError("cannot read configuration %s: %s" % (path, e))
+    parser = configparser.ConfigParser(interpolation=None,
+                                       inline_comment_prefixes=("#", ";"))
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise ConfigError("cannot read configuration %s: %s"
+                          % (path, _parse_error(e, text)))
 
     if not parser.has_section(SECTION):
         if parser.sections():
@@ -80,6 +88,43 @@ def load(path=None):
         raise ConfigError("%s: unknown setting %s in [%s]"
                           % (path, ", ".join(unknown), SECTION))
     return _validated(values, path)
+
+
+def _read(path):
+    """The file's text; FileNotFoundError for the caller to judge."""
+    def refuse(why):
+        return ConfigError("cannot read configuration %s: %s" % (path, why))
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise refuse(e.strerror or e)
+    if len(data) > MAX_BYTES:
+        raise refuse("larger than %d bytes, not a configuration" % MAX_BYTES)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise refuse("line %d: not UTF-8 text (byte 0x%02x)"
+                     % (data.count(b"\n", 0, e.start) + 1, data[e.start]))
+
+
+def _parse_error(e, text):
+    """configparser's error in one line (its own text spans several)."""
+    if isinstance(e, configparser.MissingSectionHeaderError):
+        return ("line %d: a setting before any section header; the file "
+                "must start with [%s]" % (e.lineno, SECTION))
+    if isinstance(e, configparser.ParsingError):
+        lineno = e.errors[0][0]
+        return "line %d: not a setting: %r" % (
+            lineno, text.splitlines()[lineno - 1].strip())
+    if isinstance(e, configparser.DuplicateOptionError):
+        return "line %d: %s is set twice in [%s]" % (e.lineno, e.option,
+                                                     e.section)
+    if isinstance(e, configparser.DuplicateSectionError):
+        return "line %d: section [%s] is there twice" % (e.lineno, e.section)
+    return " ".join(str(e).split())
 
 
 def _validated(values, path):

@@ -1,5 +1,9 @@
 """nbdsnap.hooks.config: the INI settings, their defaults and their checks."""
 
+import os
+import re
+import sys
+
 import pytest
 
 from nbdsnap.hooks import config
@@ -149,3 +153,97 @@ def test_duplicate_setting_is_an_error(conf):
     conf("[nbdsnap]\nquiesce = off\nquiesce = try\n")
     with pytest.raises(ConfigError, match="cannot read configuration"):
         config.load()
+
+
+# -- the samples people copy ---------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+
+def readme_sample():
+    """The README's sample /etc/nbdsnap.conf, as a reader would copy it."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    found = re.search(r"`/etc/nbdsnap\.conf` \(optional.*?```ini\n(.*?)```",
+                      text, re.S)
+    assert found, "the README's sample /etc/nbdsnap.conf is gone"
+    return found.group(1)
+
+
+def test_the_readmes_sample_loads_as_it_reads(conf):
+    sample = readme_sample()
+    assert "#" in sample          # it does show inline comments
+    c = config.load(conf(sample))
+    assert c == config.Config(path=c.path)      # every value its default
+
+
+def test_the_installed_sample_loads_with_every_default():
+    path = os.path.join(ROOT, "contrib", "nbdsnap.conf")
+    c = config.load(path)
+    assert c == config.Config(path=path)
+
+
+@pytest.mark.parametrize("line,name,value", [
+    ("quiesce = off   # never ask the agent", "quiesce", "off"),
+    ("quiesce = off\t; never ask the agent", "quiesce", "off"),
+    ("state_dir = /srv/a#b", "state_dir", "/srv/a#b"),
+    ("state_dir = /srv/a;b", "state_dir", "/srv/a;b"),
+    ("state_dir = /srv/a#b # a comment", "state_dir", "/srv/a#b"),
+])
+def test_an_inline_comment_needs_a_blank_before_it(conf, line, name, value):
+    c = config.load(conf("[nbdsnap]\n%s\n" % line))
+    assert getattr(c, name) == value
+
+
+# -- files that are no INI text: one line each -------------------------------------
+
+def one_line_error(path):
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_binary_file_is_one_line_error(tmp_path):
+    path = tmp_path / "nbdsnap.conf"
+    path.write_bytes(b"[nbdsnap]\nstate_dir = /srv/\xff\xfe\n")
+    message = one_line_error(str(path))
+    assert message == ("cannot read configuration %s: line 2: not UTF-8 text "
+                       "(byte 0xff)" % path)
+
+
+def test_no_section_header_is_one_line_error(conf):
+    path = conf("# settings\nstate_dir = /srv/state\n")
+    message = one_line_error(path)
+    assert message == ("cannot read configuration %s: line 2: a setting "
+                       "before any section header; the file must start "
+                       "with [nbdsnap]" % path)
+
+
+def test_a_line_that_is_no_setting_is_one_line_error(conf):
+    path = conf("[nbdsnap]\nquiesce = off\njust words\nmore words\n")
+    message = one_line_error(path)
+    assert message == ("cannot read configuration %s: line 3: not a "
+                       "setting: 'just words'" % path)
+
+
+def test_a_setting_twice_is_one_line_error(conf):
+    path = conf("[nbdsnap]\nquiesce = off\nquiesce = try\n")
+    message = one_line_error(path)
+    assert message == ("cannot read configuration %s: line 3: quiesce is "
+                       "set twice in [nbdsnap]" % path)
+
+
+def test_a_section_twice_is_one_line_error(conf):
+    path = conf("[nbdsnap]\nquiesce = off\n[nbdsnap]\n")
+    message = one_line_error(path)
+    assert message == ("cannot read configuration %s: line 3: section "
+                       "[nbdsnap] is there twice" % path)
+
+
+def test_a_folder_is_one_line_error(tmp_path):
+    message = one_line_error(str(tmp_path))
+    assert message == ("cannot read configuration %s: Is a directory"
+                       % tmp_path)
