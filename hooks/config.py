@@ -149,7 +149,8 @@ def _validated(values, path):
                               % (path, values["digest"]))
         kw["digest"] = flag in ("on", "yes", "true")
     if "digest_algorithm" in values:
-        kw["digest_algorithm"] = values["digest_algorithm"].strip().lower()
+        kw["digest_algorithm"] = parse_digest_algorithm(
+            values["digest_algorithm"], path)
     for name in ("lock_timeout", "commit_timeout", "digest_timeout",
                  "quiesce_timeout"):
         if name in values:
@@ -162,6 +163,20 @@ def _validated(values, path):
                 raise ConfigError("%s: %s must be a positive number of "
                                   "seconds, not %r" % (path, name, values[name]))
     return Config(**kw)
+
+
+def parse_digest_algorithm(value, where):
+    """The manifest's hash: whatever nbd-verify -a takes on this host (a
+    fixed-size hashlib algorithm, or blake3 with its module installed), so
+    that the digest started at a freeze cannot fail on it."""
+    from nbdsnap.verify import blkhash
+    from nbdsnap.verify.errors import UnknownAlgorithm
+    value = value.strip().lower()
+    try:
+        blkhash.digest_size(value)
+    except UnknownAlgorithm as e:
+        raise ConfigError("%s: digest_algorithm: %s" % (where, e))
+    return value
 
 
 def parse_quiesce(value, where="--quiesce"):

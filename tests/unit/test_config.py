@@ -196,6 +196,45 @@ def test_an_inline_comment_needs_a_blank_before_it(conf, line, name, value):
     assert getattr(c, name) == value
 
 
+# -- digest_algorithm ------------------------------------------------------------
+
+@pytest.mark.parametrize("value,expected", [
+    ("sha256", "sha256"), ("SHA512", "sha512"), ("sha3_256", "sha3_256"),
+])
+def test_digest_algorithm_nbd_verify_takes(conf, value, expected):
+    conf("[nbdsnap]\ndigest_algorithm = %s\n" % value)
+    assert config.load().digest_algorithm == expected
+
+
+@pytest.mark.parametrize("value,why", [
+    ("md55", "unknown digest algorithm"),
+    ("shake_128", "no fixed digest size"),
+    ("", "unknown digest algorithm"),
+])
+def test_digest_algorithm_is_checked_at_load(conf, value, why):
+    conf("[nbdsnap]\ndigest_algorithm = %s\n" % value)
+    with pytest.raises(ConfigError, match="digest_algorithm: .*%s" % why):
+        config.load()
+
+
+def test_blake3_is_refused_where_its_module_is_missing(conf, monkeypatch):
+    from nbdsnap.verify import blkhash
+    monkeypatch.setitem(sys.modules, "blake3", None)    # import fails
+    blkhash._constructor.cache_clear()
+    conf("[nbdsnap]\ndigest_algorithm = blake3\n")
+    try:
+        with pytest.raises(ConfigError, match="module blake3"):
+            config.load()
+    finally:
+        blkhash._constructor.cache_clear()
+
+
+def test_blake3_is_taken_where_its_module_is_installed(conf):
+    pytest.importorskip("blake3")
+    conf("[nbdsnap]\ndigest_algorithm = blake3\n")
+    assert config.load().digest_algorithm == "blake3"
+
+
 # -- files that are no INI text: one line each -------------------------------------
 
 def one_line_error(path):
