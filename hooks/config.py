@@ -45,6 +45,8 @@ class Config:
     manifest_dir: str = "/var/lib/nbdsnap/manifests"
     # Seconds the last postrun waits for the digest before it commits.
     digest_timeout: float = 600.0
+    # The syslog daemon's socket (a container may bind it elsewhere).
+    syslog_socket: str = "/dev/log"
     # Where the configuration came from, for messages.
     path: str = ""
 
@@ -129,7 +131,8 @@ def _parse_error(e, text):
 
 def _validated(values, path):
     kw = {"path": path}
-    for name in ("state_dir", "snapshot_dir", "manifest_dir"):
+    for name in ("state_dir", "snapshot_dir", "manifest_dir",
+                 "syslog_socket"):
         if name in values:
             if not os.path.isabs(values[name]):
                 raise ConfigError("%s: %s must be an absolute path, not %r"

@@ -2,8 +2,12 @@
 
 Every record goes to syslog (facility daemon, tagged ``prog[pid]``) and to
 stderr as ``prog: message``.  nbd-server throws the hooks' output away, so
-syslog is where an operator finds what a hook decided; when /dev/log is
-missing (no syslog daemon) the hooks go on with stderr alone.
+syslog is where an operator finds what a hook decided; when the syslog
+socket is missing (no syslog daemon) the hooks go on with stderr alone.
+
+The socket is the configuration's ``syslog_socket``, read here, before the
+command reads its configuration: a configuration that cannot be read is
+itself logged, to the default socket.
 """
 
 import logging
@@ -40,10 +44,21 @@ def setup(prog, verbose=False, stderr_level=logging.INFO):
 
     try:
         syslog = _QuietSyslogHandler(
-            address=SYSLOG_SOCKET,
+            address=configured_socket(),
             facility=logging.handlers.SysLogHandler.LOG_DAEMON)
     except OSError:
         return
     syslog.ident = "%s[%d]: " % (prog, os.getpid())
     syslog.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(syslog)
+
+
+def configured_socket():
+    """The configuration's syslog_socket, or the default if it is unreadable
+    (the command then reports why, and that report must reach syslog)."""
+    from . import config
+    from .errors import Error
+    try:
+        return config.load().syslog_socket
+    except Error:
+        return SYSLOG_SOCKET

@@ -286,3 +286,16 @@ def test_a_folder_is_one_line_error(tmp_path):
     message = one_line_error(str(tmp_path))
     assert message == ("cannot read configuration %s: Is a directory"
                        % tmp_path)
+
+
+def test_syslog_socket_is_a_path(conf):
+    conf("[nbdsnap]\nsyslog_socket = /run/rsyslog//log\n")
+    assert config.load().syslog_socket == "/run/rsyslog/log"
+    assert config.Config().syslog_socket == "/dev/log"
+
+
+def test_relative_syslog_socket_is_an_error(conf):
+    conf("[nbdsnap]\nsyslog_socket = dev/log\n")
+    with pytest.raises(ConfigError, match="syslog_socket must be an "
+                                          "absolute path"):
+        config.load()
