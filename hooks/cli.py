@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import textwrap
 import threading
@@ -66,9 +67,26 @@ def _watchdog(prog, seconds):
     timer.start()
 
 
+class _HookParser(argparse.ArgumentParser):
+    """An argument error is logged too: it comes before the hook sets up
+    logging, and nbd-server throws stderr away, so a client refused for a
+    bad hook string would leave no trace of why."""
+
+    def parse_args(self, args=None, namespace=None):
+        self.given = sys.argv[1:] if args is None else list(args)
+        return super().parse_args(args, namespace)
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        log_mod.setup(self.prog)
+        log.error("bad arguments (%s): %s", shlex.join(self.given), message)
+        logging.shutdown()
+        sys.exit(2)
+
+
 def _hook_parser(prog, description, statuses):
     """The parser both hooks share: EXPORT, -v, and the exit statuses."""
-    p = argparse.ArgumentParser(
+    p = _HookParser(
         prog=prog, description=textwrap.fill(description, 78),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="%s\n\n%s" % (textwrap.fill("exit status: " + statuses, 78),

@@ -116,3 +116,44 @@ def test_a_missing_socket_leaves_stderr(folder, monkeypatch, capsys):
     log_mod.setup("nbd-postrun")
     logging.getLogger("nbdsnap").warning("left for recovery")
     assert capsys.readouterr().err == "nbd-postrun: left for recovery\n"
+
+
+# -- argument errors of the hooks ------------------------------------------------
+# nbd-server throws the hooks' stderr away: a client refused for a bad
+# hook string must leave its reason in syslog.
+
+@pytest.mark.parametrize("main,prog,argv,why", [
+    (cli.prerun_main, "nbd-prerun", ["--bogus", "/srv/a b"],
+     "unrecognized arguments: --bogus"),
+    (cli.prerun_main, "nbd-prerun", ["--domain", "d", "/srv/x"],
+     "--domain and --disk go together"),
+    (cli.prerun_main, "nbd-prerun", ["--quiesce", "never", "/srv/x"],
+     "argument --quiesce: invalid choice: 'never'"),
+    (cli.postrun_main, "nbd-postrun", [],
+     "the following arguments are required: EXPORT"),
+])
+def test_an_argument_error_of_a_hook_reaches_syslog(
+        folder, listen, monkeypatch, capsys, main, prog, argv, why):
+    ours = listen("ours")
+    write_config(folder, monkeypatch,
+                 "[nbdsnap]\nsyslog_socket = %s\n" % ours.path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    record = ours.record()
+    assert record.startswith("<%d>%s[%d]: bad arguments " % (
+        DAEMON * 8 + ERR, prog, os.getpid())), record
+    assert why in record and "\n" not in record
+    err = capsys.readouterr().err
+    assert err.startswith("usage: %s " % prog)
+    message = record[record.index("]: ") + 3:-1]
+    assert err.splitlines()[-1] == "%s: %s" % (prog, message)
+
+
+def test_the_arguments_are_in_the_record(folder, listen, monkeypatch):
+    ours = listen("ours")
+    write_config(folder, monkeypatch,
+                 "[nbdsnap]\nsyslog_socket = %s\n" % ours.path)
+    with pytest.raises(SystemExit):
+        cli.prerun_main(["--bogus", "/srv/a b"])
+    assert "bad arguments (--bogus '/srv/a b'): " in ours.record()
