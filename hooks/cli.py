@@ -16,7 +16,7 @@ import threading
 
 from . import config as config_mod
 from . import log as log_mod
-from .errors import Error
+from .errors import Error, NotRoot
 
 log = logging.getLogger("nbdsnap")
 
@@ -150,18 +150,23 @@ def postrun_main(argv=None):
     return min(_run("nbd-postrun", run, args.verbose), 1)
 
 
+NOT_ROOT = "2 when not run as root"
+
+
 def _nbdsnap_parser():
     p = argparse.ArgumentParser(
         prog="nbdsnap",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="See and repair nbdsnap's freezes of libvirt disks.",
+        description="See and repair nbdsnap's freezes of libvirt disks.  "
+                    "Run it as root (exit status %s)." % NOT_ROOT,
         epilog=EPILOG_CONFIG)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     st = sub.add_parser(
         "status", help="list sessions, holders and overlays",
         description="List every session: export, domain, disk, phase, "
                     "holders (alive or dead), overlay and its size, age and "
-                    "consistency.  Exit status 0.")
+                    "consistency.  Exit status 0, 2 for a configuration "
+                    "error, %s." % NOT_ROOT)
     st.set_defaults(run=_status)
     st.add_argument("--json", action="store_true",
                     help="machine-readable output")
@@ -176,7 +181,8 @@ def _nbdsnap_parser():
             "only if its content is in the base.  Live sessions are left "
             "alone.  Safe to run while hooks run, and twice at once.", 78),
         epilog="exit status: 0 nothing left stuck, 1 something still stuck "
-               "(see the output and syslog), 2 usage or configuration error")
+               "(see the output and syslog), 2 usage or configuration "
+               "error, %s" % NOT_ROOT)
     rc.set_defaults(run=_recover)
     what = rc.add_mutually_exclusive_group(required=True)
     what.add_argument("exports", metavar="EXPORT", nargs="*", default=[],
@@ -201,7 +207,8 @@ def _nbdsnap_parser():
         description="List every session that ended: start, length, export, "
                     "domain and disk, connections, consistency, overlay size "
                     "at the commit, commit time and result.  The history "
-                    "keeps about the last 3000 sessions.  Exit status 0.")
+                    "keeps about the last 3000 sessions.  Exit status 0, "
+                    "2 for a configuration error, %s." % NOT_ROOT)
     hi.set_defaults(run=_history)
     hi.add_argument("--json", action="store_true",
                     help="machine-readable output")
@@ -217,7 +224,8 @@ def _nbdsnap_parser():
             "shareable.", 78),
         epilog="exit status: 0 done, 1 refused (unknown domain, no disk to "
                "export, a path the hook's shell would split, a FILE not "
-               "written by nbdsnap), 2 usage or configuration error")
+               "written by nbdsnap), 2 usage or configuration error, %s"
+               % NOT_ROOT)
     ex.set_defaults(run=_export)
     ex.add_argument("domain", metavar="DOMAIN")
     ex.add_argument("--disk", metavar="TARGET", action="append", default=[],
@@ -246,7 +254,7 @@ def _nbdsnap_parser():
             "with a backing file, no authfile, nbd-server running as a "
             "user other than root, AppArmor before libvirt 12.1.", 78),
         epilog="exit status: 0 no finding, 1 findings, 2 the configuration "
-               "cannot be read or nbd-server would refuse it")
+               "cannot be read or nbd-server would refuse it, %s" % NOT_ROOT)
     li.set_defaults(run=_lint)
     li.add_argument("config", metavar="CONFIG", nargs="?",
                     default="/etc/nbd-server/config",
@@ -262,9 +270,16 @@ def nbdsnap_main(argv=None):
         p.error("recover: name EXPORTs or give --all")
     if args.command == "libvirt-hook":
         return _libvirt_hook(args)
+    def run():
+        # The sessions, their locks and libvirt's system connection are
+        # root's: what another user would see is an error or a false report.
+        if os.geteuid() != 0:
+            raise NotRoot("nbdsnap %s must run as root (the sessions, their "
+                          "locks and libvirt's system connection are root's)"
+                          % args.command)
+        return args.run(args)
     # The report goes to stdout; stderr shows only warnings and errors.
-    return _run("nbdsnap", lambda: args.run(args),
-                stderr_level=logging.WARNING)
+    return _run("nbdsnap", run, stderr_level=logging.WARNING)
 
 
 def _status(args):

@@ -19,6 +19,11 @@ class ConfigError(Error):
     status = USAGE
 
 
+class NotRoot(Error):
+    """nbdsnap run by another user: what it reads and changes is root's."""
+    status = USAGE
+
+
 class NotFound(Error):
     """The export is no domain's disk, or the named domain or disk is absent."""
 
