@@ -48,6 +48,32 @@ def _load_config():
     return config_mod.load()
 
 
+# What a hook may need beyond the waits its settings bound: libvirt's calls,
+# qemu-img, the state files.
+WATCHDOG_MARGIN = 300
+
+
+def watchdog_seconds(config, prog):
+    """How long a hook may run before _watchdog ends it: every wait it can
+    make, each at the bound of its setting, plus WATCHDOG_MARGIN.
+
+    Both hooks wait for the disk's lock.  A freeze waits for the domain's
+    lock and the agent three times (ping, freeze, thaw); a commit waits for
+    the digest, the block job and the domain's lock.  A prerun with
+    stale = recover commits the stale session before it freezes: were its
+    bound shorter than that commit, every client would restart the same
+    commit and be refused when the watchdog ended it.
+    """
+    lock = config.lock_timeout
+    commit = config.digest_timeout + config.commit_timeout + lock
+    if prog == "nbd-postrun":
+        return lock + commit + WATCHDOG_MARGIN
+    freeze = lock + 3 * config.quiesce_timeout
+    if config.stale == "recover":
+        freeze += commit
+    return lock + freeze + WATCHDOG_MARGIN
+
+
 def _watchdog(prog, seconds):
     """End this hook if libvirt or QEMU stop answering, rather than hold the
     disk's lock and the client without end.
@@ -120,8 +146,7 @@ def prerun_main(argv=None):
     def run():
         from .freeze import Freezer
         config = _load_config()
-        _watchdog("nbd-prerun", config.lock_timeout
-                  + 3 * config.quiesce_timeout + 300)
+        _watchdog("nbd-prerun", watchdog_seconds(config, "nbd-prerun"))
         Freezer(config).prerun(args.export, quiesce=args.quiesce,
                                domain=args.domain, disk=args.disk)
         return 0
@@ -141,8 +166,7 @@ def postrun_main(argv=None):
     def run():
         from .freeze import Freezer
         config = _load_config()
-        _watchdog("nbd-postrun", config.lock_timeout + config.digest_timeout
-                  + config.commit_timeout + 300)
+        _watchdog("nbd-postrun", watchdog_seconds(config, "nbd-postrun"))
         Freezer(config).postrun(args.export)
         return 0
     # 0 or 1 only (DESIGN.md): a configuration error also leaves the

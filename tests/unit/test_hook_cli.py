@@ -58,3 +58,65 @@ def test_help_needs_no_root():
 def test_status_as_root_still_exits_0(capsys):
     assert cli.nbdsnap_main(["status"]) == 0
     assert "no sessions" in capsys.readouterr().out
+
+
+# -- the watchdog's bounds -------------------------------------------------------
+
+def settings(**kw):
+    return config.Config(**dict(dict(lock_timeout=120, quiesce_timeout=10,
+                                     digest_timeout=600,
+                                     commit_timeout=600), **kw))
+
+
+@pytest.mark.parametrize("prog,stale,seconds", [
+    # disk lock + domain lock + ping, freeze, thaw + margin
+    ("nbd-prerun", "refuse", 120 + 120 + 3 * 10 + 300),
+    # ... + the stale session's commit first: digest, commit, domain lock
+    ("nbd-prerun", "recover", 120 + 120 + 3 * 10 + 300 + 600 + 600 + 120),
+    # disk lock + digest + commit + domain lock + margin
+    ("nbd-postrun", "refuse", 120 + 600 + 600 + 120 + 300),
+    ("nbd-postrun", "recover", 120 + 600 + 600 + 120 + 300),
+])
+def test_watchdog_seconds(prog, stale, seconds):
+    assert cli.watchdog_seconds(settings(stale=stale), prog) == seconds
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"commit_timeout": 7200}, {"digest_timeout": 3600},
+    {"lock_timeout": 1}, {"quiesce_timeout": 60}])
+def test_a_prerun_that_recovers_outlasts_the_commit_it_finishes(kw):
+    # Shorter, and every client would restart the same commit and be
+    # refused when the watchdog ends it.
+    c = settings(stale="recover", **kw)
+    assert (cli.watchdog_seconds(c, "nbd-prerun")
+            > cli.watchdog_seconds(c, "nbd-postrun")
+            + 3 * c.quiesce_timeout)
+
+
+@pytest.mark.parametrize("main,prog", [(cli.prerun_main, "nbd-prerun"),
+                                       (cli.postrun_main, "nbd-postrun")])
+def test_the_hooks_arm_the_watchdog_with_these_bounds(monkeypatch, tmp_path,
+                                                      main, prog):
+    path = tmp_path / "recover.conf"
+    path.write_text("[nbdsnap]\nstale = recover\nlock_timeout = 30\n"
+                    "commit_timeout = 1000\ndigest_timeout = 100\n"
+                    "quiesce_timeout = 5\n")
+    monkeypatch.setenv("NBDSNAP_CONFIG", str(path))
+    armed = []
+    monkeypatch.setattr(cli, "_watchdog", lambda p, s: armed.append((p, s)))
+
+    class Freezer:
+        def __init__(self, config):
+            pass
+
+        def prerun(self, export, **kw):
+            pass
+
+        def postrun(self, export):
+            pass
+    from nbdsnap.hooks import freeze
+    monkeypatch.setattr(freeze, "Freezer", Freezer)
+    assert main(["/srv/x"]) == 0
+    expected = {"nbd-prerun": 30 + 30 + 15 + 300 + 100 + 1000 + 30,
+                "nbd-postrun": 30 + 100 + 1000 + 30 + 300}
+    assert armed == [(prog, expected[prog])]
