@@ -1,5 +1,6 @@
 """The man pages build without warnings and name every option --help has."""
 
+import dataclasses
 import glob
 import os
 import re
@@ -56,17 +57,75 @@ def test_page_builds_without_warnings(page):
 
 
 def help_options(module, func, *sub):
+    """The options --help lists (its option column), short and long.
+
+    --help must exit 0 and print a usage: an import error or a crash
+    prints nothing, which would otherwise pass as "no options".
+    """
     code = ("import sys; from %s import %s as m; sys.argv[0] = 'x'; "
             "m(%r)" % (module, func, list(sub) + ["--help"]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                         text=True).stdout
-    return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", out)) - {"--help"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, (module, func, sub, proc.stderr)
+    assert proc.stdout.startswith("usage: "), (module, func, sub)
+    options = set()
+    for line in proc.stdout.splitlines():
+        column = re.match(r"  (-\S.*?)(?:\s{2,}|$)", line)
+        if column:
+            options.update(OPTION.findall(column.group(1)))
+    assert options, (module, func, sub)
+    return options
+
+
+OPTION = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
+SELF_EVIDENT = {"-h", "--help"}
+
+
+def read_page(page):
+    with open(os.path.join(MAN, page + ".rst"), encoding="utf-8") as f:
+        return f.read()
+
+
+def declared_options(text):
+    """Options on the page's unindented lines: the synopsis and the terms
+    of OPTIONS and COMMANDS, where a page says what a command takes (its
+    indented prose may name another command's options)."""
+    found = set()
+    for line in text.splitlines():
+        if line.startswith(("**", "| **", "*")):
+            found.update(re.findall(r"\*\*(--?[A-Za-z][\w-]*)\*\*", line))
+    return found
+
+
+def page_help_options(page):
+    options = set()
+    for module, func, *sub in COMMANDS[page]:
+        options |= help_options(module, func, *sub)
+    return options
 
 
 @pytest.mark.parametrize("page", sorted(COMMANDS))
 def test_page_names_every_option_of_help(page):
-    with open(os.path.join(MAN, page + ".rst"), encoding="utf-8") as f:
-        text = f.read()
-    for module, func, *sub in COMMANDS[page]:
-        for option in help_options(module, func, *sub):
-            assert "**%s**" % option in text, (page, option)
+    text = read_page(page)
+    for option in page_help_options(page) - SELF_EVIDENT:
+        assert "**%s**" % option in text, (page, option)
+
+
+@pytest.mark.parametrize("page", sorted(COMMANDS))
+def test_every_option_the_page_declares_is_in_help(page):
+    declared = declared_options(read_page(page))
+    assert declared, page
+    assert declared - page_help_options(page) == set(), page
+
+
+def test_help_of_an_unimportable_command_fails_the_check():
+    with pytest.raises(AssertionError):
+        help_options("nbdsnap.hooks.no_such_module", "main")
+
+
+def test_every_setting_is_documented_and_every_documented_one_exists():
+    from nbdsnap.hooks import config
+    fields = {f.name for f in dataclasses.fields(config.Config)} - {"path"}
+    text = read_page("nbdsnap.conf.5")
+    documented = set(re.findall(r"^\*\*(\w+)\*\* = ", text, re.M))
+    assert documented == fields
