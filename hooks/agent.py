@@ -27,7 +27,7 @@ import libvirt
 import libvirt_qemu
 
 from . import virt
-from .errors import Error
+from .errors import Error, VirtError
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,48 @@ WATCH_SECONDS = 600
 WATCH_POLL = 2
 
 
+CHANNEL = "org.qemu.guest_agent.0"
+
+
+class NoChannel(VirtError):
+    """The domain has no guest agent channel: no agent can ever answer."""
+
+
 def command(dom, execute, timeout):
     """An agent command's return value, or None if the agent did not answer."""
     try:
-        out = libvirt_qemu.qemuAgentCommand(
-            dom, json.dumps({"execute": execute}), int(max(1, timeout)), 0)
+        return _call(dom, execute, timeout)
     except libvirt.libvirtError as e:
         log.debug("agent %s on %s: %s", execute, dom.name(),
                   e.get_error_message())
         return None
+
+
+def _call(dom, execute, timeout):
+    out = libvirt_qemu.qemuAgentCommand(
+        dom, json.dumps({"execute": execute}), int(max(1, timeout)), 0)
     return json.loads(out).get("return")
 
 
 def answers(dom, timeout):
-    return command(dom, "guest-ping", timeout) is not None
+    """Whether the agent answers a guest-ping within timeout.
+
+    A domain with no agent channel raises NoChannel: libvirt says so at
+    once (measured, libvirt 9: VIR_ERR_ARGUMENT_UNSUPPORTED, "QEMU guest
+    agent is not configured"), and "did not answer in 10 s" after a
+    moment would send the operator looking for a hung agent.
+    """
+    try:
+        _call(dom, "guest-ping", timeout)
+        return True
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED:
+            raise NoChannel("domain %s has no guest agent channel (%s): "
+                            "nothing can quiesce its filesystems"
+                            % (dom.name(), CHANNEL))
+        log.debug("agent guest-ping on %s: %s", dom.name(),
+                  e.get_error_message())
+        return False
 
 
 class ResponseTimeout:
@@ -121,7 +149,11 @@ def watch(uuid, seconds):
                                                              virt.PAUSED):
                 return 0            # no guest, nothing frozen
             dom = found[0]
-            if answers(dom, WATCH_POLL):
+            try:
+                answering = answers(dom, WATCH_POLL)
+            except NoChannel:       # redefined without one: nothing queued
+                return 0
+            if answering:
                 # The agent runs again: whatever it had queued is done.
                 status = thaw_if_frozen(dom, 10)
                 log.info("domain %s: agent answers again, filesystems %s",

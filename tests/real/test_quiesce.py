@@ -235,3 +235,31 @@ def test_agent_hung_between_freeze_and_thaw_is_thawed_later(virt, env,
     if proc.returncode == 0:
         env.hook("nbd-postrun", guest.data, check=0)
         assert_clean(env, dom, guest.data)
+
+
+def test_a_domain_with_no_agent_channel_is_named_so(virt, env, syslog):
+    # libvirt says at once that no agent is configured; "did not answer in
+    # 10 s" after a fraction of a second sent operators looking for a hung
+    # agent that does not exist.
+    env.configure(quiesce="try")
+    base = lab.make_image(env.path("nochan.raw"), 16, fill=0x11)
+    dom = virt.define(env.name("nochan"), [lab.disk_xml(base, "vda")])
+    why = "domain %s has no guest agent channel" % dom.name()
+    frozen = env.hook("nbd-prerun", base, check=0)
+    assert why in frozen.stderr and "did not answer" not in frozen.stderr
+    warned = lab.wait_until(
+        lambda: records(syslog, "nbd-prerun", WARNING, base, why,
+                        "crash-consistent", "quiesce = try"),
+        10, what="the fallback's warning in syslog")
+    assert len(warned) == 1, list(syslog)
+    (session,) = sessions(env)
+    assert session["consistency"] == "crash-consistent"
+    assert why in session["warning"]
+    env.hook("nbd-postrun", base, check=0)
+    env.wait_clean()
+
+    refused = env.hook("nbd-prerun", "--quiesce", "require", base, check=1)
+    assert refused.stderr.splitlines()[-1] == (
+        "nbd-prerun: %s (org.qemu.guest_agent.0): nothing can quiesce its "
+        "filesystems (quiesce = require)" % why)
+    assert env.sessions() == [] and env.overlays() == []
