@@ -169,7 +169,7 @@ def postrun_main(argv=None):
         _watchdog("nbd-postrun", watchdog_seconds(config, "nbd-postrun"))
         Freezer(config).postrun(args.export)
         return 0
-    # 0 or 1 only (DESIGN.md): a configuration error also leaves the
+    # 0 or 1 only (docs/DESIGN.md): a configuration error also leaves the
     # session for recovery.
     return min(_run("nbd-postrun", run, args.verbose), 1)
 

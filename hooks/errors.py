@@ -2,7 +2,7 @@
 
 The command line catches only Error and prints ``prog: message``; anything
 else is a bug and keeps its traceback.  Each subclass carries the exit status
-that the contract in DESIGN.md gives it.
+that the contract in docs/DESIGN.md gives it.
 """
 
 REFUSED = 1     # nbd-prerun: connection refused; nbd-postrun: left for recovery

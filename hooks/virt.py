@@ -198,8 +198,8 @@ def commit(conn, dom, target, timeout):
 
     Shallow: the overlay goes into the image right below it (the exported
     file) and no further.  A plain active commit would merge a linked
-    clone's top image into its shared template (DESIGN.md).  The pivot waits
-    for the READY event: polling the job's cur == end is not enough.  On
+    clone's top image into its shared template (docs/DESIGN.md).  The pivot
+    waits for the READY event: polling the job's cur == end is not enough.  On
     failure or timeout the job is cancelled, which leaves the domain on the
     overlay with every write in it.
     """

@@ -4,8 +4,8 @@
     .venv/bin/python -m lab.bench hooks      (one part: its section only)
 
 One domain, one nbd-server exporting its base as "ours" (our hooks), "virsh"
-(DESIGN.md's recipe) and "plain" (no hooks); the two recipes alternate in one
-run.  Prints the tables and rewrites BENCHMARKS.md, whose text says what is
+(docs/DESIGN.md's recipe) and "plain" (no hooks); the two recipes alternate in
+one run.  Prints the tables and rewrites BENCHMARKS.md, whose text says what is
 measured.  Times are reported, never asserted.
 """
 
@@ -200,7 +200,7 @@ REPORT = """\
 
 # Benchmarks
 
-Our hooks against the original recipe's `virsh` hooks (DESIGN.md, without
+Our hooks against the original recipe's `virsh` hooks (docs/DESIGN.md, without
 `--quiesce`) on one software-emulated domain (a %(size)d MiB raw base, no OS),
 alternating in one run; median (min–max) of %(reps)d runs. *Connect → first
 byte*: from the socket's connect until a first 4 KiB read returns, over one
@@ -301,7 +301,7 @@ def report(facts, r, reps):
         cpus=os.cpu_count(), load="%.2f %.2f %.2f" % os.getloadavg(),
         wins="Ours is faster in: %s." % ", ".join(wins) if wins else
         "The recipe is faster in every row it can run at all; ours wins on "
-        "what it cannot do (a multi-connection copy, DESIGN.md's list).")
+        "what it cannot do (a multi-connection copy, docs/DESIGN.md's list).")
 
 
 def main(argv=None):

@@ -129,3 +129,29 @@ def test_every_setting_is_documented_and_every_documented_one_exists():
     text = read_page("nbdsnap.conf.5")
     documented = set(re.findall(r"^\*\*(\w+)\*\* = ", text, re.M))
     assert documented == fields
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+
+def test_every_document_the_code_and_docs_cite_is_in_the_repository():
+    files = glob.glob(os.path.join(ROOT, "*.md"))
+    for folder in ("docs", "hooks", "verify", "lab", "man", "contrib"):
+        files += glob.glob(os.path.join(ROOT, folder, "**", "*.*"),
+                           recursive=True)
+    cited = {}
+    for path in files:
+        if path.endswith((".py", ".md", ".rst", ".in")):
+            with open(path, encoding="utf-8") as f:
+                # The project's documents are named in capitals
+                # (README.md); doc/proto.md is nbd's own.
+                for name in re.findall(
+                        r"(?<![\w/.-])((?:[\w-]+/)*[A-Z][A-Z0-9_]*\.md)\b",
+                        f.read()):
+                    cited.setdefault(name, path)
+    assert "docs/DESIGN.md" in cited
+    missing = {name: os.path.relpath(path, ROOT)
+               for name, path in cited.items()
+               if not os.path.exists(os.path.join(ROOT, name))}
+    assert missing == {}
