@@ -155,3 +155,13 @@ def test_every_document_the_code_and_docs_cite_is_in_the_repository():
                for name, path in cited.items()
                if not os.path.exists(os.path.join(ROOT, name))}
     assert missing == {}
+
+
+def test_the_docs_say_what_a_manifests_checksum_does_not_prove():
+    # Until TLS (nbds://) is supported, the checksum only detects damage.
+    page = " ".join(read_page("nbd-verify.1").split())
+    assert "it proves nothing against someone on the network" in page
+    assert "SECURITY\n========" in read_page("nbd-verify.1")
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    assert "not a signature, and `nbd://` is plain TCP without TLS" in readme
