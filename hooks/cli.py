@@ -12,10 +12,10 @@ import os
 import shlex
 import sys
 import textwrap
-import threading
 
 from . import config as config_mod
 from . import log as log_mod
+from . import watchdog
 from .errors import Error, NotRoot
 
 log = logging.getLogger("nbdsnap")
@@ -46,51 +46,6 @@ def _run(prog, func, verbose=False, stderr_level=logging.INFO):
 
 def _load_config():
     return config_mod.load()
-
-
-# What a hook may need beyond the waits its settings bound: libvirt's calls,
-# qemu-img, the state files.
-WATCHDOG_MARGIN = 300
-
-
-def watchdog_seconds(config, prog):
-    """How long a hook may run before _watchdog ends it: every wait it can
-    make, each at the bound of its setting, plus WATCHDOG_MARGIN.
-
-    Both hooks wait for the disk's lock.  A freeze waits for the domain's
-    lock and the agent three times (ping, freeze, thaw); a commit waits for
-    the digest, the block job and the domain's lock.  A prerun with
-    stale = recover commits the stale session before it freezes: were its
-    bound shorter than that commit, every client would restart the same
-    commit and be refused when the watchdog ended it.
-    """
-    lock = config.lock_timeout
-    commit = config.digest_timeout + config.commit_timeout + lock
-    if prog == "nbd-postrun":
-        return lock + commit + WATCHDOG_MARGIN
-    freeze = lock + 3 * config.quiesce_timeout
-    if config.stale == "recover":
-        freeze += commit
-    return lock + freeze + WATCHDOG_MARGIN
-
-
-def _watchdog(prog, seconds):
-    """End this hook if libvirt or QEMU stop answering, rather than hold the
-    disk's lock and the client without end.
-
-    A thread, because the main one may be blocked inside a libvirt call
-    (which releases the GIL); the session's intent or committing phase
-    tells recover where the hook was.
-    """
-    def expire():
-        log.critical("%s ran for more than %d s (libvirt or QEMU not "
-                     "answering?); stopping, the session is left for "
-                     "'nbdsnap recover'", prog, seconds)
-        logging.shutdown()
-        os._exit(1)
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
 
 
 class _HookParser(argparse.ArgumentParser):
@@ -146,7 +101,7 @@ def prerun_main(argv=None):
     def run():
         from .freeze import Freezer
         config = _load_config()
-        _watchdog("nbd-prerun", watchdog_seconds(config, "nbd-prerun"))
+        watchdog.arm("nbd-prerun", watchdog.seconds(config, "nbd-prerun"))
         Freezer(config).prerun(args.export, quiesce=args.quiesce,
                                domain=args.domain, disk=args.disk)
         return 0
@@ -166,7 +121,8 @@ def postrun_main(argv=None):
     def run():
         from .freeze import Freezer
         config = _load_config()
-        _watchdog("nbd-postrun", watchdog_seconds(config, "nbd-postrun"))
+        watchdog.arm("nbd-postrun", watchdog.seconds(config,
+                                                     "nbd-postrun"))
         Freezer(config).postrun(args.export)
         return 0
     # 0 or 1 only (docs/DESIGN.md): a configuration error also leaves the

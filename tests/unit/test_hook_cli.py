@@ -1,4 +1,4 @@
-"""nbdsnap.hooks.cli: exit statuses and the hooks' watchdog bounds."""
+"""nbdsnap.hooks.cli and watchdog: exit statuses, the watchdog's bounds."""
 
 import logging
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from nbdsnap.hooks import cli, config
+from nbdsnap.hooks import cli, config, watchdog
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +78,7 @@ def settings(**kw):
     ("nbd-postrun", "recover", 120 + 600 + 600 + 120 + 300),
 ])
 def test_watchdog_seconds(prog, stale, seconds):
-    assert cli.watchdog_seconds(settings(stale=stale), prog) == seconds
+    assert watchdog.seconds(settings(stale=stale), prog) == seconds
 
 
 @pytest.mark.parametrize("kw", [
@@ -88,8 +88,8 @@ def test_a_prerun_that_recovers_outlasts_the_commit_it_finishes(kw):
     # Shorter, and every client would restart the same commit and be
     # refused when the watchdog ends it.
     c = settings(stale="recover", **kw)
-    assert (cli.watchdog_seconds(c, "nbd-prerun")
-            > cli.watchdog_seconds(c, "nbd-postrun")
+    assert (watchdog.seconds(c, "nbd-prerun")
+            > watchdog.seconds(c, "nbd-postrun")
             + 3 * c.quiesce_timeout)
 
 
@@ -103,7 +103,7 @@ def test_the_hooks_arm_the_watchdog_with_these_bounds(monkeypatch, tmp_path,
                     "quiesce_timeout = 5\n")
     monkeypatch.setenv("NBDSNAP_CONFIG", str(path))
     armed = []
-    monkeypatch.setattr(cli, "_watchdog", lambda p, s: armed.append((p, s)))
+    monkeypatch.setattr(watchdog, "arm", lambda p, s: armed.append((p, s)))
 
     class Freezer:
         def __init__(self, config):
