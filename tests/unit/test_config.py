@@ -253,33 +253,21 @@ def test_a_binary_file_is_one_line_error(tmp_path):
                        "(byte 0xff)" % path)
 
 
-def test_no_section_header_is_one_line_error(conf):
-    path = conf("# settings\nstate_dir = /srv/state\n")
-    message = one_line_error(path)
-    assert message == ("cannot read configuration %s: line 2: a setting "
-                       "before any section header; the file must start "
-                       "with [nbdsnap]" % path)
-
-
-def test_a_line_that_is_no_setting_is_one_line_error(conf):
-    path = conf("[nbdsnap]\nquiesce = off\njust words\nmore words\n")
-    message = one_line_error(path)
-    assert message == ("cannot read configuration %s: line 3: not a "
-                       "setting: 'just words'" % path)
-
-
-def test_a_setting_twice_is_one_line_error(conf):
-    path = conf("[nbdsnap]\nquiesce = off\nquiesce = try\n")
-    message = one_line_error(path)
-    assert message == ("cannot read configuration %s: line 3: quiesce is "
-                       "set twice in [nbdsnap]" % path)
-
-
-def test_a_section_twice_is_one_line_error(conf):
-    path = conf("[nbdsnap]\nquiesce = off\n[nbdsnap]\n")
-    message = one_line_error(path)
-    assert message == ("cannot read configuration %s: line 3: section "
-                       "[nbdsnap] is there twice" % path)
+@pytest.mark.parametrize("text,why", [
+    ("# settings\nstate_dir = /srv/state\n",
+     "line 2: a setting before any section header; the file must start "
+     "with [nbdsnap]"),
+    ("[nbdsnap]\nquiesce = off\njust words\nmore words\n",
+     "line 3: not a setting: 'just words'"),
+    ("[nbdsnap]\nquiesce = off\nquiesce = try\n",
+     "line 3: quiesce is set twice in [nbdsnap]"),
+    ("[nbdsnap]\nquiesce = off\n[nbdsnap]\n",
+     "line 3: section [nbdsnap] is there twice"),
+], ids=["no section header", "no setting", "setting twice", "section twice"])
+def test_a_file_configparser_refuses_is_one_line_error(conf, text, why):
+    path = conf(text)
+    assert one_line_error(path) == ("cannot read configuration %s: %s"
+                                    % (path, why))
 
 
 def test_a_folder_is_one_line_error(tmp_path):
