@@ -33,9 +33,7 @@ log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 600
 WATCH_POLL = 2
-
-
-CHANNEL = "org.qemu.guest_agent.0"
+CHANNEL = "org.qemu.guest_agent.0"      # the virtio-serial port's name
 
 
 class NoChannel(VirtError):

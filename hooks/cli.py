@@ -250,6 +250,7 @@ def nbdsnap_main(argv=None):
         p.error("recover: name EXPORTs or give --all")
     if args.command == "libvirt-hook":
         return _libvirt_hook(args)
+
     def run():
         # The sessions, their locks and libvirt's system connection are
         # root's: what another user would see is an error or a false report.
