@@ -210,6 +210,26 @@ def test_refusal_and_commit_reach_syslog(virt, env, syslog):
     assert len(pids) == 2 and os.getpid() not in pids
 
 
+def test_a_bad_hook_string_refuses_and_says_why_in_syslog(virt, env,
+                                                           syslog):
+    # nbd-server throws the hook's stderr away: syslog is the only trace.
+    ERR = 3
+    image = lab.make_image(env.path("image.raw"), SIZE, fill=0x22)
+    prerun = os.path.join(lab.VENV_BIN, "nbd-prerun") + " --quiesce often %s"
+    server = lab.NbdServer(env.folder, {"vm": (image, None)}, env.vars,
+                           prerun=prerun)
+    virt.servers.append(server)         # stopped with the test's lab
+    server.start()
+    with pytest.raises(lab.RefusedError):
+        lab.HeldConnection(server.port, "vm").close()
+    refusal = lab.wait_until(
+        lambda: records(syslog, "nbd-prerun", ERR, "bad arguments (--quiesce "
+                        "often %s): " % image, "invalid choice: 'often'"),
+        10, what="the argument error in syslog")
+    assert len(refusal) == 1, list(syslog)
+    assert env.sessions() == [] and env.overlays() == []
+
+
 def test_hooks_work_without_dev_log(virt, env):
     # No syslog daemon: the socket is missing (here on every host, where
     # /dev/log may well be bound).
