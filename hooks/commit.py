@@ -129,9 +129,10 @@ def run(conn, freeze, step, timeout, merged=lambda: None,
         domain_lock=contextlib.nullcontext):
     """Carry out step; raise Stuck or CommitFailed if it cannot be done.
 
-    merged() is called once the base holds everything (after the pivot or
-    the offline commit), before the overlay is deleted: the caller records
-    it, so that a crash in between is recovered without a comparison.
+    merged() is called as soon as the base holds everything (right after
+    the pivot or the offline commit), before anything else can fail: the
+    caller records it in every later state, so that recover never compares
+    a merged overlay with a base the guest has written on since.
     domain_lock() guards the domain's definition: two disks of one domain
     committed at once (each under its own disk lock) rewrite the same
     definition, and must not undo each other's change.
@@ -139,16 +140,16 @@ def run(conn, freeze, step, timeout, merged=lambda: None,
     if step.action == KEEP:
         raise Stuck(step.why)
     if step.action == ONLINE:
-        _online(conn, step.dom, freeze, timeout)
+        _online(conn, step.dom, freeze, timeout, merged)
     elif step.action == DISCARD:
         _discard(conn, step.dom, freeze)
+        merged()
     with domain_lock():
         if step.action == OFFLINE:
-            _offline(conn, step.dom, freeze)
+            _offline(conn, step.dom, freeze, merged)
         if step.dom is not None:
             _check_definition(conn, step.dom, freeze)
         if freeze.overlay and os.path.lexists(freeze.overlay):
-            merged()
             if step.dom is not None:
                 _unused(step.dom, freeze)
             os.unlink(freeze.overlay)
@@ -177,7 +178,7 @@ def _check_backing(backing_path, freeze, where):
                                          freeze.base.path, freeze.overlay))
 
 
-def _online(conn, dom, freeze, timeout):
+def _online(conn, dom, freeze, timeout, merged):
     disk = _on(virt.reread(dom), freeze)
     if disk is None:
         raise CommitFailed("%s left the overlay while we looked" % freeze)
@@ -187,6 +188,7 @@ def _online(conn, dom, freeze, timeout):
     _check_backing(disk.chain[0].path, freeze, str(freeze))
     virt.cancel_job(dom, freeze.disk)      # one left by a killed commit
     virt.commit(conn, dom, freeze.disk, timeout)
+    merged()
     disk = domxml.find_disk(virt.reread(dom), freeze.disk)
     if disk is None or locate.key_of(disk.top.path) != freeze.key:
         raise CommitFailed("after the pivot %s is not back on its base"
@@ -194,7 +196,7 @@ def _online(conn, dom, freeze, timeout):
     virt.resume_if_io_paused(dom)
 
 
-def _offline(conn, dom, freeze):
+def _offline(conn, dom, freeze, merged):
     backing, _ = qemu_img.backing(freeze.overlay)
     if not backing:
         raise Stuck("%s: overlay %s has no backing file" % (freeze,
@@ -204,6 +206,7 @@ def _offline(conn, dom, freeze):
     # touched).  A second run after a crash commits an emptied overlay:
     # harmless.
     qemu_img.commit(freeze.overlay)
+    merged()
     _point_back(conn, dom, freeze)
 
 

@@ -346,19 +346,25 @@ class Freezer:
         self.store.save(state)
         started = time.monotonic()
         size = _size(state["overlay"])
+        # Once merged, every later state says so (the failed one too).
+        merged = {}
+
+        def record_merged():
+            merged["merged"] = True
+            self.store.save(dict(state, **merged))
         try:
             conn = virt.connect()
             try:
                 step = commit.plan(conn, freeze)
                 log.info("%s: last holder gone; %s", describe(state), step)
                 commit.run(conn, freeze, step, self.config.commit_timeout,
-                           merged=lambda: self.store.save(
-                               dict(state, merged=True)),
+                           merged=record_merged,
                            domain_lock=lambda: self.domain_lock(freeze))
             finally:
                 conn.close()
         except Error as e:
-            failed = sessions.with_phase(state, sessions.FAILED, error=str(e))
+            failed = sessions.with_phase(state, sessions.FAILED, error=str(e),
+                                         **merged)
             self.store.save(failed)
             raise CommitFailed("%s: %s; overlay %s kept, run 'nbdsnap "
                                "recover %s'" % (describe(state), e,

@@ -245,11 +245,17 @@ class Recovery:
             # commit writes into the base it reads.
             digest.finish(self.config, state)
             self.store.save(sessions.with_phase(state, sessions.COMMITTING))
+        # Once merged, every later state says so (the failed one too).
+        merged = {"merged": True} if case.freeze.merged else {}
+
+        def record_merged():
+            merged["merged"] = True
+            if state is not None:
+                self.store.save(sessions.with_phase(
+                    state, sessions.COMMITTING, **merged))
         try:
             commit.run(conn, case.freeze, step, self.config.commit_timeout,
-                       merged=lambda: state and self.store.save(
-                           sessions.with_phase(state, sessions.COMMITTING,
-                                               merged=True)),
+                       merged=record_merged,
                        domain_lock=lambda: self.freezer.domain_lock(
                            case.freeze))
         except Error as e:
@@ -258,7 +264,7 @@ class Recovery:
             log.error("recover %s: still stuck: %s", case.label, e)
             if state is not None:
                 self.store.save(sessions.with_phase(
-                    state, sessions.FAILED, error=str(e)))
+                    state, sessions.FAILED, error=str(e), **merged))
             return False
         self._end(case, state, "%s done" % step.action)
         return True

@@ -729,3 +729,35 @@ def test_managed_save_image_on_the_overlay_is_kept_until_started(virt, env):
     env.hook("nbdsnap", "recover", "--all", check=0)
     assert_clean(env, dom, base)
     assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
+
+
+def test_a_failure_after_the_pivot_keeps_merged(virt, env):
+    """The definition check after the pivot fails (an operator redefined the
+    disk meanwhile): the failed session still says merged, so that once the
+    definition is right again recover deletes the overlay without comparing
+    it with a base the guest has written on since."""
+    dom, base = export_domain(virt, env)
+    original = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    lab.guest_write(dom, "vda", 0x5a, 2 * MiB, MiB)
+    overlay = read_session(env, base)["overlay"]
+    other = lab.make_image(env.path("other.raw"), 1)
+    virt.conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                        .replace(overlay, other))
+    held.close()
+    lab.wait_until(lambda: (read_session(env, base) or {}).get("phase")
+                   == "failed", 60, what="the commit to fail")
+    state = read_session(env, base)
+    assert "is not on its base" in state["error"]
+    assert state["merged"] is True
+    assert lab.disk_source(dom, "vda") == base            # it had pivoted
+    assert os.path.exists(overlay)
+    lab.guest_write(dom, "vda", 0x6c, 2 * MiB, 4096)       # the guest goes on
+    virt.conn.defineXML(original)
+    proc = env.hook("nbdsnap", "recover", "--all", check=0)
+    assert "discard overlay" in proc.stdout
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 2 * MiB, 4096) == b"\x6c" * 4096
+    assert lab.read_range(base, 2 * MiB + 4096, MiB - 4096) == \
+        b"\x5a" * (MiB - 4096)
