@@ -1,26 +1,13 @@
-"""Putting a frozen disk back on its base, whatever happened meanwhile.
+"""Carrying out what plan.decide() chose: commit, discard, end.
 
-nbd-postrun and nbdsnap recover both call plan(), then run() the step it
-chose, under the disk's lock.  They decide from what libvirt and the disks
-show now, not from the state file alone::
-
-    domain running or paused on the overlay   -> online:  active commit, pivot
-    domain shut off, defined on the overlay   -> offline: qemu-img commit,
-                                                 definition pointed back
-    domain on its base, overlay still there   -> discard it if the commit had
-                                                 pivoted or it adds nothing
-                                                 to the base; else keep it
-    domain on its base, no overlay            -> end: nothing to merge
-    domain undefined, or in a passing state   -> keep: the overlay may hold
-                                                 the only copy of guest writes
-
-Every path deletes an overlay only once its content is in the base.
+Every path deletes an overlay only once its content is in the base, and
+hands the overlay's path to libvirt or qemu-img only after a last lstat()
+shows it is still the file nbdsnap created.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 
@@ -28,101 +15,15 @@ import libvirt
 
 from . import domxml, locate, qemu_img, virt
 from .errors import CommitFailed, Error, VirtError
+from .plan import (DISCARD, KEEP, MISSING, OFFLINE, ONLINE, REGULAR,
+                   Observation, decide, overlay_kind)
+from .plan import Freeze, plan  # noqa: F401  (what freeze.py calls)
 
 log = logging.getLogger(__name__)
-
-ONLINE = "online commit"
-OFFLINE = "offline commit"
-DISCARD = "discard overlay"
-END = "end session"
-KEEP = "keep overlay"
 
 
 class Stuck(Error):
     """Nothing safe can be done now; the overlay is kept and reported."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Freeze:
-    """What is known of one freeze, from its session or found orphaned."""
-    key: str                  # identity of the base (sessions.disk_key)
-    uuid: str | None
-    domain: str
-    disk: str
-    overlay: str | None
-    base: domxml.Layer
-    merged: bool = False      # a commit had pivoted: the base has it all
-
-    @classmethod
-    def from_session(cls, state):
-        return cls(key=state["key"], uuid=state["uuid"],
-                   domain=state["domain"], disk=state["disk"],
-                   overlay=state.get("overlay"),
-                   base=domxml.Layer(state.get("base_type") or "file",
-                                     state["base"],
-                                     state.get("base_format") or "raw"),
-                   merged=bool(state.get("merged")))
-
-    def __str__(self):
-        return "domain %s disk %s" % (self.domain, self.disk)
-
-
-@dataclasses.dataclass
-class Step:
-    action: str
-    why: str
-    dom: object = None        # the virDomain, when the domain exists
-
-    def __str__(self):
-        return "%s: %s" % (self.action, self.why)
-
-
-def _on(parsed, freeze):
-    """The disk of parsed if its top is the freeze's overlay, else None."""
-    if parsed is None or freeze.overlay is None:
-        return None
-    disk = domxml.find_disk(parsed, freeze.disk)
-    if disk is not None and disk.top.path == freeze.overlay:
-        return disk
-    return None
-
-
-def plan(conn, freeze):
-    """Decide, from libvirt and the disks now, what brings freeze back."""
-    found = virt.lookup(conn, uuid=freeze.uuid, name=freeze.domain)
-    has_overlay = bool(freeze.overlay) and os.path.lexists(freeze.overlay)
-    if found is None:
-        if has_overlay:
-            return Step(KEEP, "domain %s is undefined; its overlay %s is "
-                        "kept, it may hold the only copy of the guest's "
-                        "writes" % (freeze.domain, freeze.overlay))
-        return Step(END, "domain %s is undefined and no overlay is left"
-                    % freeze.domain)
-    dom, live = found
-    state = virt.state(dom)
-    active = state in (virt.RUNNING, virt.PAUSED)
-    if active and _on(live, freeze):
-        return Step(ONLINE, "%s is %s on overlay %s"
-                    % (freeze, state, freeze.overlay), dom)
-    if state == virt.SHUTOFF and _on(live, freeze):
-        if virt.has_managed_save(dom):
-            # Its saved memory and its save image's XML name the overlay:
-            # an offline commit would make it unable to resume.
-            return Step(KEEP, "%s is shut off with a managed save image "
-                        "that runs on overlay %s; start the domain (virsh "
-                        "start) and run recover again" % (freeze,
-                                                          freeze.overlay),
-                        dom)
-        return Step(OFFLINE, "%s is shut off and defined on overlay %s"
-                    % (freeze, freeze.overlay), dom)
-    if not active and state != virt.SHUTOFF:
-        return Step(KEEP, "domain %s is %s; run recover again once it is "
-                    "running or shut off" % (freeze.domain, state), dom)
-    if has_overlay:
-        return Step(DISCARD, "%s is back on its base, overlay %s is still "
-                    "there" % (freeze, freeze.overlay), dom)
-    return Step(END, "%s is on its base and no overlay is left" % freeze,
-                dom)
 
 
 def run(conn, freeze, step, timeout, merged=lambda: None,
@@ -142,17 +43,25 @@ def run(conn, freeze, step, timeout, merged=lambda: None,
     if step.action == ONLINE:
         _online(conn, step.dom, freeze, timeout, merged)
     elif step.action == DISCARD:
-        _discard(conn, step.dom, freeze)
         merged()
     with domain_lock():
         if step.action == OFFLINE:
             _offline(conn, step.dom, freeze, merged)
         if step.dom is not None:
             _check_definition(conn, step.dom, freeze)
-        if freeze.overlay and os.path.lexists(freeze.overlay):
+        if overlay_kind(freeze.overlay) != MISSING:
+            _unchanged(freeze)
             if step.dom is not None:
                 _unused(step.dom, freeze)
             os.unlink(freeze.overlay)
+
+
+def _unchanged(freeze):
+    """The overlay must still be the file we created, right before libvirt
+    or qemu-img is handed its path (they follow a symlink and chown)."""
+    kind = overlay_kind(freeze.overlay)
+    if kind not in (MISSING, REGULAR):
+        raise Stuck(decide(Observation(overlay=kind), freeze)[1])
 
 
 def _unused(dom, freeze):
@@ -171,6 +80,14 @@ def _unused(dom, freeze):
                                    % (freeze, disk.target, freeze.overlay))
 
 
+def _on(parsed, freeze):
+    """The disk of parsed if its top is the freeze's overlay, else None."""
+    disk = domxml.find_disk(parsed, freeze.disk)
+    if disk is not None and freeze.overlay and disk.top.path == freeze.overlay:
+        return disk
+    return None
+
+
 def _check_backing(backing_path, freeze, where):
     if locate.key_of(backing_path) != freeze.key:
         raise Stuck("%s: the overlay's backing file %s is not the base %s; "
@@ -186,6 +103,7 @@ def _online(conn, dom, freeze, timeout, merged):
         raise Stuck("%s: libvirt shows no backing file under the overlay"
                     % freeze)
     _check_backing(disk.chain[0].path, freeze, str(freeze))
+    _unchanged(freeze)
     virt.cancel_job(dom, freeze.disk)      # one left by a killed commit
     virt.commit(conn, dom, freeze.disk, timeout)
     merged()
@@ -197,6 +115,7 @@ def _online(conn, dom, freeze, timeout, merged):
 
 
 def _offline(conn, dom, freeze, merged):
+    _unchanged(freeze)
     backing, _ = qemu_img.backing(freeze.overlay)
     if not backing:
         raise Stuck("%s: overlay %s has no backing file" % (freeze,
@@ -204,21 +123,12 @@ def _offline(conn, dom, freeze, merged):
     _check_backing(backing, freeze, str(freeze))
     # Into the base and no further (a linked clone's template is not
     # touched).  A second run after a crash commits an emptied overlay:
-    # harmless.
+    # harmless.  qemu-img takes the images' locks: a QEMU that has the
+    # base open makes it fail, never write under it.
     qemu_img.commit(freeze.overlay)
     merged()
-    _point_back(conn, dom, freeze)
-
-
-def _discard(conn, dom, freeze):
-    if freeze.merged:
-        return          # the commit had pivoted: everything is in the base
-    if not qemu_img.same_content(freeze.overlay, freeze.base.path,
-                                 freeze.base.format or "raw"):
-        raise Stuck("%s is on its base but overlay %s holds data the base "
-                    "lacks; kept for inspection (qemu-img compare %s %s)"
-                    % (freeze, freeze.overlay, freeze.overlay,
-                       freeze.base.path))
+    if dom is not None:
+        _point_back(conn, dom, freeze)
 
 
 def _point_back(conn, dom, freeze):

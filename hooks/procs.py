@@ -101,12 +101,31 @@ def servers_with_open(key, key_of, exclude=()):
     it has it open, a client may still be reading the frozen base, whatever
     the session files say.
     """
+    return [pid for pid, _ in users_of(key, key_of, exclude, SERVER)]
+
+
+def lineage(pid=None):
+    """pid (default ours) and its ancestors: a hook's own connection, whose
+    nbd-server child and shell hold the export open while postrun runs."""
+    pid = os.getpid() if pid is None else pid
+    found = []
+    while pid > 1 and pid not in found:
+        found.append(pid)
+        st = _stat(pid)
+        if st is None:
+            break
+        pid = st[1]
+    return found
+
+
+def users_of(key, key_of, exclude=(), comm=None):
+    """(pid, command name) of every process (named comm) with key open."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in exclude:
             continue
         st = _stat(int(name))
-        if st is None or st[0] != SERVER:
+        if st is None or comm is not None and st[0] != comm:
             continue
         folder = "/proc/%s/fd" % name
         try:
@@ -116,7 +135,7 @@ def servers_with_open(key, key_of, exclude=()):
         for fd in fds:
             try:
                 if key_of(os.path.join(folder, fd)) == key:
-                    found.append(int(name))
+                    found.append((int(name), st[0]))
                     break
             except (OSError, Error):   # a vanished fd is no match
                 continue

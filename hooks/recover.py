@@ -9,7 +9,7 @@ What it looks at, all of it, then what it was asked about:
 - every domain disk whose top is an nbdsnap overlay with no session;
 - every overlay file in snapshot_dir that no session and no domain names.
 
-Each is planned by commit.plan() from what libvirt and the disks show now,
+Each is planned by plan.plan() from what libvirt and the disks show now,
 and carried out under the base disk's lock, the same lock the hooks take,
 so recover is safe while hooks run and when two operators run it at once.
 """
@@ -23,8 +23,8 @@ import re
 import stat
 import time
 
-from . import (commit, digest, domxml, locate, procs, qemu_img, sessions,
-               virt)
+from . import (commit, digest, domxml, locate, plan, procs, qemu_img,
+               sessions, virt)
 from .errors import CorruptState, Error, NotFound
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ _OVERLAY_NAME = re.compile(
 class Case:
     key: str
     label: str                      # export path, or what we found
-    freeze: commit.Freeze | None    # None: a session with nothing to merge
+    freeze: plan.Freeze | None      # None: a session with nothing to merge
     state: dict | None = None       # the session, when there is one
 
 
@@ -57,8 +57,8 @@ def _from_overlay(path, uuid, domain, disk, key=None):
     key = key or locate.key_of(backing)
     if key is None:
         return None
-    return commit.Freeze(key=key, uuid=uuid, domain=domain, disk=disk,
-                         overlay=path, base=_base_layer(backing, fmt))
+    return plan.Freeze(key=key, uuid=uuid, domain=domain, disk=disk,
+                       overlay=path, base=_base_layer(backing, fmt))
 
 
 class Recovery:
@@ -88,7 +88,7 @@ class Recovery:
                 continue
             if state.get("overlay"):
                 overlays.add(state["overlay"])
-            freeze = (commit.Freeze.from_session(state)
+            freeze = (plan.Freeze.from_session(state)
                       if state["mode"] == sessions.ONLINE else None)
             cases.append(Case(key, state["export"], freeze, state))
         return cases, overlays
@@ -124,7 +124,7 @@ class Recovery:
                 if disk.chain and disk.chain[0].path:
                     key = locate.key_of(disk.chain[0].path)
                     if key:
-                        freeze = commit.Freeze(
+                        freeze = plan.Freeze(
                             key=key, uuid=parsed.uuid, domain=parsed.name,
                             disk=disk.target, overlay=top,
                             base=disk.chain[0])
@@ -216,7 +216,7 @@ class Recovery:
         Returns True when nothing is left stuck.
         """
         if state is not None:
-            case.freeze = (commit.Freeze.from_session(state)
+            case.freeze = (plan.Freeze.from_session(state)
                            if state["mode"] == sessions.ONLINE else None)
         if case.freeze is None:
             self._end(case, state, "nothing was snapshotted")
@@ -232,12 +232,12 @@ class Recovery:
                      "left alone until that connection ends"
                      % (case.label, ", ".join(map(str, readers))))
             return False
-        step = commit.plan(conn, case.freeze)
+        step = plan.plan(conn, case.freeze)
         if self.dry_run:
             self.out("%s: would %s" % (case.label, step))
-            if step.action == commit.KEEP:
+            if step.action == plan.KEEP:
                 self.stuck += 1
-            return step.action != commit.KEEP
+            return step.action != plan.KEEP
         self.out("%s: %s" % (case.label, step))
         log.info("recover %s: %s", case.label, step)
         if state is not None:

@@ -323,3 +323,4 @@ def has_managed_save(dom):
     except libvirt.libvirtError as e:
         raise VirtError("cannot ask whether %s has a managed save image: %s"
                         % (dom.name(), e.get_error_message()))
+

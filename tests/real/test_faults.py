@@ -688,7 +688,7 @@ def test_committing_without_merged_is_compared_not_assumed(virt, env):
     with open(path, "w") as f:
         json.dump(state, f)
     proc = env.hook("nbdsnap", "recover", "--all", check=1)
-    assert "holds data the base lacks" in proc.stdout
+    assert "without the writes in overlay" in proc.stdout
     assert os.path.exists(overlay)
     assert lab.image_reads(overlay, 0x5a, 2 * MiB, MiB)
 
@@ -731,6 +731,8 @@ def test_managed_save_image_on_the_overlay_is_kept_until_started(virt, env):
     assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
 
 
+# -- 7. a merged commit that fails, a symlink --------------------------------
+
 def test_a_failure_after_the_pivot_keeps_merged(virt, env):
     """The definition check after the pivot fails (an operator redefined the
     disk meanwhile): the failed session still says merged, so that once the
@@ -756,8 +758,38 @@ def test_a_failure_after_the_pivot_keeps_merged(virt, env):
     lab.guest_write(dom, "vda", 0x6c, 2 * MiB, 4096)       # the guest goes on
     virt.conn.defineXML(original)
     proc = env.hook("nbdsnap", "recover", "--all", check=0)
-    assert "discard overlay" in proc.stdout
+    assert "discard overlay" in proc.stdout and "pivoted" in proc.stdout
     assert_clean(env, dom, base)
     assert lab.read_range(base, 2 * MiB, 4096) == b"\x6c" * 4096
     assert lab.read_range(base, 2 * MiB + 4096, MiB - 4096) == \
         b"\x5a" * (MiB - 4096)
+
+
+def test_an_overlay_replaced_by_a_symlink_is_refused(virt, env):
+    """The live overlay's path made a symlink to another file: nothing is
+    handed to libvirt (it would chown the target), everything is kept and
+    reported, and once the file is back recover commits it."""
+    dom, base = export_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    lab.guest_write(dom, "vda", 0x5a, 0, MiB)
+    overlay = read_session(env, base)["overlay"]
+    victim = lab.make_image(env.path("victim"), 1)
+    os.chown(victim, 12345, 12345)
+    os.rename(overlay, overlay + ".moved")      # QEMU keeps its open file
+    os.symlink(victim, overlay)
+    held.close()
+    lab.wait_until(lambda: (read_session(env, base) or {}).get("phase")
+                   == "failed", 60, what="the commit to be refused")
+    assert "symlink to %s" % victim in read_session(env, base)["error"]
+    proc = env.hook("nbdsnap", "recover", "--all", check=1)
+    assert "symlink to %s" % victim in proc.stdout
+    st = os.stat(victim)
+    assert (st.st_uid, st.st_gid) == (12345, 12345)
+    assert lab.disk_source(dom, "vda") == overlay
+    assert os.path.islink(overlay)
+    os.unlink(overlay)
+    os.rename(overlay + ".moved", overlay)
+    env.hook("nbdsnap", "recover", "--all", check=0)
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 0, MiB) == b"\x5a" * MiB

@@ -8,6 +8,7 @@ that what cannot be fixed is reported by status and recover.
 import json
 import os
 import signal
+import subprocess
 
 import libvirt
 
@@ -57,6 +58,35 @@ def test_nbd_server_killed_mid_copy_is_recovered_and_serves_again(virt, env):
     lab.nbdcopy(server.uri("vm"), copy)
     assert lab.sha256(copy) == lab.sha256(base)
     assert_clean(env, dom, base)
+
+
+def test_a_snapshot_on_top_of_ours_is_kept_and_dry_run_says_so(virt, env):
+    """An operator's own disk-only snapshot on top of nbdsnap's overlay:
+    recover keeps both, says how out, and --dry-run says what the run
+    does."""
+    dom, base, _ = freeze_and_kill(virt, env, signal.SIGTERM)
+    overlay = status(env)[0]["overlay"]
+    mine = env.path("mine.qcow2")
+    subprocess.run(["virsh", "-c", lab.URI, "snapshot-create-as", dom.name(),
+                    "--disk-only", "--no-metadata", "--atomic", "--diskspec",
+                    "vda,file=%s" % mine], check=True, capture_output=True)
+    lab.guest_write(dom, "vda", 0x6d, 4 * MiB, MiB)          # into mine
+    dry = env.hook("nbdsnap", "recover", "--dry-run", "--all", check=1)
+    (line,) = [l for l in dry.stdout.splitlines() if ": would " in l]
+    assert "would keep overlay" in line and "above overlay" in line
+    run = env.hook("nbdsnap", "recover", "--all", check=1)
+    assert line.replace(": would ", ": ") in run.stdout.splitlines()
+    assert lab.disk_source(dom, "vda") == mine and os.path.exists(overlay)
+    assert "above overlay" in status(env)[0]["error"]
+    # As it says: the operator's image committed down, then recover.
+    subprocess.run(["virsh", "-c", lab.URI, "blockcommit", dom.name(), "vda",
+                    "--active", "--shallow", "--pivot"], check=True,
+                   capture_output=True, timeout=120)
+    proc = env.hook("nbdsnap", "recover", "--all", check=0)
+    assert "online commit" in proc.stdout
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
+    assert lab.read_range(base, 4 * MiB, MiB) == b"\x6d" * MiB
 
 
 def test_dry_run_prints_the_plan_and_changes_nothing(virt, env):
@@ -112,23 +142,56 @@ def test_domain_destroyed_and_started_again_during_freeze(virt, env):
     assert lab.read_range(base, MiB, MiB) == b"\x5d" * MiB
 
 
-def test_domain_undefined_during_freeze_keeps_the_overlay(virt, env):
-    dom, base = export_domain(virt, env)
+def transient_domain(virt, env):
+    """A transient domain (virsh create) on a raw base filled with 0x11:
+    (the domain, its base, its XML to create it again)."""
+    base = lab.make_image(env.path("base.raw"), 32, fill=0x11)
+    xml = lab.domain_xml(env.name("t"), [lab.disk_xml(base, "vda")])
+    dom = virt.conn.createXML(xml, 0)
+    virt.domains.append(dom)
+    return dom, base, xml
+
+
+def test_transient_domain_destroyed_during_freeze_is_committed(virt, env):
+    """Destroyed, a transient domain is undefined: nothing uses its base any
+    more, and the overlay, the only copy of its writes, goes into it."""
+    dom, base, _ = transient_domain(virt, env)
     server = serve(virt, env, {"vm": base})
     held = lab.HeldConnection(server.port, "vm")
     lab.guest_write(dom, "vda", 0x5e, 0, MiB)
     dom.destroy()
-    dom.undefine()
+    held.close()
+    env.wait_clean()
+    assert env.overlays() == []
+    assert lab.read_range(base, 0, MiB) == b"\x5e" * MiB
+    assert lab.read_range(base, MiB, MiB) == b"\x11" * MiB
+
+
+def test_transient_domain_created_again_on_its_base_keeps_the_overlay(
+        virt, env):
+    """Created again from its XML, the domain runs on its base without the
+    overlay's writes: nothing is merged under the guest, and recover says
+    how out."""
+    dom, base, xml = transient_domain(virt, env)
+    server = serve(virt, env, {"vm": base})
+    held = lab.HeldConnection(server.port, "vm")
+    lab.guest_write(dom, "vda", 0x5e, 0, MiB)
+    overlay = status(env)[0]["overlay"]
+    dom.destroy()
+    dom = virt.conn.createXML(xml, 0)
+    virt.domains.append(dom)
+    lab.guest_write(dom, "vda", 0x77, 0, 4096)
     held.close()
     lab.wait_until(lambda: status(env)[0]["phase"] == "failed", 30)
-    (entry,) = status(env)
-    assert "undefined" in entry["error"]
-    overlay = entry["overlay"]
-    assert os.path.exists(overlay)
     proc = env.hook("nbdsnap", "recover", "--all", check=1)
-    assert "undefined" in proc.stdout and overlay in proc.stdout
-    assert os.path.exists(overlay)                 # the only copy of 0x5e
-    assert lab.image_reads(overlay, 0x5e, 0, MiB)
+    assert "without the writes in overlay" in proc.stdout
+    assert "rm %s" % overlay in proc.stdout
+    assert os.path.exists(overlay)
+    assert lab.read_range(base, 0, 4096) == b"\x77" * 4096
+    assert lab.read_range(base, 4096, MiB - 4096) == b"\x11" * (MiB - 4096)
+    os.unlink(overlay)                # as it says: those writes are not wanted
+    env.hook("nbdsnap", "recover", "--all", check=0)
+    assert_clean(env, dom, base)
 
 
 def test_corrupt_state_file_is_set_aside_and_recovered(virt, env):

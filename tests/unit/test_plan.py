@@ -1,0 +1,170 @@
+"""plan.decide(): what postrun and recover do, for every row of the table
+in plan's docstring, from observations made up here (no libvirt)."""
+
+import os
+
+import pytest
+
+from nbdsnap.hooks import plan
+from nbdsnap.hooks.plan import (DISCARD, END, KEEP, MISSING, OFFLINE,
+                                  ONLINE, REGULAR, Observation)
+from nbdsnap.hooks.domxml import Disk, Layer
+
+OVERLAY = "/var/lib/nbdsnap/overlays/nbdsnap-U-vda-S.qcow2"
+BASE = "/srv/vm/base.raw"
+MINE = "/srv/vm/operator-snap.qcow2"
+
+FREEZE = plan.Freeze(key="f-1-2", uuid="U", domain="dom1", disk="vda",
+                     overlay=OVERLAY, base=Layer("file", BASE, "raw"))
+MERGED = plan.Freeze(**dict(vars(FREEZE), merged=True))
+
+
+def disk(*paths):
+    layers = [Layer("file", p, "qcow2") for p in paths]
+    return Disk(target="vda", device="disk", top=layers[0],
+                chain=tuple(layers[1:]))
+
+
+ON_OVERLAY = disk(OVERLAY, BASE)
+ON_BASE = disk(BASE)
+ABOVE = disk(MINE, OVERLAY, BASE)
+
+
+def seen(**kw):
+    kw.setdefault("overlay", REGULAR)
+    kw.setdefault("state", "running")
+    return Observation(**kw)
+
+
+@pytest.mark.parametrize("state", ["running", "paused"])
+def test_active_on_the_overlay_is_committed_online(state):
+    assert plan.decide(seen(state=state, disk=ON_OVERLAY),
+                       FREEZE)[0] == ONLINE
+
+
+def test_shut_off_on_the_overlay_is_committed_offline():
+    assert plan.decide(seen(state="shut off", disk=ON_OVERLAY),
+                       FREEZE)[0] == OFFLINE
+
+
+def test_shut_off_with_a_managed_save_image_is_kept():
+    action, why = plan.decide(seen(state="shut off", disk=ON_OVERLAY,
+                                   managed_save=True), FREEZE)
+    assert action == KEEP and "virsh start" in why
+
+
+@pytest.mark.parametrize("state", ["crashed", "suspended", "shutting down"])
+@pytest.mark.parametrize("where", [ON_OVERLAY, ON_BASE])
+def test_a_passing_state_is_kept(state, where):
+    action, why = plan.decide(seen(state=state, disk=where, adds=True),
+                              FREEZE)
+    assert action == KEEP and state in why and "run recover again" in why
+
+
+def test_on_its_base_with_no_overlay_ends():
+    assert plan.decide(seen(disk=ON_BASE, overlay=MISSING),
+                       FREEZE)[0] == END
+
+
+def test_disk_gone_and_no_overlay_ends():
+    assert plan.decide(seen(disk=None, overlay=MISSING), FREEZE)[0] == END
+
+
+def test_on_its_base_after_the_pivot_discards_without_a_comparison():
+    # adds=True: the guest wrote on after the pivot; no comparison counts.
+    action, why = plan.decide(seen(disk=ON_BASE, adds=True), MERGED)
+    assert action == DISCARD and "pivoted" in why
+
+
+@pytest.mark.parametrize("state", ["running", "shut off"])
+def test_on_its_base_with_an_overlay_that_adds_nothing_discards(state):
+    assert plan.decide(seen(state=state, disk=ON_BASE, adds=False),
+                       FREEZE)[0] == DISCARD
+
+
+@pytest.mark.parametrize("state", ["running", "shut off"])
+def test_on_its_base_with_an_overlay_that_adds_data_is_kept(state):
+    """The domain was created again on its base (a transient one, say): its
+    guest wrote on without the overlay, which must not be merged under it."""
+    action, why = plan.decide(seen(state=state, disk=ON_BASE, adds=True),
+                              FREEZE)
+    assert action == KEEP
+    assert "rm %s" % OVERLAY in why and "qemu-img compare" in why
+
+
+@pytest.mark.parametrize("state", ["running", "paused", "shut off"])
+def test_an_image_above_the_overlay_is_kept_and_says_how(state):
+    action, why = plan.decide(seen(state=state, disk=ABOVE, adds=True),
+                              FREEZE)
+    assert action == KEEP
+    assert MINE in why and "above overlay" in why
+    assert "virsh blockcommit dom1 vda --active --shallow --pivot" in why
+
+
+def test_an_image_above_a_merged_overlay_is_kept_too():
+    assert plan.decide(seen(disk=ABOVE), MERGED)[0] == KEEP
+
+
+@pytest.mark.parametrize("kind", ["symlink to /etc/shadow",
+                                  "a file with 2 hard links",
+                                  "not a regular file (mode 40700)"])
+@pytest.mark.parametrize("where", [ON_OVERLAY, ON_BASE])
+def test_an_overlay_that_is_not_our_file_is_never_handed_on(kind, where):
+    action, why = plan.decide(seen(disk=where, overlay=kind, adds=False),
+                              FREEZE)
+    assert action == KEEP and kind in why and "nothing changed" in why
+
+
+def test_undefined_with_a_symlinked_overlay_is_kept():
+    action, _ = plan.decide(Observation(overlay="symlink to /x",
+                                        defined=False), FREEZE)
+    assert action == KEEP
+
+
+def test_undefined_with_no_overlay_ends():
+    assert plan.decide(Observation(overlay=MISSING, defined=False),
+                       FREEZE)[0] == END
+
+
+def test_undefined_and_base_unused_is_committed_offline():
+    action, why = plan.decide(Observation(overlay=REGULAR, defined=False),
+                              FREEZE)
+    assert action == OFFLINE and "undefined" in why
+
+
+def test_undefined_with_its_base_in_use_is_kept_and_says_who():
+    action, why = plan.decide(
+        Observation(overlay=REGULAR, defined=False,
+                    base_users=((4242, "qemu-system-x86"),)), FREEZE)
+    assert action == KEEP and "pid 4242 (qemu-system-x86)" in why
+
+
+def test_undefined_with_a_base_written_since_is_kept_and_says_how():
+    action, why = plan.decide(
+        Observation(overlay=REGULAR, defined=False, base_newer=True), FREEZE)
+    assert action == KEEP and "older branch" in why
+    assert "qemu-img commit %s" % OVERLAY in why
+
+
+def test_from_session_reads_merged():
+    state = {"key": "k", "uuid": "U", "domain": "d", "disk": "vda",
+             "overlay": OVERLAY, "base": BASE, "merged": True}
+    assert plan.Freeze.from_session(state).merged
+    del state["merged"]
+    assert not plan.Freeze.from_session(state).merged
+
+
+# -- overlay_kind: lstat, never followed ------------------------------------
+
+def test_overlay_kind(tmp_path):
+    regular = tmp_path / "o.qcow2"
+    regular.write_bytes(b"x")
+    assert plan.overlay_kind(str(regular)) == REGULAR
+    assert plan.overlay_kind(str(tmp_path / "none")) == MISSING
+    assert plan.overlay_kind(None) == MISSING
+    link = tmp_path / "l.qcow2"
+    link.symlink_to(regular)
+    assert plan.overlay_kind(str(link)) == "symlink to %s" % regular
+    os.link(regular, tmp_path / "hard")
+    assert plan.overlay_kind(str(regular)) == "a file with 2 hard links"
+    assert plan.overlay_kind(str(tmp_path)).startswith("not a regular")
