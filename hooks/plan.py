@@ -2,7 +2,7 @@
 
 nbd-postrun and nbdsnap recover both call plan(), then commit.run() the
 step it chose, under the disk's lock.  plan() is observe() (libvirt, the
-XML, the files: all the I/O) then decide() (pure), so that --dry-run
+XML, the files, jobs: all the I/O) then decide() (pure), so that --dry-run
 prints what the run does, and every row below has a unit test::
 
     overlay a symlink, or not the one file    -> keep: nothing is handed to
@@ -12,6 +12,8 @@ prints what the run does, and every row below has a unit test::
     ... base open by a process (its domain     -> keep, say who
       created again on it, a copy)
     ... base written after the overlay         -> keep: a diverged branch
+    a libvirt job on the domain (the snapshot  -> wait for its end, JOB_WAIT
+      of a killed prerun goes on)                 at most; then keep
     domain running or paused on the overlay    -> online:  active commit, pivot
     domain shut off, defined on the overlay    -> offline: qemu-img commit,
                                                   definition pointed back
@@ -40,6 +42,12 @@ OFFLINE = "offline commit"
 DISCARD = "discard overlay"
 END = "end session"
 KEEP = "keep overlay"
+
+# How long a libvirt job on the domain (the snapshot call of a killed
+# prerun, which libvirtd carries on) may still run before plan() gives up
+# for now.  libvirt's own wait for the domain's job lock (30 s) comes on
+# top.
+JOB_WAIT = 60.0
 
 # What lstat() shows at the overlay's path.
 MISSING = "missing"
@@ -78,6 +86,7 @@ class Observation:
     defined: bool = True
     state: str | None = None      # virt.RUNNING, virt.SHUTOFF...
     disk: domxml.Disk | None = None   # the disk in the XML, None if absent
+    job: float = 0.0              # s waited in vain for a libvirt job's end
     managed_save: bool = False
     base_users: tuple = ()        # (pid, name) of processes with it open
     base_newer: bool = False      # the base was written after the overlay
@@ -126,7 +135,7 @@ def _base_newer(freeze):
             and base.st_mtime_ns > overlay.st_mtime_ns)
 
 
-def observe(conn, freeze):
+def observe(conn, freeze, job_wait=JOB_WAIT):
     """(Observation, virDomain or None): everything plan() decides from."""
     found = virt.lookup(conn, uuid=freeze.uuid, name=freeze.domain)
     if found is None:
@@ -138,6 +147,14 @@ def observe(conn, freeze):
         return Observation(overlay=kind, defined=False, base_users=users,
                            base_newer=_base_newer(freeze)), None
     dom, parsed = found
+    # The snapshot call of a killed prerun goes on in libvirtd, and what
+    # the XML shows may be about to change.  Waited for in every phase: a
+    # session that failed while it waited is still an intent, and a domain
+    # with no job (the usual case) answers at once.
+    if not virt.wait_no_job(dom, job_wait):
+        return Observation(overlay=overlay_kind(freeze.overlay),
+                           job=job_wait), dom
+    parsed = virt.reread(dom)
     kind = overlay_kind(freeze.overlay)
     state = virt.state(dom)
     disk = domxml.find_disk(parsed, freeze.disk)
@@ -166,6 +183,10 @@ def decide(seen, freeze):
                       % (freeze.overlay, seen.overlay))
     if not seen.defined:
         return _undefined(seen, freeze)
+    if seen.job:
+        return KEEP, ("domain %s still has a libvirt job after %g s (the "
+                      "snapshot of a killed nbd-prerun?); run recover again "
+                      "once it has ended" % (freeze.domain, seen.job))
     layers = [l.path for l in seen.disk.layers] if seen.disk else []
     active = seen.state in (virt.RUNNING, virt.PAUSED)
     if layers and freeze.overlay and layers[0] == freeze.overlay:
@@ -237,8 +258,8 @@ def _undefined(seen, freeze):
                                           freeze.base.path))
 
 
-def plan(conn, freeze):
+def plan(conn, freeze, job_wait=JOB_WAIT):
     """Decide, from libvirt and the disks now, what brings freeze back."""
-    seen, dom = observe(conn, freeze)
+    seen, dom = observe(conn, freeze, job_wait)
     action, why = decide(seen, freeze)
     return Step(action, why, dom)

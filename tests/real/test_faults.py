@@ -731,7 +731,76 @@ def test_managed_save_image_on_the_overlay_is_kept_until_started(virt, env):
     assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
 
 
-# -- 7. a merged commit that fails, a symlink --------------------------------
+# -- 7. a snapshot still under way, a merged commit that fails, a symlink ----
+
+def qemu_pid(dom):
+    with open("/run/libvirt/qemu/%s.pid" % dom.name()) as f:
+        return int(f.read())
+
+
+@contextlib.contextmanager
+def creation_watch(folder):
+    """wait(timeout): block until a file is created in folder (inotify: a
+    reaction within a millisecond, inside libvirt's 70 ms window)."""
+    import ctypes
+    import select
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    assert fd >= 0 and libc.inotify_add_watch(
+        fd, os.fsencode(folder), 0x100) >= 0        # IN_CREATE
+
+    def wait(timeout):
+        assert select.select([fd], [], [], timeout)[0], "nothing created"
+        os.read(fd, 4096)
+    try:
+        yield wait
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def stopped(pid):
+    """A process held with SIGSTOP, continued whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_recover_waits_for_the_snapshot_of_a_killed_prerun(virt, env):
+    """The prerun is killed once libvirt has created the overlay, and QEMU
+    is stopped there, so that libvirtd's snapshot job waits on its monitor:
+    the domain is still on its base, the overlay is there.  recover must
+    wait for the job, then see the domain on the overlay and commit it, not
+    take the overlay for a leftover."""
+    dom, base = export_domain(virt, env)
+    sessions.SessionStore(_config(env)).prepare()
+    qemu = qemu_pid(dom)
+    with creation_watch(env.snapshot_dir) as created:
+        hook = HookByHand(env, base)
+        try:
+            created(60)
+            with stopped(qemu):
+                overlay = read_session(env, base)["overlay"]
+                assert lab.disk_source(dom, "vda") == base
+                assert os.path.exists(overlay)
+                hook.kill()
+                assert hook.wait()[0] == 1
+                cmd = [hook_path("nbdsnap"), "recover", "--all"]
+                with started(cmd, env) as recover:
+                    time.sleep(3)
+                    assert recover.poll() is None, recover.communicate()
+                    os.kill(qemu, signal.SIGCONT)
+                    lab.guest_write(dom, "vda", 0x5a, 2 * MiB, MiB)
+                    out, err = recover.communicate(timeout=120)
+        finally:
+            hook.close()
+    assert recover.returncode == 0, out + err
+    assert "online commit" in out, out
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 2 * MiB, MiB) == b"\x5a" * MiB
+
 
 def test_a_failure_after_the_pivot_keeps_merged(virt, env):
     """The definition check after the pivot fails (an operator redefined the

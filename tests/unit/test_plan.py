@@ -105,6 +105,11 @@ def test_an_image_above_a_merged_overlay_is_kept_too():
     assert plan.decide(seen(disk=ABOVE), MERGED)[0] == KEEP
 
 
+def test_a_libvirt_job_that_outlives_the_wait_is_kept():
+    action, why = plan.decide(seen(job=60.0), FREEZE)
+    assert action == KEEP and "libvirt job after 60 s" in why
+
+
 @pytest.mark.parametrize("kind", ["symlink to /etc/shadow",
                                   "a file with 2 hard links",
                                   "not a regular file (mode 40700)"])
