@@ -14,7 +14,7 @@ again it freezes the guest, with nothing left to thaw it.  So:
   waits (bounded) for the agent to answer, and thaws the guest if it finds
   it frozen.
 
-Run as ``python -m nbdsnap.hooks.agent UUID SECONDS`` (the watcher).
+Run as ``python -I -m nbdsnap.hooks.agent UUID SECONDS`` (the watcher).
 """
 
 import json
@@ -26,7 +26,7 @@ import time
 import libvirt
 import libvirt_qemu
 
-from . import virt
+from . import procs, virt
 from .errors import Error, VirtError
 
 log = logging.getLogger(__name__)
@@ -113,15 +113,20 @@ def thaw_if_frozen(dom, timeout):
 
 
 def start_watcher(dom, seconds=WATCH_SECONDS):
-    """Detach a watcher that thaws the guest once its agent answers."""
-    subprocess.Popen(
-        [sys.executable, "-m", "nbdsnap.hooks.agent", dom.UUIDString(),
-         str(seconds)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    """Detach a watcher that thaws the guest once its agent answers.
+
+    Returns its procs.Holder (None if it is already gone).
+    """
+    # -I and cwd /: see digest.start.
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-m", "nbdsnap.hooks.agent",
+         dom.UUIDString(), str(seconds)],
+        cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     log.warning("domain %s: a freeze may still be queued in the guest "
                 "agent; watching it for up to %d s to thaw the guest",
                 dom.name(), seconds)
+    return procs.holder_of(proc.pid)
 
 
 def watch(uuid, seconds):

@@ -13,7 +13,7 @@ running then is stopped and its manifest stays incomplete, which
                                                      │           (complete)
     last postrun ── waits (digest_timeout) ──────────┘──► commit
 
-Run as ``python -m nbdsnap.hooks.digest MANIFEST BASE ALGORITHM SESSION``.
+Run as ``python -I -m nbdsnap.hooks.digest MANIFEST BASE ALGORITHM SESSION``.
 """
 
 import logging
@@ -66,9 +66,11 @@ def start(config, state, base):
         source="%s (session %s, digest running)" % (base, state["id"]),
         created=manifest.now()))
     cmd = ["ionice", "-c", "2", "-n", "7", "nice", "-n", "19",
-           sys.executable, "-m", "nbdsnap.hooks.digest", path, base,
+           sys.executable, "-I", "-m", "nbdsnap.hooks.digest", path, base,
            config.digest_algorithm, state["id"]]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+    # -I and cwd /: as root, never import a module planted in the caller's
+    # directory (first on sys.path) or named by PYTHONPATH.
+    proc = subprocess.Popen(cmd, cwd="/", stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True,
                             close_fds=True)

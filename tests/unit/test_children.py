@@ -1,0 +1,59 @@
+"""The hooks' detached children (digest, agent watcher) run as root: they
+must never import a module planted in the directory they were started from."""
+
+import json
+import time
+
+import pytest
+
+from nbdsnap.hooks import agent, config, digest, procs
+
+PLANTED = "open(%r, 'w').write('imported')\n"
+
+
+@pytest.fixture
+def planted(tmp_path, monkeypatch):
+    """A cwd holding a fake nbdsnap package; returns its marker file."""
+    cwd = tmp_path / "cwd"
+    (cwd / "nbdsnap").mkdir(parents=True)
+    marker = tmp_path / "planted-was-imported"
+    (cwd / "nbdsnap" / "__init__.py").write_text(PLANTED % str(marker))
+    monkeypatch.chdir(cwd)
+    return marker
+
+
+def wait_gone(holder, timeout=30):
+    deadline = time.monotonic() + timeout
+    while procs.is_alive(holder):
+        assert time.monotonic() < deadline, "child did not end"
+        time.sleep(0.05)
+
+
+def test_digest_child_ignores_a_module_planted_in_the_cwd(tmp_path, planted):
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x11" * (1 << 20))
+    conf = config.Config(manifest_dir=str(tmp_path / "manifests"))
+    state = {"id": "s1", "domain": "d", "disk": "vda"}
+    info = digest.start(conf, state, str(base))
+    wait_gone(procs.Holder.from_json(info))
+    assert not planted.exists()
+    with open(info["manifest"]) as f:
+        assert json.load(f)["complete"] is True
+
+
+class NoDomain:
+    """A domain no libvirt connection knows: the watcher ends at once."""
+
+    def UUIDString(self):
+        return "00000000-0000-4000-8000-00000000dead"
+
+    def name(self):
+        return "nodomain"
+
+
+def test_agent_watcher_ignores_a_module_planted_in_the_cwd(planted,
+                                                           monkeypatch):
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///default")
+    watcher = agent.start_watcher(NoDomain(), 5)
+    wait_gone(watcher)
+    assert not planted.exists()
