@@ -51,7 +51,10 @@ class Freezer:
 
     def domain_lock(self, freeze):
         """The lock of a domain's definition (taken after a disk's)."""
-        return self.store.lock("domain-%s" % (freeze.uuid or freeze.domain))
+        return self._domain_lock(freeze.uuid, freeze.domain)
+
+    def _domain_lock(self, uuid, name):
+        return self.store.lock("domain-%s" % (uuid or name))
 
     def is_ours(self, path):
         return (path is not None
@@ -163,6 +166,22 @@ class Freezer:
             OVERLAY_PREFIX, match.domain.uuid, match.disk.target, session_id))
 
     def _snapshot(self, dom, match, export, key, holder, base, quiesce):
+        # One snapshot of a domain at a time, and none during a commit of
+        # another of its disks: each rewrites the whole persistent
+        # definition (two at once can revert the other's disk), and the
+        # agent's response timeout is the domain's, not the disk's.
+        with self._domain_lock(match.domain.uuid, match.domain.name):
+            state = self._snapshot_locked(dom, match, export, key, holder,
+                                          base, quiesce)
+        return self._start_digest(state)
+
+    def _snapshot_locked(self, dom, match, export, key, holder, base,
+                         quiesce):
+        dstate = virt.state(dom)    # it may have changed while we waited
+        if dstate not in (virt.RUNNING, virt.PAUSED):
+            raise Unsupported("domain %s became %s while this prerun waited "
+                              "for its lock; try again"
+                              % (match.domain.name, dstate))
         state = sessions.new_session(key, export, match.domain.name,
                                      match.domain.uuid, match.disk.target,
                                      base, ONLINE, holder,
@@ -191,7 +210,7 @@ class Freezer:
         self.store.save(state)
         log.info("%s: frozen (%s) for pid %d", describe(state), consistency,
                  holder.pid)
-        return self._start_digest(state)
+        return state
 
     def _start_digest(self, state):
         """digest = on: the session's manifest, before the client reads."""

@@ -5,6 +5,8 @@ it was at the freeze, every guest write made while frozen is in the base
 after the commit, the domain is back on its base, and no overlay is left.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -33,6 +35,39 @@ def serve(virt, env, exports):
     return virt.nbd_server(env.folder, {n: (p, None)
                                         for n, p in exports.items()},
                            env.vars)
+
+
+@contextlib.contextmanager
+def held_lock(env, name):
+    """Hold the hooks' lock NAME (a disk key, or domain-UUID) as a hook would."""
+    os.makedirs(env.state_dir, mode=0o711, exist_ok=True)
+    locks = os.path.join(env.state_dir, "locks")
+    os.makedirs(locks, mode=0o700, exist_ok=True)
+    path = os.path.join(locks, name + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def has_open(pid, path):
+    """True if process pid has path open (it waits on that lock)."""
+    folder = "/proc/%d/fd" % pid
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(folder):
+            with contextlib.suppress(OSError):
+                if os.readlink(os.path.join(folder, fd)) == path:
+                    return True
+    return False
+
+
+def hook_in_background(env, name, *args):
+    return subprocess.Popen([os.path.join(lab.VENV_BIN, name)] + list(args),
+                            env=dict(os.environ, **env.vars), text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
 
 def assert_clean(env, dom, base, target="vda"):
@@ -221,3 +256,35 @@ def test_history_records_each_session(virt, env):
     assert entry["commit_seconds"] > 0 and entry["end"] > entry["start"]
     text = env.hook("nbdsnap", "history", check=0).stdout
     assert base in text and "online commit" in text
+
+
+def test_two_disks_of_one_domain_snapshot_one_at_a_time(virt, env):
+    # The snapshot rewrites the whole persistent definition and sets the
+    # domain's agent timeout: two at once could revert each other's disk.
+    other = lab.make_image(env.path("other.raw"), 8, fill=0x33)
+    dom, base = export_domain(virt, env,
+                              disks=[lab.disk_xml(other, "vdb")])
+    with held_lock(env, "domain-" + dom.UUIDString()) as lock:
+        preruns = [hook_in_background(env, "nbd-prerun", path)
+                   for path in (base, other)]
+        lab.wait_until(lambda: all(has_open(p.pid, lock) for p in preruns)
+                       or any(p.poll() is not None for p in preruns),
+                       60, what="both preruns to wait for the domain lock")
+        assert [p.poll() for p in preruns] == [None, None]
+        assert lab.disk_source(dom, "vda") == base      # no snapshot yet
+        assert lab.disk_source(dom, "vdb") == other
+    for p in preruns:
+        assert p.wait(120) == 0, p.stderr.read()
+    overlays = sorted(os.path.join(env.snapshot_dir, n)
+                      for n in env.overlays())
+    assert len(overlays) == 2
+    for inactive in (False, True):
+        assert sorted(lab.disk_source(dom, t, inactive=inactive)
+                      for t in ("vda", "vdb")) == overlays
+    lab.guest_write(dom, "vdb", 0x44, 0, MiB)
+    env.hook("nbd-postrun", base, check=0)
+    env.hook("nbd-postrun", other, check=0)
+    assert_clean(env, dom, base)
+    assert lab.disk_source(dom, "vdb", inactive=True) == other
+    assert lab.disk_source(dom, "vdb") == other
+    assert lab.read_range(other, 0, MiB) == b"\x44" * MiB
