@@ -145,21 +145,39 @@ class Freezer:
         dstate = virt.state(dom)
         base = match.disk.top.path
         if dstate == virt.SHUTOFF:
-            state = sessions.new_session(
-                key, export, match.domain.name, match.domain.uuid,
-                match.disk.target, base, OFFLINE, holder,
-                base_type=match.disk.top.type,
-                base_format=match.disk.top.format)
-            self.store.save(state)
-            from .served import what_clients_copy
-            log.info("%s: domain is shut off, nothing to snapshot; frozen "
-                     "for pid %d; clients copy %s", describe(state),
-                     holder.pid, what_clients_copy(match.disk, self.is_ours))
+            with self._domain_lock(match.domain.uuid, match.domain.name):
+                state = self._freeze_offline(dom, match, export, key, holder,
+                                             base)
             return self._start_digest(state)
         if dstate not in (virt.RUNNING, virt.PAUSED):
             raise Unsupported("%s: domain is %s; it can be frozen only when "
                               "running, paused or shut off" % (where, dstate))
         return self._snapshot(dom, match, export, key, holder, base, quiesce)
+
+    def _freeze_offline(self, dom, match, export, key, holder, base):
+        state = sessions.new_session(
+            key, export, match.domain.name, match.domain.uuid,
+            match.disk.target, base, OFFLINE, holder,
+            base_type=match.disk.top.type, base_format=match.disk.top.format)
+        self.store.save(state)
+        # The libvirt hook refuses a start once this session is saved; a
+        # start that got past the hook before is seen here.  Measured
+        # (libvirt 9.0): during "prepare begin" the domain still shows shut
+        # off and turns "paused, starting up" right after the hook exits,
+        # so a start whose hook ends in the instant before this check can
+        # still slip through; status flags such a session.
+        now = virt.state(dom)
+        if now != virt.SHUTOFF:
+            self.store.delete(key)
+            raise Unsupported("%s: the domain was started (it is %s) while "
+                              "this prerun prepared a copy of it shut off; "
+                              "refused, the next connection freezes it "
+                              "running" % (describe(state), now))
+        from .served import what_clients_copy
+        log.info("%s: domain is shut off, nothing to snapshot; frozen "
+                 "for pid %d; clients copy %s", describe(state),
+                 holder.pid, what_clients_copy(match.disk, self.is_ours))
+        return state
 
     def _overlay_path(self, match, session_id):
         return os.path.join(self.config.snapshot_dir, "%s%s-%s-%s.qcow2" % (

@@ -9,33 +9,63 @@ libvirtd runs hooks with a bare environment (HOME, PATH, LC_ALL) and the
 domain XML on stdin, and a hook must not call back into libvirt; so this
 reads only the XML and the session files.  It never stops a start for a
 reason of its own (a broken configuration, an unreadable state file): it
-says so in syslog and lets the domain start.
+says so in syslog and lets the domain start.  The one exception is a disk
+lock that another hook holds past a short bound while the domain's offline
+session is under it: a copy may be under way, so the start is refused.
 """
 
+import dataclasses
 import logging
 
 from . import config as config_mod
 from . import domxml, procs, sessions
-from .errors import CorruptState, Error
+from .errors import CorruptState, Error, LockTimeout
 
 log = logging.getLogger(__name__)
 
 
+# libvirtd waits for its hooks, and the start waits with it: a short bound.
+LOCK_SECONDS = 10
+
+
 def blocking_sessions(uuid, config):
-    """Live offline sessions of the domain with this UUID."""
+    """Live offline sessions of the domain with this UUID.
+
+    Each is read again under its disk's lock, so that a hook working on it
+    (a postrun ending the copy) is waited for, at most LOCK_SECONDS (or
+    lock_timeout if shorter).  A lock held longer than that is taken as a
+    copy under way: the start is refused, the safe side.  A session saved
+    after this read is prerun's to notice: it checks the domain again once
+    its session is saved.
+    """
     store = sessions.SessionStore(config)
+    locked = sessions.SessionStore(dataclasses.replace(
+        config, lock_timeout=min(config.lock_timeout, LOCK_SECONDS)))
     found = []
     for key in store.keys():
-        try:
-            state = store.load(key)
-        except CorruptState as e:
-            log.warning("%s (ignored by the libvirt hook)", e)
+        state = _load(store, key)
+        # Only this domain's offline sessions are worth waiting for.
+        if not (state and state["uuid"] == uuid
+                and state["mode"] == sessions.OFFLINE):
             continue
-        if (state and state["uuid"] == uuid
-                and state["mode"] == sessions.OFFLINE
-                and sessions.assess(state, procs.is_alive) == sessions.LIVE):
+        try:
+            with locked.lock(key):
+                state = _load(store, key)
+        except LockTimeout as e:
+            log.warning("%s; a copy may be under way", e)
+            found.append(state)
+            continue
+        if state and sessions.assess(state, procs.is_alive) == sessions.LIVE:
             found.append(state)
     return found
+
+
+def _load(store, key):
+    try:
+        return store.load(key)
+    except CorruptState as e:
+        log.warning("%s (ignored by the libvirt hook)", e)
+        return None
 
 
 def check(name, operation, suboperation, xml):

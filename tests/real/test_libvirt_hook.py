@@ -4,12 +4,16 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
+import threading
+import time
 
 import libvirt
 import pytest
 
 import lab
-from test_freeze import export_domain, serve
+from test_freeze import (export_domain, has_open, held_lock,
+                         hook_in_background, serve)
 
 from nbdsnap.hooks import procs, sessions
 
@@ -132,3 +136,93 @@ def test_malformed_session_never_stops_a_start(virt, env):
     with installed_hook(env):
         dom.create()
         assert dom.isActive()
+
+
+def test_domain_started_while_prerun_prepares_an_offline_copy_is_not_copied(
+        virt, env):
+    dom, base = export_domain(virt, env, start=False)
+    with installed_hook(env), \
+            held_lock(env, "domain-" + dom.UUIDString()) as lock:
+        prerun = hook_in_background(env, "nbd-prerun", base)
+        # prerun has seen the domain shut off; it waits before its session.
+        lab.wait_until(lambda: has_open(prerun.pid, lock)
+                       or prerun.poll() is not None, 60,
+                       what="prerun to wait for the domain lock")
+        assert prerun.poll() is None, prerun.stderr.read()
+        dom.create()        # no session yet: the hook lets it start
+    assert prerun.wait(120) == 1
+    assert "started" in prerun.stderr.read()
+    assert env.sessions() == []
+    assert dom.isActive() and lab.disk_source(dom, "vda") == base
+
+
+def disk_lock_name(path):
+    st = os.stat(path)
+    return "f-%x-%d" % (st.st_dev, st.st_ino)
+
+
+@contextlib.contextmanager
+def offline_copy(env, base):
+    """An offline session held by a process of its own (the 'connection')."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "print(subprocess.call(sys.argv[1:]), flush=True)\n"
+         "time.sleep(600)", os.path.join(lab.VENV_BIN, "nbd-prerun"), base],
+        env=dict(os.environ, **env.vars), stdout=subprocess.PIPE, text=True,
+        stderr=subprocess.DEVNULL)
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def start_in_background(dom):
+    result = {}
+
+    def start():
+        try:
+            dom.create()
+            result["started"] = True
+        except libvirt.libvirtError as e:
+            result["error"] = str(e)
+    t = threading.Thread(target=start, daemon=True)
+    t.start()
+    return t, result
+
+
+def waiting_on(path):
+    """Pids other than ours with path open."""
+    return [int(p) for p in os.listdir("/proc")
+            if p.isdigit() and int(p) != os.getpid()
+            and has_open(int(p), path)]
+
+
+def test_hook_reads_the_session_under_its_disk_lock(virt, env):
+    # The copy ends (its holder goes) while a start waits for the disk's
+    # lock: the hook must decide on the state it finds once it has the lock.
+    dom, base = export_domain(virt, env, start=False)
+    with installed_hook(env), offline_copy(env, base) as holder:
+        with held_lock(env, disk_lock_name(base)) as lock:
+            t, result = start_in_background(dom)
+            lab.wait_until(lambda: waiting_on(lock) or not t.is_alive(), 30,
+                           what="the libvirt hook to wait for the disk lock")
+            assert t.is_alive(), result
+            holder.kill()
+            holder.wait()
+        t.join(60)
+    assert result == {"started": True}
+    assert dom.isActive()
+
+
+def test_hook_refuses_the_start_when_the_disk_lock_stays_held(virt, env):
+    env.configure(lock_timeout=2)
+    dom, base = export_domain(virt, env, start=False)
+    with installed_hook(env), offline_copy(env, base):
+        with held_lock(env, disk_lock_name(base)):
+            started = time.monotonic()
+            with pytest.raises(libvirt.libvirtError, match="lock"):
+                dom.create()
+            assert time.monotonic() - started >= 2
+    assert not dom.isActive()
