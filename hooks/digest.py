@@ -6,8 +6,8 @@ finds its own session's manifest) and starts a background process that
 reads the base locally, at low CPU and I/O priority, and replaces the
 manifest with the complete one.  The last postrun waits for it, bounded by
 digest_timeout, before the commit writes into the base; a digest still
-running then is stopped and its manifest stays incomplete, which
-``nbd-verify check`` refuses.
+running then is stopped (SIGTERM, then SIGKILL) and waited for, and its
+manifest stays incomplete, which ``nbd-verify check`` refuses.
 
     prerun ──► manifest (complete: false) ──► background digest ──► manifest
                                                      │           (complete)
@@ -18,6 +18,7 @@ Run as ``python -I -m nbdsnap.hooks.digest MANIFEST BASE ALGORITHM SESSION``.
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -30,6 +31,8 @@ from .sessions import _secure_dir
 log = logging.getLogger(__name__)
 
 POLL = 0.2
+# Seconds a stopped digest gets to end, after SIGTERM and after SIGKILL.
+STOP_GRACE = 5
 
 
 def manifest_path(config, state):
@@ -87,6 +90,8 @@ def finish(config, state):
     """Wait, bounded, for the session's digest; stop it if it overruns.
 
     Returns "complete", "stopped" or None (no digest in this session).
+    Either way the digest process has ended when it returns: the commit
+    that follows writes into the base it reads.
     """
     info = state.get("digest")
     if not info or "pid" not in info:
@@ -95,17 +100,43 @@ def finish(config, state):
     deadline = time.monotonic() + config.digest_timeout
     while procs.is_alive(holder):
         if time.monotonic() > deadline:
-            try:
-                os.kill(holder.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            how = stop(holder)
             log.warning("session %s: the digest ran past digest_timeout "
-                        "(%g s) and was stopped; manifest %s stays "
+                        "(%g s) and was stopped (%s); manifest %s stays "
                         "incomplete", state["id"], config.digest_timeout,
-                        info["manifest"])
+                        how, info["manifest"])
             return "stopped"
         time.sleep(POLL)
     return "complete"
+
+
+def stop(holder, grace=STOP_GRACE):
+    """End the digest process holder: SIGTERM, then SIGKILL; say how.
+
+    Through a pidfd, so that a pid reused meanwhile is never signalled, and
+    waited for on it (the digest is not our child).  A process still there
+    after SIGKILL is stuck in the kernel and runs no more of its code: it
+    can no longer write a manifest.
+    """
+    try:
+        fd = os.pidfd_open(holder.pid)
+    except ProcessLookupError:
+        return "it had ended"
+    try:
+        if not procs.is_alive(holder):     # the pid is another process's
+            return "it had ended"
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                signal.pidfd_send_signal(fd, sig)
+            except ProcessLookupError:
+                return "it had ended"
+            if select.select([fd], [], [], grace)[0]:
+                return "ended on %s" % sig.name
+        log.error("digest pid %d did not end %g s after SIGKILL; it runs "
+                  "no more of its code", holder.pid, grace)
+        return "killed, not yet gone"
+    finally:
+        os.close(fd)
 
 
 def _run(path, base, algorithm, session):

@@ -1,7 +1,10 @@
 """The freeze-time manifest (digest = on) against real parts."""
 
+import contextlib
+import ctypes
 import json
 import os
+import signal
 import subprocess
 
 import lab
@@ -73,3 +76,58 @@ def test_digest_past_its_timeout_is_stopped_and_refused(virt, env):
         return      # the digest beat even this timeout: nothing to refuse
     proc = verify("check", manifest_of(env, dom), base)
     assert proc.returncode == 2 and "incomplete" in proc.stderr
+
+
+PTRACE_SEIZE = 0x4206
+
+
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def deaf_to_sigterm(pid):
+    """Keep a stopped pid alive through SIGTERM; SIGKILL still ends it.
+
+    A traced process hands every signal but SIGKILL to its tracer first;
+    this test is its tracer and never looks, so SIGTERM waits, as it would
+    for a digest in the middle of something that does not end at once.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                            ctypes.c_void_p]
+    if libc.ptrace(PTRACE_SEIZE, pid, None, None) != 0:
+        raise OSError(ctypes.get_errno(), "PTRACE_SEIZE %d" % pid)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_commit_waits_until_a_stopped_digest_has_ended(virt, env):
+    env.configure(digest="on", manifest_dir=env.path("manifests"),
+                  digest_timeout=1)
+    base = lab.make_image(env.path("big.raw"), 96, fill=0x11)
+    dom = virt.define(env.name("d"), [lab.disk_xml(base, "vda")])
+    env.hook("nbd-prerun", base, check=0)
+    (name,) = env.sessions()
+    with open(os.path.join(env.state_dir, "sessions", name)) as f:
+        pid = json.load(f)["digest"]["pid"]
+    os.kill(pid, signal.SIGSTOP)        # the known point: mid-digest
+    manifest = manifest_of(env, dom)
+    assert json.load(open(manifest))["complete"] is False, "digest too fast"
+    lab.guest_write(dom, "vda", 0x5a, 0, MiB)     # into the overlay
+    with deaf_to_sigterm(pid):
+        proc = env.hook("nbd-postrun", base, check=0)
+        # The commit wrote into the base: the digest must be gone by then.
+        assert not alive(pid), proc.stderr
+    assert_clean(env, dom, base)
+    assert lab.read_range(base, 0, MiB) == b"\x5a" * MiB
+    assert json.load(open(manifest))["complete"] is False
+    log = proc.stderr
+    assert log.index("digest") < log.index("last holder gone")
