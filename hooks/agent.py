@@ -10,9 +10,15 @@ again it freezes the guest, with nothing left to thaw it.  So:
   asked to freeze anything (quiesce = require refuses, try falls back);
 - the snapshot itself runs under the domain's agent response timeout
   (quiesce_timeout), which is set back to libvirt's default afterwards;
+- a guest already frozen (by its owner, on purpose) is not asked again
+  and not watched: that freeze is its owner's to thaw;
 - whenever a freeze may still be pending in the guest, a detached watcher
   waits (bounded) for the agent to answer, and thaws the guest if it finds
-  it frozen.
+  it frozen at that first answer: the agent runs commands in order, so by
+  then the freeze we queued has run, and a freeze made later is left
+  alone.  Its pid and start time go into the session (nbdsnap status).
+  It is not stopped when the session ends: a freeze queued in a stopped
+  agent runs whenever the agent does, session or not.
 
 Run as ``python -I -m nbdsnap.hooks.agent UUID SECONDS`` (the watcher).
 """
@@ -99,6 +105,11 @@ class ResponseTimeout:
         except libvirt.libvirtError as e:
             log.warning("cannot restore the agent's response time on %s: %s",
                         self.dom.name(), e.get_error_message())
+
+
+def frozen(dom, timeout):
+    """True if the agent says the guest's filesystems are frozen now."""
+    return command(dom, "guest-fsfreeze-status", timeout) == "frozen"
 
 
 def thaw_if_frozen(dom, timeout):

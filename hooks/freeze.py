@@ -48,6 +48,7 @@ class Freezer:
         self.config = config
         self.store = sessions.SessionStore(config)
         self._warning = None
+        self._watcher = None     # the agent watcher _take started, if any
 
     def domain_lock(self, freeze):
         """The lock of a domain's definition (taken after a disk's)."""
@@ -225,6 +226,8 @@ class Freezer:
             raise
         state = sessions.with_phase(state, FROZEN, consistency=consistency,
                                     warning=self._warning)
+        if self._watcher is not None:
+            state["agent_watcher"] = self._watcher.to_json()
         self.store.save(state)
         log.info("%s: frozen (%s) for pid %d", describe(state), consistency,
                  holder.pid)
@@ -254,6 +257,7 @@ class Freezer:
             return "crash-consistent"
         timeout = self.config.quiesce_timeout
         self._warning = None
+        self._watcher = None
         asked = False
         try:
             # An agent that does not answer is not asked to freeze: the
@@ -262,6 +266,8 @@ class Freezer:
                 raise VirtError("the guest agent of domain %s did not answer "
                                 "in %g s (quiesce_timeout)"
                                 % (domain.name, timeout))
+            if agent.frozen(dom, timeout):
+                return self._take_frozen(dom, xml, state)
             asked = True
             with agent.ResponseTimeout(dom, timeout):
                 virt.snapshot(dom, xml, quiesce=True)
@@ -270,8 +276,9 @@ class Freezer:
             failure = e
         if asked:
             # The agent went quiet between the ping and the thaw: a freeze
-            # may run, or may have run, with no thaw after it.
-            agent.start_watcher(dom)
+            # may run, or may have run, with no thaw after it.  status
+            # shows the watcher with the session.
+            self._watcher = agent.start_watcher(dom)
         if self._uses(dom, target, overlay):
             # The snapshot was taken; only the thaw's answer was missing.
             log.warning("%s: the quiesced snapshot was taken but libvirt "
@@ -288,6 +295,17 @@ class Freezer:
         self._remove_unused(dom, target, overlay)
         virt.snapshot(dom, xml, quiesce=False)
         return "crash-consistent"
+
+    def _take_frozen(self, dom, xml, state):
+        """The guest was frozen before we came, on purpose: its owner's to
+        thaw.  Neither freeze it again (the agent refuses) nor watch it
+        (the watcher would thaw it); its filesystems are consistent."""
+        self._warning = ("the guest's filesystems were already frozen, not "
+                         "by nbdsnap: snapshot taken as they were, and they "
+                         "are left frozen")
+        log.warning("%s: %s", describe(state), self._warning)
+        virt.snapshot(dom, xml, quiesce=False)
+        return "quiesced"
 
     def _uses(self, dom, target, overlay):
         disk = domxml.find_disk(virt.reread(dom), target)

@@ -36,6 +36,13 @@ def collect(config, now=None, domain_states=None):
         entry["holders"] = [dict(h.to_json(), alive=alive(h))
                             for h in sessions.holders(state)]
         entry["verdict"] = sessions.assess(state, alive)
+        if state.get("agent_watcher"):
+            try:
+                watcher = procs.Holder.from_json(state["agent_watcher"])
+                entry["agent_watcher"] = dict(watcher.to_json(),
+                                              alive=alive(watcher))
+            except (KeyError, TypeError, ValueError):
+                entry["agent_watcher"] = None    # unreadable: not shown
         entry["age"] = round(now - state["created"], 1)
         entry["overlay_bytes"] = _allocated(state.get("overlay"))
         if domain_state is None and domain_states is not None:
@@ -164,6 +171,11 @@ def format_text(entries, found=()):
                 else "%d bytes allocated" % size))
         if e.get("io_error"):
             lines.append("    PAUSED       %s" % paused_advice(e))
+        if e.get("agent_watcher"):
+            w = e["agent_watcher"]
+            lines.append("    agent watch  pid %d (%s)" % (
+                w["pid"], "waiting for the agent, to thaw the guest"
+                if w["alive"] else "ended"))
         if e.get("error"):
             lines.append("    error        %s" % e["error"])
         if e.get("warning"):

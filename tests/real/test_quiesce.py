@@ -12,6 +12,7 @@ fsck-clean with every finished file intact.
 import json
 import re
 import shutil
+import time
 
 import pytest
 
@@ -263,3 +264,45 @@ def test_a_domain_with_no_agent_channel_is_named_so(virt, env, syslog):
         "nbd-prerun: %s (org.qemu.guest_agent.0): nothing can quiesce its "
         "filesystems (quiesce = require)" % why)
     assert env.sessions() == [] and env.overlays() == []
+
+
+def test_a_freeze_made_on_purpose_is_left_to_its_owner(virt, env, guest):
+    # An operator froze the guest (virsh domfsfreeze) before the client
+    # came: nbdsnap neither asks the agent again nor thaws that freeze.
+    env.configure(quiesce="try", quiesce_timeout=3)
+    dom = guest.dom
+    lab_guest.agent_command(dom, "guest-fsfreeze-freeze")
+    try:
+        env.hook("nbd-prerun", guest.data, check=0)
+        (session,) = sessions(env)
+        assert session.get("agent_watcher") is None
+        assert "already frozen" in session["warning"]
+        # A watcher would thaw within a few seconds: give it the time.
+        for _ in range(4):
+            time.sleep(2)
+            assert frozen_status(dom) == "frozen"
+    finally:
+        lab_guest.agent_command(dom, "guest-fsfreeze-thaw")
+    assert_thawed(dom)
+    env.hook("nbd-postrun", guest.data, check=0)
+    assert_clean(env, dom, guest.data)
+
+
+def test_agent_watcher_is_in_the_session_and_in_status(virt, env, guest):
+    env.configure(quiesce="try", quiesce_timeout=3)
+    dom = guest.dom
+    # The agent freezes /data, then hangs before it answers or thaws.
+    assert lab_guest.guest_control(dom, "stop-agent-after-freeze 0") == "ok"
+    env.hook("nbd-prerun", guest.data, check=0)
+    (session,) = sessions(env)
+    watcher = session["agent_watcher"]
+    assert watcher["alive"] is True and watcher["pid"] > 0
+    text = env.hook("nbdsnap", "status", check=0).stdout
+    assert "agent watch  pid %d (waiting" % watcher["pid"] in text
+    assert_never_left_frozen(dom)          # the watcher thawed the guest
+    lab.wait_until(lambda: not sessions(env)[0]["agent_watcher"]["alive"],
+                   30, what="the watcher to end once it thawed the guest")
+    assert "pid %d (ended)" % watcher["pid"] in env.hook(
+        "nbdsnap", "status", check=0).stdout
+    env.hook("nbd-postrun", guest.data, check=0)
+    assert_clean(env, dom, guest.data)
