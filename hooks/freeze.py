@@ -162,11 +162,10 @@ class Freezer:
             base_type=match.disk.top.type, base_format=match.disk.top.format)
         self.store.save(state)
         # The libvirt hook refuses a start once this session is saved; a
-        # start that got past the hook before is seen here.  Measured
-        # (libvirt 9.0): during "prepare begin" the domain still shows shut
-        # off and turns "paused, starting up" right after the hook exits,
-        # so a start whose hook ends in the instant before this check can
-        # still slip through; status flags such a session.
+        # start that got past the hook before is seen here: libvirt marks
+        # the domain "paused, starting up" before it runs the hook
+        # (qemuProcessInit), and reading the state waits while a hook runs
+        # (measured: the domain object stays locked meanwhile).
         now = virt.state(dom)
         if now != virt.SHUTOFF:
             self.store.delete(key)

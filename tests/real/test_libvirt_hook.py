@@ -192,11 +192,15 @@ def start_in_background(dom):
     return t, result
 
 
-def waiting_on(path):
-    """Pids other than ours with path open."""
-    return [int(p) for p in os.listdir("/proc")
-            if p.isdigit() and int(p) != os.getpid()
-            and has_open(int(p), path)]
+def hooks_waiting_on(path):
+    """Pids of our libvirt hook that have path open (wait for its lock)."""
+    found = []
+    for p in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            with open("/proc/%s/cmdline" % p, "rb") as f:
+                if b"libvirt-hook" in f.read() and has_open(int(p), path):
+                    found.append(int(p))
+    return found
 
 
 def test_hook_reads_the_session_under_its_disk_lock(virt, env):
@@ -206,7 +210,8 @@ def test_hook_reads_the_session_under_its_disk_lock(virt, env):
     with installed_hook(env), offline_copy(env, base) as holder:
         with held_lock(env, disk_lock_name(base)) as lock:
             t, result = start_in_background(dom)
-            lab.wait_until(lambda: waiting_on(lock) or not t.is_alive(), 30,
+            lab.wait_until(lambda: hooks_waiting_on(lock)
+                           or not t.is_alive(), 30,
                            what="the libvirt hook to wait for the disk lock")
             assert t.is_alive(), result
             holder.kill()
