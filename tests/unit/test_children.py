@@ -57,3 +57,34 @@ def test_agent_watcher_ignores_a_module_planted_in_the_cwd(planted,
     watcher = agent.start_watcher(NoDomain(), 5)
     wait_gone(watcher)
     assert not planted.exists()
+
+
+IGNORES_SIGTERM = ("import signal, sys, time\n"
+                   "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                   "print('ready', flush=True)\n"
+                   "time.sleep(60)\n")
+
+
+@pytest.fixture
+def stubborn():
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_digest_stop_escalates_to_sigkill_and_waits(stubborn):
+    holder = procs.holder_of(stubborn.pid)
+    assert digest.stop(holder, grace=0.5) == "ended on SIGKILL"
+    assert stubborn.wait(5) == -9
+
+
+def test_digest_stop_never_signals_a_reused_pid(stubborn):
+    holder = procs.holder_of(stubborn.pid)
+    other = procs.Holder(holder.pid, holder.start + 1, holder.boot)
+    assert digest.stop(other, grace=0.5) == "it had ended"
+    assert stubborn.poll() is None
