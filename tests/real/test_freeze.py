@@ -39,7 +39,8 @@ def serve(virt, env, exports):
 
 @contextlib.contextmanager
 def held_lock(env, name):
-    """Hold the hooks' lock NAME (a disk key, or domain-UUID) as a hook would."""
+    """Hold the hooks' lock NAME (a disk key, or domain-UUID), as a hook
+    would."""
     os.makedirs(env.state_dir, mode=0o711, exist_ok=True)
     locks = os.path.join(env.state_dir, "locks")
     os.makedirs(locks, mode=0o700, exist_ok=True)
