@@ -21,6 +21,7 @@ The functions on states are pure; SessionStore does the I/O.
 import errno
 import fcntl
 import json
+import math
 import os
 import secrets
 import stat
@@ -261,16 +262,40 @@ def malformed(state, key):
             return "%s %r is no string" % (name, state[name])
     if not isinstance(state.get("overlay"), (str, type(None))):
         return "overlay %r is no path" % (state["overlay"],)
+    # json.load accepts NaN and Infinity: no time a status can print.
     if not _is_number(state["created"]):
         return "created %r is no time" % (state["created"],)
+    if "updated" in state and not _is_number(state["updated"]):
+        return "updated %r is no time" % (state["updated"],)
+    if "connections" in state and not (_is_int(state["connections"])
+                                       and state["connections"] >= 0):
+        return "connections %r is no count" % (state["connections"],)
     if not isinstance(state["holders"], list):
         return "holders %r is no list" % (state["holders"],)
     for h in state["holders"]:
-        if not (isinstance(h, dict) and {"pid", "start", "boot"} <= set(h)
-                and _is_int(h["pid"]) and h["pid"] > 0
-                and _is_int(h["start"]) and isinstance(h["boot"], str)):
+        if not _is_holder(h):
             return "malformed holder %.80r" % (h,)
+    return _malformed_digest(state.get("digest"))
+
+
+def _malformed_digest(info):
+    """What digest.start stored: None, or {manifest} and, when the digest
+    process was found, its holder fields {pid, start, boot}, which the last
+    postrun and recover read to wait for it."""
+    if info is None:
+        return None
+    if not (isinstance(info, dict)
+            and isinstance(info.get("manifest"), str)):
+        return "malformed digest %.80r" % (info,)
+    if {"pid", "start", "boot"} & set(info) and not _is_holder(info):
+        return "malformed digest %.80r" % (info,)
     return None
+
+
+def _is_holder(h):
+    return (isinstance(h, dict) and {"pid", "start", "boot"} <= set(h)
+            and _is_int(h["pid"]) and h["pid"] > 0
+            and _is_int(h["start"]) and isinstance(h["boot"], str))
 
 
 def _is_int(value):
@@ -278,7 +303,8 @@ def _is_int(value):
 
 
 def _is_number(value):
-    return _is_int(value) or isinstance(value, float)
+    return _is_int(value) or (isinstance(value, float)
+                              and math.isfinite(value))
 
 
 class SessionStore:

@@ -428,6 +428,66 @@ def test_mistyped_field_is_corrupt_state(store, cfg, changes):
         store.load(KEY)
 
 
+@pytest.mark.parametrize("text", [
+    pytest.param('"created": NaN', id="created-nan"),
+    pytest.param('"created": Infinity', id="created-infinity"),
+    pytest.param('"updated": -Infinity', id="updated-minus-infinity"),
+])
+def test_no_finite_time_is_corrupt_state(store, cfg, text):
+    # json.load reads NaN and Infinity, which no status can print.
+    data = json.dumps(session()).replace(
+        '"%s": 1700000000.0' % text.split('"')[1], text)
+    assert text in data
+    write_state(cfg, KEY, data.encode())
+    with pytest.raises(CorruptState, match="is no time"):
+        store.load(KEY)
+
+
+@pytest.mark.parametrize("count", [
+    pytest.param("3", id="a-string"),
+    pytest.param(-1, id="negative"),
+    pytest.param(2.5, id="a-float"),
+    pytest.param(True, id="a-boolean"),
+    pytest.param(None, id="null"),
+])
+def test_malformed_connections_is_corrupt_state(store, cfg, count):
+    write_state(cfg, KEY, json.dumps(dict(session(), connections=count))
+                .encode())
+    with pytest.raises(CorruptState, match="connections"):
+        store.load(KEY)
+
+
+def digest_info(**changes):
+    return dict(A.to_json(), manifest="/m/dom1-vda.manifest") | changes
+
+
+@pytest.mark.parametrize("info", [
+    pytest.param("/m/dom1-vda.manifest", id="a-string"),
+    pytest.param({}, id="empty"),
+    pytest.param({"pid": 1001, "start": 500, "boot": "b"}, id="no-manifest"),
+    pytest.param(digest_info(manifest=7), id="manifest-a-number"),
+    pytest.param({"manifest": "/m", "pid": 1001}, id="pid-without-start"),
+    pytest.param(digest_info(pid="1001"), id="pid-a-string"),
+    pytest.param(digest_info(start=None), id="start-null"),
+    pytest.param(digest_info(boot=1), id="boot-a-number"),
+])
+def test_malformed_digest_is_corrupt_state(store, cfg, info):
+    write_state(cfg, KEY, json.dumps(dict(session(), digest=info)).encode())
+    with pytest.raises(CorruptState, match="malformed digest"):
+        store.load(KEY)
+
+
+@pytest.mark.parametrize("info", [
+    pytest.param(None, id="none"),
+    pytest.param({"manifest": "/m/dom1-vda.manifest"}, id="no-process"),
+    pytest.param(digest_info(), id="with-its-process"),
+])
+def test_digest_as_digest_start_stores_it_loads(store, info):
+    s = dict(session(), digest=info)
+    store.save(s)
+    assert store.load(KEY) == s
+
+
 def test_extra_fields_are_no_corruption(store):
     s = dict(session(), later_field={"x": 1},
              holders=[holder_entry(note="kept")])

@@ -86,7 +86,23 @@ def test_malformed_holder_is_corrupt_and_its_overlay_shows(cfg, store,
     assert overlay + "  ORPHAN" in text
 
 
-# -- what blocks the next freeze while every session looks clean ------------
+def test_session_created_at_nan_is_corrupt_in_nbdsnap_status(cfg, store):
+    # json.load reads NaN: status once ended in "internal error" on it.
+    state = frozen(cfg, created=float("nan"))
+    with open(os.path.join(cfg.sessions_dir, KEY + ".json"), "w") as f:
+        json.dump(state, f)
+    overlay = plant_overlay(state)
+    with open(cfg.path, "w") as f:
+        f.write("[nbdsnap]\nstate_dir = %s\nsnapshot_dir = %s\n"
+                % (cfg.state_dir, cfg.snapshot_dir))
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "nbdsnap"), "status"],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, NBDSNAP_CONFIG=cfg.path))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "CORRUPT" in proc.stdout and "created nan is no time" in proc.stdout
+    assert overlay + "  ORPHAN" in proc.stdout
+
 
 def test_nothing_at_all_is_clean(cfg, store, roomy):
     assert report(cfg) == ("no sessions and no overlays: every exported "
