@@ -24,20 +24,29 @@ def problems(config, entries=()):
 
 
 def _folder_problems(config):
-    """The folders the hooks would refuse (sessions.SessionStore.prepare);
-    a missing one is fine, the first prerun creates it."""
+    """The folders the hooks would refuse (sessions.SessionStore.prepare,
+    and digest.prepare_dir with digest = on); a missing one is fine, the
+    first prerun creates it."""
+    refused = "every hook refuses to run"
+    folders = [(config.state_dir, 0o711, refused),
+               (config.sessions_dir, 0o700, refused),
+               (config.locks_dir, 0o700, refused),
+               (config.snapshot_dir, 0o711, refused)]
+    if config.digest:
+        # The copy goes ahead without its manifest: nothing else says so.
+        folders.append((config.manifest_dir, 0o700, "every session gets no "
+                        "manifest (digest = on)"))
     found = []
-    for path, mode in ((config.state_dir, 0o711), (config.sessions_dir, 0o700),
-                       (config.locks_dir, 0o700), (config.snapshot_dir, 0o711)):
+    for path, mode, effect in folders:
         if not os.path.lexists(path):
             continue
         try:
             sessions._secure_dir(path, mode)
         except ConfigError as e:
             found.append(_problem(
-                "folder", path, "%s: every hook refuses to run until it is a "
-                "folder of root's that only root can write (chown root: %s; "
-                "chmod go-w %s)" % (e, path, path)))
+                "folder", path, "%s: %s until it is a folder of root's that "
+                "only root can write (chown root: %s; chmod go-w %s)"
+                % (e, effect, path, path)))
     return found
 
 

@@ -1,5 +1,6 @@
 """nbdsnap.hooks.status: sessions, orphans and host problems, as printed."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -149,6 +150,44 @@ def test_folder_the_hooks_refuse_is_a_problem(cfg, store, roomy, folder):
     assert problem["kind"] == "folder" and problem["path"] == path
     assert "writable by group or others" in problem["message"]
     assert "chmod go-w %s" % path in problem["message"]
+
+
+def digest_cfg(cfg, tmp_path):
+    return dataclasses.replace(cfg, digest=True,
+                               manifest_dir=str(tmp_path / "manifests"))
+
+
+@pytest.mark.parametrize("plant", ["writable", "symlink", "file"])
+def test_manifest_dir_the_digest_refuses_is_a_problem(cfg, store, roomy,
+                                                      tmp_path, plant):
+    cfg = digest_cfg(cfg, tmp_path)
+    if plant == "writable":
+        os.mkdir(cfg.manifest_dir)
+        os.chmod(cfg.manifest_dir, 0o777)
+    elif plant == "symlink":
+        os.symlink(tmp_path, cfg.manifest_dir)
+    else:
+        open(cfg.manifest_dir, "w").close()
+    (problem,) = json_report(cfg)["problems"]
+    assert problem["kind"] == "folder"
+    assert problem["path"] == cfg.manifest_dir
+    assert "every session gets no manifest (digest = on)" in \
+        problem["message"]
+    assert "PROBLEM  %s" % cfg.manifest_dir in report(cfg)
+
+
+def test_manifest_dir_is_no_problem_without_the_digest(cfg, store, roomy,
+                                                       tmp_path):
+    cfg = dataclasses.replace(digest_cfg(cfg, tmp_path), digest=False)
+    os.mkdir(cfg.manifest_dir)
+    os.chmod(cfg.manifest_dir, 0o777)
+    assert json_report(cfg)["problems"] == []
+
+
+def test_sound_manifest_dir_is_no_problem(cfg, store, roomy, tmp_path):
+    cfg = digest_cfg(cfg, tmp_path)
+    os.mkdir(cfg.manifest_dir, 0o700)
+    assert json_report(cfg)["problems"] == []
 
 
 def test_symlinked_state_folder_is_a_problem(cfg, roomy, tmp_path):
