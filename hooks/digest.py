@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -50,8 +51,34 @@ def prepare_dir(config):
     root for the hooks), and clone hosts read manifests over NBD; block
     digests let whoever reads them confirm a guess of a block's content,
     so local users get nothing.
+
+    A folder of ours that others may read or enter (0755 is what versions
+    before 0700 made) is tightened to 0700 rather than the manifests made
+    0600: that also hides the manifests already in it, for disks that may
+    never be frozen again, and leaves the mode of the manifests that
+    nbd-verify writes on clone hosts alone.  Logged once: the next run
+    finds 0700.
     """
     _secure_dir(config.manifest_dir, 0o700)
+    _tighten(config.manifest_dir)
+
+
+def _tighten(path):
+    """chmod 0700 the folder path (checked ours) if others may read it."""
+    # Through a descriptor of the folder itself: never chmod what a
+    # symlink put in its place since the check points at.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                 | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or not st.st_mode & 0o077:
+            return
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    log.warning("manifest_dir %s was mode %o: local users could read the "
+                "block digests, which confirm guesses of a disk's content; "
+                "it is now 0700", path, stat.S_IMODE(st.st_mode))
 
 
 def start(config, state, base):
