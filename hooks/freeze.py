@@ -358,25 +358,31 @@ class Freezer:
                 return new
             # The commit writes into the base: the digest must be done.
             digest.finish(self.config, new)
-            if new["mode"] == OFFLINE:
-                return self._end_offline(new)
-            return self._commit(new)
+            if new["mode"] != OFFLINE:
+                return self._commit(new)
+            self.store.delete(new["key"])
+        return self._end_offline(new)
 
     def _end_offline(self, state):
+        """The offline session is deleted: say whether the domain ran.
+
+        Only after the disk lock is released: libvirt's lookup waits for a
+        start's hooks, and the libvirt hook of that start waits for this
+        lock, then refuses the start as if a copy were under way.
+        """
         conn = None
         try:
             conn = virt.connect()
             found = virt.lookup(conn, uuid=state["uuid"])
             if found and virt.state(found[0]) != virt.SHUTOFF:
-                log.warning("%s: the domain was started during the freeze; "
-                            "copies taken meanwhile may be inconsistent",
-                            describe(state))
+                log.warning("%s: the domain was started during the freeze "
+                            "(or as it ended); copies taken meanwhile may "
+                            "be inconsistent", describe(state))
         except VirtError as e:
             log.warning("%s: cannot check the domain: %s", describe(state), e)
         finally:
             if conn is not None:
                 conn.close()
-        self.store.delete(state["key"])
         self.remember(state, "ended: shut off, nothing to commit")
         log.info("%s: ended; the domain was shut off, nothing to commit",
                  describe(state))

@@ -231,3 +231,66 @@ def test_hook_refuses_the_start_when_the_disk_lock_stays_held(virt, env):
                 dom.create()
             assert time.monotonic() - started >= 2
     assert not dom.isActive()
+
+
+@contextlib.contextmanager
+def gated_start(env, name):
+    """A hook script that libvirtd runs before ours (its name sorts first):
+    it holds the start of domain name in prepare begin, and with it
+    libvirt's lock of that domain, until the test opens the gate."""
+    ready, go = env.path("gate-ready"), env.path("gate-go")
+    path = os.path.join(lab.HOOKS_DIR,
+                        "nbdsnap-gate-" + os.path.basename(env.folder))
+    with open(path, "w") as f:
+        f.write('#!/bin/sh\ncat >/dev/null\n'
+                '[ "$1 $2 $3" = "%s prepare begin" ] || exit 0\n'
+                'touch %s\ni=0\n'
+                'while [ ! -e %s ] && [ $i -lt 1200 ]; do\n'
+                '    sleep 0.1; i=$((i + 1))\ndone\n' % (name, ready, go))
+    os.chmod(path, 0o755)
+    try:
+        yield ready, lambda: open(go, "w").close()
+    finally:
+        open(go, "w").close()        # never leave a start held
+        os.unlink(path)
+
+
+def postruns_with(path):
+    """Pids of nbd-postrun processes that have path (a lock file) open."""
+    found = []
+    for p in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            with open("/proc/%s/cmdline" % p, "rb") as f:
+                if b"nbd-postrun" in f.read() and has_open(int(p), path):
+                    found.append(int(p))
+    return found
+
+
+def test_start_during_the_last_postrun_of_an_offline_copy_goes_through(
+        virt, env):
+    # The copy ends while libvirtd is in the middle of starting the domain.
+    # The last postrun must not ask libvirt about the domain (which waits
+    # for the start's hooks) while it holds the disk lock that our hook of
+    # that same start waits for: the hook would refuse the start after its
+    # bound ("a copy may be under way") though the copy has ended.
+    env.configure(lock_timeout=3)
+    dom, base = export_domain(virt, env, start=False)
+    lock = os.path.join(env.state_dir, "locks",
+                        disk_lock_name(base) + ".lock")
+    server = serve(virt, env, {"vm": base})
+    with installed_hook(env), gated_start(env, dom.name()) as (ready, go):
+        held = lab.HeldConnection(server.port, "vm")
+        assert len(env.sessions()) == 1
+        t, result = start_in_background(dom)
+        lab.wait_until(lambda: os.path.exists(ready) or not t.is_alive(),
+                       30, what="the start to reach its prepare hooks")
+        assert t.is_alive(), result
+        held.close()                     # the last postrun runs now
+        lab.wait_until(lambda: not env.sessions() or postruns_with(lock),
+                       30, what="the last postrun to take the disk lock")
+        go()                             # on to our hook
+        t.join(60)
+    # libvirt's message ends with what the hook said: show that.
+    assert result == {"started": True}, result.get("error", "")[-300:]
+    assert dom.isActive()
+    env.wait_clean()
