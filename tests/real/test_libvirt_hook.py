@@ -192,13 +192,14 @@ def start_in_background(dom):
     return t, result
 
 
-def hooks_waiting_on(path):
-    """Pids of our libvirt hook that have path open (wait for its lock)."""
+def hooks_waiting_on(path, command=b"libvirt-hook"):
+    """Pids of our libvirt hook (or of command) that have path open (wait
+    for its lock, or hold it)."""
     found = []
     for p in os.listdir("/proc"):
         with contextlib.suppress(OSError):
             with open("/proc/%s/cmdline" % p, "rb") as f:
-                if b"libvirt-hook" in f.read() and has_open(int(p), path):
+                if command in f.read() and has_open(int(p), path):
                     found.append(int(p))
     return found
 
@@ -255,17 +256,6 @@ def gated_start(env, name):
         os.unlink(path)
 
 
-def postruns_with(path):
-    """Pids of nbd-postrun processes that have path (a lock file) open."""
-    found = []
-    for p in os.listdir("/proc"):
-        with contextlib.suppress(OSError):
-            with open("/proc/%s/cmdline" % p, "rb") as f:
-                if b"nbd-postrun" in f.read() and has_open(int(p), path):
-                    found.append(int(p))
-    return found
-
-
 def test_start_during_the_last_postrun_of_an_offline_copy_goes_through(
         virt, env):
     # The copy ends while libvirtd is in the middle of starting the domain.
@@ -286,7 +276,8 @@ def test_start_during_the_last_postrun_of_an_offline_copy_goes_through(
                        30, what="the start to reach its prepare hooks")
         assert t.is_alive(), result
         held.close()                     # the last postrun runs now
-        lab.wait_until(lambda: not env.sessions() or postruns_with(lock),
+        lab.wait_until(lambda: not env.sessions()
+                       or hooks_waiting_on(lock, b"nbd-postrun"),
                        30, what="the last postrun to take the disk lock")
         go()                             # on to our hook
         t.join(60)
