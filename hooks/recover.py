@@ -218,6 +218,12 @@ class Recovery:
         if state is not None:
             case.freeze = (plan.Freeze.from_session(state)
                            if state["mode"] == sessions.ONLINE else None)
+            if not self.dry_run:
+                # A digest outlives a killed nbd-server: it must end before
+                # anything looks at or writes into the base it reads (an
+                # offline session's too), and before plan() lists who has
+                # the base open, or the digest counts as one of them.
+                digest.finish(self.config, state)
         if case.freeze is None:
             self._end(case, state, "nothing was snapshotted")
             return True
@@ -241,9 +247,6 @@ class Recovery:
         self.out("%s: %s" % (case.label, step))
         log.info("recover %s: %s", case.label, step)
         if state is not None:
-            # A digest outlives a killed nbd-server: it must end before the
-            # commit writes into the base it reads.
-            digest.finish(self.config, state)
             self.store.save(sessions.with_phase(state, sessions.COMMITTING))
         # Once merged, every later state says so (the failed one too).
         merged = {"merged": True} if case.freeze.merged else {}

@@ -1,0 +1,92 @@
+"""recover.Recovery with its outside parts faked: what it waits for and in
+which order, without libvirt (the real cases are tests/real/test_recover)."""
+
+import subprocess
+import time
+
+import pytest
+
+from nbdsnap.hooks import config, freeze, procs, recover, sessions
+
+
+@pytest.fixture
+def freezer(tmp_path):
+    conf = config.Config(state_dir=str(tmp_path / "state"),
+                         snapshot_dir=str(tmp_path / "overlays"),
+                         manifest_dir=str(tmp_path / "manifests"),
+                         digest_timeout=30, lock_timeout=5)
+    f = freeze.Freezer(conf)
+    f.store.prepare()
+    return f
+
+
+def stale_session(freezer, mode, **extra):
+    """A session whose only holder is long gone (pid 1's start, reused)."""
+    gone = procs.Holder(pid=1, start=-1, boot=procs.boot_id())
+    state = sessions.new_session("k-1-2", "/srv/vm/base.raw", "dom1", "U",
+                                 "vda", "/srv/vm/base.raw", mode, gone,
+                                 **extra)
+    freezer.store.save(state)
+    return state
+
+
+@pytest.fixture
+def digest_running():
+    """A process that stands for a session's background digest."""
+    proc = subprocess.Popen(["sleep", "1.5"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_an_offline_session_waits_for_its_digest(freezer, digest_running):
+    """Ending the session without the wait would let the next freeze (and
+    its digest) start while the old digest still writes the manifest."""
+    holder = procs.holder_of(digest_running.pid)
+    state = stale_session(freezer, sessions.OFFLINE)
+    state["digest"] = dict(holder.to_json(), manifest="/nonexistent")
+    freezer.store.save(state)
+    out = []
+    recovery = recover.Recovery(freezer, out=out.append)
+    case = recover.Case(state["key"], state["export"], None, state)
+    started = time.monotonic()
+    assert recovery.locked(None, case, state)
+    assert digest_running.poll() is not None, "recover did not wait"
+    assert time.monotonic() - started >= 1
+    assert freezer.store.load(state["key"]) is None
+    assert out == ["/srv/vm/base.raw: recovered (nothing was snapshotted)"]
+
+
+def test_an_online_session_waits_for_its_digest_before_it_plans(
+        freezer, digest_running, monkeypatch):
+    """plan() lists the base's users: a running digest would be one, and
+    what it observes must be what the commit finds."""
+    holder = procs.holder_of(digest_running.pid)
+    state = stale_session(freezer, sessions.ONLINE,
+                          overlay="/nonexistent/o.qcow2")
+    state["digest"] = dict(holder.to_json(), manifest="/nonexistent")
+    freezer.store.save(state)
+    planned = []
+
+    def plan(conn, freeze_):
+        planned.append(digest_running.poll())
+        return recover.plan.Step(recover.plan.KEEP, "kept for the test")
+    monkeypatch.setattr(recover.plan, "plan", plan)
+    monkeypatch.setattr(recover.procs, "servers_with_open",
+                        lambda *a, **kw: [])
+    recovery = recover.Recovery(freezer, out=lambda line: None)
+    case = recover.Case(state["key"], state["export"], None, state)
+    assert not recovery.locked(None, case, state)
+    assert planned and planned[0] is not None, "planned before the digest"
+
+
+def test_a_dry_run_does_not_wait_for_the_digest(freezer, digest_running):
+    holder = procs.holder_of(digest_running.pid)
+    state = stale_session(freezer, sessions.OFFLINE)
+    state["digest"] = dict(holder.to_json(), manifest="/nonexistent")
+    out = []
+    recovery = recover.Recovery(freezer, out=out.append, dry_run=True)
+    case = recover.Case(state["key"], state["export"], None, state)
+    assert recovery.locked(None, case, state)
+    assert digest_running.poll() is None
+    assert "would end the session" in out[0]
