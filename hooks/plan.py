@@ -8,10 +8,12 @@ prints what the run does, and every row below has a unit test::
     overlay a symlink, or not the one file    -> keep: nothing is handed to
       we created (a hard link)                   libvirt or qemu-img
     domain undefined (a transient one          -> offline commit into the
-      destroyed while frozen), base unused       base, overlay removed
+      destroyed while frozen), file base         base, overlay removed
+      unused and not written since
     ... base open by a process (its domain     -> keep, say who
       created again on it, a copy)
     ... base written after the overlay         -> keep: a diverged branch
+    ... a block device base (no write time)    -> keep, say how to merge
     a libvirt job on the domain (the snapshot  -> wait for its end, JOB_WAIT
       of a killed prerun goes on)                 at most; then keep
     domain running or paused on the overlay    -> online:  active commit, pivot
@@ -89,7 +91,8 @@ class Observation:
     job: float = 0.0              # s waited in vain for a libvirt job's end
     managed_save: bool = False
     base_users: tuple = ()        # (pid, name) of processes with it open
-    base_newer: bool = False      # the base was written after the overlay
+    base_newer: bool | None = False   # the base was written after the
+                                      # overlay; None: cannot tell
     adds: bool | None = None      # the overlay holds data the base lacks
 
 
@@ -124,15 +127,21 @@ def overlay_kind(path):
 
 def _base_newer(freeze):
     """True if a file base was written after the overlay last was: the
-    guest went on on the base, and the overlay is an older branch.  A block
-    device's node keeps no such time: False."""
+    guest went on on the base, and the overlay is an older branch.
+
+    None when that cannot be known: a block device's node keeps no such
+    time (an LV's domain may have been created again on it, have written
+    and been destroyed again), and a base that cannot be read says
+    nothing.  /proc shows no QEMU of another host on shared storage
+    either: only the file's time would."""
     try:
         base = os.stat(freeze.base.path)
         overlay = os.lstat(freeze.overlay)
     except OSError:
-        return False
-    return (stat.S_ISREG(base.st_mode)
-            and base.st_mtime_ns > overlay.st_mtime_ns)
+        return None
+    if not stat.S_ISREG(base.st_mode):
+        return None
+    return base.st_mtime_ns > overlay.st_mtime_ns
 
 
 def observe(conn, freeze, job_wait=JOB_WAIT):
@@ -242,6 +251,18 @@ def _undefined(seen, freeze):
                       "%s: nothing is merged into a disk in use.  Overlay "
                       "%s kept; run recover again once they have closed it"
                       % (freeze.domain, freeze.base.path, users,
+                         freeze.overlay))
+    if seen.base_newer is None:
+        return KEEP, ("domain %s is undefined and nothing tells whether its "
+                      "base %s was written after overlay %s (a block device "
+                      "keeps no time of its last write, and a QEMU of "
+                      "another host is not seen here): merging an older "
+                      "branch would write over newer data.  Kept for "
+                      "inspection (qemu-img compare %s %s); once nothing "
+                      "uses the base and its writes are wanted: qemu-img "
+                      "commit %s, then rm %s"
+                      % (freeze.domain, freeze.base.path, freeze.overlay,
+                         freeze.overlay, freeze.base.path, freeze.overlay,
                          freeze.overlay))
     if seen.base_newer:
         return KEEP, ("domain %s is undefined and its base %s was written "

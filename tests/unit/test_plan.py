@@ -2,6 +2,7 @@
 in plan's docstring, from observations made up here (no libvirt)."""
 
 import os
+import stat
 
 import pytest
 
@@ -149,6 +150,53 @@ def test_undefined_with_a_base_written_since_is_kept_and_says_how():
         Observation(overlay=REGULAR, defined=False, base_newer=True), FREEZE)
     assert action == KEEP and "older branch" in why
     assert "qemu-img commit %s" % OVERLAY in why
+
+
+def test_undefined_with_a_block_base_is_kept_and_says_how():
+    """A block device keeps no time of its last write: the domain may have
+    been created again on the LV, have written and been destroyed again,
+    and the overlay would go in over newer data."""
+    lv = plan.Freeze(**dict(vars(FREEZE),
+                            base=Layer("block", "/dev/vg/lv", "raw")))
+    action, why = plan.decide(
+        Observation(overlay=REGULAR, defined=False, base_newer=None), lv)
+    assert action == KEEP and "nothing tells whether" in why
+    assert "qemu-img commit %s, then rm %s" % (OVERLAY, OVERLAY) in why
+
+
+def block_node(path):
+    """A block device node (7, 0) at path; a FIFO where mknod is refused:
+    for plan, both are bases that are not regular files."""
+    try:
+        os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(7, 0))
+    except PermissionError:
+        os.mkfifo(path, 0o600)
+
+
+def test_a_base_that_is_no_file_has_no_known_write_time(tmp_path):
+    base, overlay = tmp_path / "lv", tmp_path / "o.qcow2"
+    overlay.write_bytes(b"x")
+    block_node(base)
+    freeze = plan.Freeze(**dict(vars(FREEZE), overlay=str(overlay),
+                                base=Layer("block", str(base), "raw")))
+    assert plan._base_newer(freeze) is None
+    gone = plan.Freeze(**dict(vars(freeze),
+                              base=Layer("file", str(tmp_path / "no"), "raw")))
+    assert plan._base_newer(gone) is None
+
+
+def test_plan_keeps_an_undefined_domains_overlay_on_a_block_base(
+        tmp_path, monkeypatch):
+    """observe() then decide(), libvirt faked: the domain is gone and
+    nothing on this host has the base open."""
+    base, overlay = tmp_path / "lv", tmp_path / "o.qcow2"
+    overlay.write_bytes(b"x")
+    block_node(base)
+    freeze = plan.Freeze(**dict(vars(FREEZE), overlay=str(overlay),
+                                base=Layer("block", str(base), "raw")))
+    monkeypatch.setattr(plan.virt, "lookup", lambda *a, **kw: None)
+    monkeypatch.setattr(plan.procs, "users_of", lambda *a, **kw: [])
+    assert plan.plan(None, freeze).action == KEEP
 
 
 def test_from_session_reads_merged():
