@@ -36,7 +36,10 @@ def run(conn, freeze, step, timeout, merged=lambda: None,
     a merged overlay with a base the guest has written on since.
     domain_lock() guards the domain's definition: two disks of one domain
     committed at once (each under its own disk lock) rewrite the same
-    definition, and must not undo each other's change.
+    definition, and must not undo each other's change.  It is held for
+    the definition's changes only, never across qemu-img commit: the
+    other disk's hook would wait a whole commit for it, and give up
+    after lock_timeout.
     """
     if step.action == KEEP:
         raise Stuck(step.why)
@@ -44,9 +47,11 @@ def run(conn, freeze, step, timeout, merged=lambda: None,
         _online(conn, step.dom, freeze, timeout, merged)
     elif step.action == DISCARD:
         merged()
+    elif step.action == OFFLINE:
+        _offline(freeze, merged)
     with domain_lock():
-        if step.action == OFFLINE:
-            _offline(conn, step.dom, freeze, merged)
+        if step.action == OFFLINE and step.dom is not None:
+            _point_back(conn, step.dom, freeze)
         if step.dom is not None:
             _check_definition(conn, step.dom, freeze)
         if overlay_kind(freeze.overlay) != MISSING:
@@ -114,7 +119,7 @@ def _online(conn, dom, freeze, timeout, merged):
     virt.resume_if_io_paused(dom)
 
 
-def _offline(conn, dom, freeze, merged):
+def _offline(freeze, merged):
     _unchanged(freeze)
     backing, _ = qemu_img.backing(freeze.overlay)
     if not backing:
@@ -127,8 +132,6 @@ def _offline(conn, dom, freeze, merged):
     # base open makes it fail, never write under it.
     qemu_img.commit(freeze.overlay)
     merged()
-    if dom is not None:
-        _point_back(conn, dom, freeze)
 
 
 def _point_back(conn, dom, freeze):
