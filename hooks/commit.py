@@ -48,7 +48,7 @@ def run(conn, freeze, step, timeout, merged=lambda: None,
     elif step.action == DISCARD:
         merged()
     elif step.action == OFFLINE:
-        _offline(freeze, merged)
+        _offline(freeze, timeout, merged)
     with domain_lock():
         if step.action == OFFLINE and step.dom is not None:
             _point_back(conn, step.dom, freeze)
@@ -119,7 +119,7 @@ def _online(conn, dom, freeze, timeout, merged):
     virt.resume_if_io_paused(dom)
 
 
-def _offline(freeze, merged):
+def _offline(freeze, timeout, merged):
     _unchanged(freeze)
     backing, _ = qemu_img.backing(freeze.overlay)
     if not backing:
@@ -129,8 +129,9 @@ def _offline(freeze, merged):
     # Into the base and no further (a linked clone's template is not
     # touched).  A second run after a crash commits an emptied overlay:
     # harmless.  qemu-img takes the images' locks: a QEMU that has the
-    # base open makes it fail, never write under it.
-    qemu_img.commit(freeze.overlay)
+    # base open makes it fail, never write under it.  Bounded by
+    # commit_timeout, as the block commit is: the overlay is then kept.
+    qemu_img.commit(freeze.overlay, timeout)
     merged()
 
 

@@ -24,7 +24,7 @@ def _run(args, timeout=TIMEOUT):
     except FileNotFoundError:
         raise QemuImgError("qemu-img is not installed (%s)" % cmd[0])
     except subprocess.TimeoutExpired:
-        raise QemuImgError("qemu-img %s took more than %d s"
+        raise QemuImgError("qemu-img %s took more than %g s; stopped"
                            % (args[0], timeout))
 
 
@@ -54,16 +54,28 @@ def backing(path):
     return name, data.get("backing-filename-format")
 
 
-def commit(path, lock_wait=LOCK_WAIT):
+def commit(path, timeout, lock_wait=LOCK_WAIT):
     """Merge the overlay at path into its backing file, and no further.
 
     A QEMU that was just destroyed can hold its image locks a moment
     longer than libvirt says it runs: a lock refusal is tried again, for
-    lock_wait seconds at most.
+    lock_wait seconds at most.  One run that outlasts timeout (the
+    caller's commit_timeout) is killed and waited for (subprocess.run does
+    both), so that no qemu-img goes on writing into the base once its
+    caller has given up and let go of the disk's lock.
+
+    A commit killed half-way is safe to run again: qemu-img copies the
+    overlay's clusters into the base and empties the overlay only after
+    the copy, so the overlay still holds every write and the base got
+    some of them, the same bytes; a kill while it empties the overlay
+    leaves clusters that fall through to the base, which has them.  Nobody
+    writes the base meanwhile (the disk's lock is held, the domain cannot
+    start while its session lasts), so the next commit ends in the same
+    base.
     """
     deadline = time.monotonic() + lock_wait
     while True:
-        p = _run(["commit", "-q", "-f", "qcow2", path])
+        p = _run(["commit", "-q", "-f", "qcow2", path], timeout=timeout)
         if p.returncode == 0:
             return
         locked = "lock" in p.stderr

@@ -1,6 +1,7 @@
 """commit.run with qemu-img and libvirt faked: which lock is held when, and
 what bounds the offline commit (the real commits are in tests/real)."""
 
+import os
 import threading
 import time
 
@@ -62,3 +63,36 @@ def test_two_offline_commits_of_one_domain_do_not_wait_for_each_other(
     assert errors == {}
     assert [plan.overlay_kind(f.overlay) for f in freezes] == [
         plan.MISSING, plan.MISSING]
+
+
+@pytest.fixture
+def hanging_qemu_img(tmp_path, monkeypatch):
+    """A qemu-img first on PATH that writes its pid and sleeps for 20 s."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    pidfile = tmp_path / "qemu-img.pid"
+    script = folder / "qemu-img"
+    script.write_text("#!/bin/sh\necho $$ > %s\nexec sleep 20\n" % pidfile)
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", "%s:%s" % (folder, os.environ["PATH"]))
+    return pidfile
+
+
+def test_an_offline_commit_past_commit_timeout_is_killed_and_kept(
+        tmp_path, monkeypatch, hanging_qemu_img):
+    """The hook's watchdog counts commit_timeout for the commit: a qemu-img
+    that outlasts it is stopped and waited for, never left writing into
+    the base after the disk's lock is let go."""
+    freeze = offline_freeze(tmp_path, "vda")
+    monkeypatch.setattr(commit.qemu_img, "backing",
+                        lambda path: (freeze.base.path, "raw"))
+    merged = []
+    started = time.monotonic()
+    with pytest.raises(commit.qemu_img.QemuImgError,
+                       match="commit took more than 1 s; stopped"):
+        commit.run(None, freeze, plan.Step(plan.OFFLINE, "test", None), 1,
+                   merged=lambda: merged.append(True))
+    assert time.monotonic() - started < 10
+    pid = int(hanging_qemu_img.read_text())
+    assert not os.path.exists("/proc/%d" % pid), "qemu-img left running"
+    assert merged == [] and plan.overlay_kind(freeze.overlay) == plan.REGULAR
