@@ -14,8 +14,9 @@ prints what the run does, and every row below has a unit test::
       created again on it, a copy)
     ... base written after the overlay         -> keep: a diverged branch
     ... a block device base (no write time)    -> keep, say how to merge
-    a libvirt job on the domain (the snapshot  -> wait for its end, JOB_WAIT
-      of a killed prerun goes on)                 at most; then keep
+    a libvirt job on the domain, in the intent -> wait for its end, JOB_WAIT
+      or failed phase or with no session (the     at most; then keep
+      snapshot of a killed prerun goes on)
     domain running or paused on the overlay    -> online:  active commit, pivot
     domain shut off, defined on the overlay    -> offline: qemu-img commit,
                                                   definition pointed back
@@ -37,7 +38,7 @@ import dataclasses
 import os
 import stat
 
-from . import domxml, locate, procs, qemu_img, virt
+from . import domxml, locate, procs, qemu_img, sessions, virt
 
 ONLINE = "online commit"
 OFFLINE = "offline commit"
@@ -66,6 +67,9 @@ class Freeze:
     overlay: str | None
     base: domxml.Layer
     merged: bool = False      # a commit had pivoted: the base has it all
+    # A snapshot call of ours may still run in libvirtd: the session is an
+    # intent (or failed after one), or there is no session to say.
+    snapshot_may_run: bool = True
 
     @classmethod
     def from_session(cls, state):
@@ -75,7 +79,9 @@ class Freeze:
                    base=domxml.Layer(state.get("base_type") or "file",
                                      state["base"],
                                      state.get("base_format") or "raw"),
-                   merged=bool(state.get("merged")))
+                   merged=bool(state.get("merged")),
+                   snapshot_may_run=(state.get("phase")
+                                     in (sessions.INTENT, sessions.FAILED)))
 
     def __str__(self):
         return "domain %s disk %s" % (self.domain, self.disk)
@@ -157,10 +163,14 @@ def observe(conn, freeze, job_wait=JOB_WAIT):
                            base_newer=_base_newer(freeze)), None
     dom, parsed = found
     # The snapshot call of a killed prerun goes on in libvirtd, and what
-    # the XML shows may be about to change.  Waited for in every phase: a
-    # session that failed while it waited is still an intent, and a domain
-    # with no job (the usual case) answers at once.
-    if not virt.wait_no_job(dom, job_wait):
+    # the XML shows may be about to change.  Waited for only where such a
+    # call may run: an intent, a session that failed (it may have failed
+    # while it waited: it was an intent), an overlay with no session.  A
+    # frozen or committing session's snapshot has ended; a job then is
+    # someone else's (a pull-mode backup, a migration, hours long): the
+    # commit goes ahead and libvirt refuses it if the two conflict, where
+    # waiting would only fail the postrun after JOB_WAIT, every time.
+    if freeze.snapshot_may_run and not virt.wait_no_job(dom, job_wait):
         return Observation(overlay=overlay_kind(freeze.overlay),
                            job=job_wait), dom
     parsed = virt.reread(dom)

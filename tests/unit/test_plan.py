@@ -221,3 +221,53 @@ def test_overlay_kind(tmp_path):
     os.link(regular, tmp_path / "hard")
     assert plan.overlay_kind(str(regular)) == "a file with 2 hard links"
     assert plan.overlay_kind(str(tmp_path)).startswith("not a regular")
+
+
+# -- observe: which sessions wait for a libvirt job ---------------------------
+
+@pytest.fixture
+def job_held(monkeypatch, golden):
+    """A running domain on its base, with a libvirt job that never ends;
+    returns the list of waits made for it."""
+    waits = []
+
+    def wait_no_job(dom, timeout):
+        waits.append(timeout)
+        return False
+    parsed = golden("file_raw")
+    monkeypatch.setattr(plan.virt, "lookup", lambda *a, **kw: ("dom",
+                                                               parsed))
+    monkeypatch.setattr(plan.virt, "wait_no_job", wait_no_job)
+    monkeypatch.setattr(plan.virt, "reread", lambda dom: parsed)
+    monkeypatch.setattr(plan.virt, "state", lambda dom: "running")
+    return waits
+
+
+def session(phase):
+    return {"key": "k", "uuid": "U", "domain": "dom1", "disk": "vda",
+            "overlay": "/nonexistent/o.qcow2", "base": BASE, "phase": phase}
+
+
+@pytest.mark.parametrize("phase", ["frozen", "committing"])
+def test_a_frozen_sessions_commit_does_not_wait_for_an_unrelated_job(
+        job_held, phase):
+    """A pull-mode backup or a migration (hours) on the domain: the postrun
+    goes ahead instead of waiting JOB_WAIT, then failing."""
+    freeze = plan.Freeze.from_session(session(phase))
+    step = plan.plan(None, freeze, job_wait=60)
+    assert job_held == [] and step.action == END
+
+
+@pytest.mark.parametrize("phase", ["intent", "failed"])
+def test_an_intent_waits_for_the_snapshot_job(job_held, phase):
+    freeze = plan.Freeze.from_session(session(phase))
+    step = plan.plan(None, freeze, job_wait=60)
+    assert job_held == [60] and step.action == KEEP
+    assert "libvirt job" in step.why
+
+
+def test_an_overlay_with_no_session_waits_for_a_job(job_held):
+    freeze = plan.Freeze(**dict(vars(FREEZE),
+                                overlay="/nonexistent/o.qcow2"))
+    assert plan.plan(None, freeze, job_wait=60).action == KEEP
+    assert job_held == [60]
