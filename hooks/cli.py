@@ -267,20 +267,26 @@ def _status(args):
     from . import status as status_mod
     text = status_mod.report(_load_config(), args.json,
                              domain_states=status_mod.libvirt_states)
+    _print(text)
+    return 0
+
+
+def _print(text):
+    """print(), flushed; a reader that went away (nbdsnap status | head -1)
+    ends the output, not the command.  stdout then goes to /dev/null: later
+    lines and Python's own flush at exit do not fail again, and a recover
+    goes on with the disks that are left, its exit status unchanged."""
     try:
         print(text, flush=True)
     except BrokenPipeError:
-        # The reader went away (nbdsnap status | head -1): end quietly as
-        # ls does, and keep Python's own flush at exit from failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
 
 
 def _recover(args):
     from .freeze import Freezer
     from .recover import Recovery
-    stuck = Recovery(Freezer(_load_config())).run(args.exports,
-                                                  dry_run=args.dry_run)
+    stuck = Recovery(Freezer(_load_config()), out=_print).run(
+        args.exports, dry_run=args.dry_run)
     return 1 if stuck else 0
 
 

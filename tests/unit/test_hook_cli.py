@@ -120,3 +120,42 @@ def test_the_hooks_arm_the_watchdog_with_these_bounds(monkeypatch, tmp_path,
     expected = {"nbd-prerun": 30 + 30 + 15 + 300 + 100 + 1000 + 30,
                 "nbd-postrun": 30 + 100 + 1000 + 30 + 300}
     assert armed == [(prog, expected[prog])]
+
+
+# -- a reader that goes away -------------------------------------------------------
+
+RECOVER_WITHOUT_LIBVIRT = """
+import os, sys
+os.geteuid = lambda: 0
+from nbdsnap.hooks import cli, virt
+class Conn:
+    def close(self):
+        pass
+virt.connect = lambda *a, **kw: Conn()
+virt.all_domains = lambda conn: []
+sys.exit(cli.nbdsnap_main(["recover", "--all"]))
+"""
+
+
+def test_recover_into_a_closed_pipe_recovers_every_disk(tmp_path):
+    """nbdsnap recover | head -1: the reader is gone before the first line;
+    every stale session is still recovered, the status still says so."""
+    from nbdsnap.hooks import freeze, procs, sessions
+    store = freeze.Freezer(config.load()).store
+    store.prepare()
+    gone = procs.Holder(pid=1, start=-1, boot=procs.boot_id())
+    keys = ["k-%d-1" % n for n in range(5)]
+    for key in keys:
+        store.save(sessions.new_session(key, "/srv/%s" % key, "dom1", "U",
+                                        "vda", "/srv/b", sessions.OFFLINE,
+                                        gone))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-c", RECOVER_WITHOUT_LIBVIRT],
+                              stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert proc.stderr == "" and proc.returncode == 0
+    assert [store.load(key) for key in keys] == [None] * 5
