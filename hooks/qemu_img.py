@@ -10,6 +10,7 @@ import time
 from .errors import Error
 
 TIMEOUT = 3600
+INFO_WAIT = 60
 
 
 class QemuImgError(Error):
@@ -38,7 +39,7 @@ def info(path):
 
     -U (force share): the image may be open in a running QEMU.
     """
-    p = _run(["info", "-U", "--output=json", path], timeout=60)
+    p = _run(["info", "-U", "--output=json", path], timeout=INFO_WAIT)
     if p.returncode != 0:
         raise QemuImgError("qemu-img info %s: %s" % (path, _last_line(p.stderr)))
     return json.loads(p.stdout)

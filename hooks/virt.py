@@ -275,7 +275,10 @@ def _cancel(dom, target):
                     dom.name(), target, e.get_error_message())
 
 
-def cancel_job(dom, target, timeout=60):
+CANCEL_WAIT = 60
+
+
+def cancel_job(dom, target, timeout=CANCEL_WAIT):
     """Cancel a block job left on target (by a killed commit), if any.
 
     Cancelling an active commit, even a ready one, leaves the domain on its

@@ -12,26 +12,48 @@ import threading
 
 log = logging.getLogger(__name__)
 
-# What a hook may need beyond the waits its settings bound: libvirt's calls,
-# qemu-img, the state files.
+# What a hook may need beyond the waits below: libvirt's calls that have
+# no bound of their own (the snapshot, the pivot), the state files.
 MARGIN = 300
+
+# The fixed bounds of the commit's waits, each the value of the module that
+# waits (tests/unit/test_hook_cli.py checks that they agree).  Copied, not
+# imported: a hook arms the watchdog first, and a join must not load
+# libvirt or lxml for it (lazy.py).
+STOP_GRACE = 5          # digest.STOP_GRACE, twice: after SIGTERM, SIGKILL
+JOB_WAIT = 60           # plan.JOB_WAIT: a snapshot job of a killed prerun,
+LIBVIRT_JOB_WAIT = 30   # ... and libvirt's own wait for its job lock
+CANCEL_WAIT = 60        # virt.CANCEL_WAIT: a block job a killed commit left
+QEMU_IMG_INFO = 60      # qemu_img.INFO_WAIT: the overlay's backing file
+QEMU_IMG_LOCKS = 30     # qemu_img.LOCK_WAIT: image locks a QEMU still holds
 
 
 def seconds(config, prog):
     """How long hook prog ("nbd-prerun" or "nbd-postrun") may run.
 
     Both hooks wait for the disk's lock.  A freeze waits for the domain's
-    lock and the agent three times (ping, freeze, thaw); a commit waits for
-    the digest, the block job and the domain's lock.  A prerun with
-    stale = recover commits the stale session before it freezes: were its
-    bound shorter than that commit, every client would restart the same
-    commit and be refused when the watchdog ended it.
+    lock and the agent four times (ping, guest-fsfreeze-status, and the
+    snapshot's freeze and thaw).  A commit waits for the digest (then
+    stops it, STOP_GRACE twice), a libvirt job's end (JOB_WAIT, and
+    libvirt's LIBVIRT_JOB_WAIT), then either a block job left behind
+    (CANCEL_WAIT) and the block commit, or qemu-img info (QEMU_IMG_INFO),
+    its image locks (QEMU_IMG_LOCKS) and qemu-img commit: both are counted,
+    each commit at commit_timeout; then the domain's lock.  Not counted:
+    qemu-img compare (only when the domain is back on its base, read-only:
+    a hook ended during it changes nothing).
+
+    A prerun with stale = recover commits the stale session before it
+    freezes: were its bound shorter than that commit, every client would
+    restart the same commit and be refused when the watchdog ended it.
     """
     lock = config.lock_timeout
-    commit = config.digest_timeout + config.commit_timeout + lock
+    commit = (config.digest_timeout + 2 * STOP_GRACE
+              + JOB_WAIT + LIBVIRT_JOB_WAIT
+              + CANCEL_WAIT + QEMU_IMG_INFO + QEMU_IMG_LOCKS
+              + config.commit_timeout + lock)
     if prog == "nbd-postrun":
         return lock + commit + MARGIN
-    freeze = lock + 3 * config.quiesce_timeout
+    freeze = lock + 4 * config.quiesce_timeout
     if config.stale == "recover":
         freeze += commit
     return lock + freeze + MARGIN

@@ -68,17 +68,33 @@ def settings(**kw):
                                      commit_timeout=600), **kw))
 
 
+# A commit's fixed waits: the digest stopped (2 x 5 s), a libvirt job's end
+# (60 s + libvirt's 30 s), a block job left (60 s), qemu-img info (60 s) and
+# its image locks (30 s).
+FIXED = 2 * 5 + 60 + 30 + 60 + 60 + 30
+
+
 @pytest.mark.parametrize("prog,stale,seconds", [
-    # disk lock + domain lock + ping, freeze, thaw + margin
-    ("nbd-prerun", "refuse", 120 + 120 + 3 * 10 + 300),
+    # disk lock + domain lock + ping, fsfreeze-status, freeze, thaw + margin
+    ("nbd-prerun", "refuse", 120 + 120 + 4 * 10 + 300),
     # ... + the stale session's commit first: digest, commit, domain lock
-    ("nbd-prerun", "recover", 120 + 120 + 3 * 10 + 300 + 600 + 600 + 120),
-    # disk lock + digest + commit + domain lock + margin
-    ("nbd-postrun", "refuse", 120 + 600 + 600 + 120 + 300),
-    ("nbd-postrun", "recover", 120 + 600 + 600 + 120 + 300),
+    ("nbd-prerun", "recover",
+     120 + 120 + 4 * 10 + 300 + 600 + FIXED + 600 + 120),
+    # disk lock + digest + fixed waits + commit + domain lock + margin
+    ("nbd-postrun", "refuse", 120 + 600 + FIXED + 600 + 120 + 300),
+    ("nbd-postrun", "recover", 120 + 600 + FIXED + 600 + 120 + 300),
 ])
 def test_watchdog_seconds(prog, stale, seconds):
+    assert FIXED == 250
     assert watchdog.seconds(settings(stale=stale), prog) == seconds
+
+
+def test_the_watchdogs_fixed_waits_are_the_waiting_modules_own():
+    from nbdsnap.hooks import digest, plan, qemu_img, virt
+    assert (watchdog.STOP_GRACE, watchdog.JOB_WAIT, watchdog.CANCEL_WAIT,
+            watchdog.QEMU_IMG_INFO, watchdog.QEMU_IMG_LOCKS) == (
+        digest.STOP_GRACE, plan.JOB_WAIT, virt.CANCEL_WAIT,
+        qemu_img.INFO_WAIT, qemu_img.LOCK_WAIT)
 
 
 @pytest.mark.parametrize("kw", [
@@ -90,7 +106,7 @@ def test_a_prerun_that_recovers_outlasts_the_commit_it_finishes(kw):
     c = settings(stale="recover", **kw)
     assert (watchdog.seconds(c, "nbd-prerun")
             > watchdog.seconds(c, "nbd-postrun")
-            + 3 * c.quiesce_timeout)
+            + 4 * c.quiesce_timeout)
 
 
 @pytest.mark.parametrize("main,prog", [(cli.prerun_main, "nbd-prerun"),
@@ -117,8 +133,9 @@ def test_the_hooks_arm_the_watchdog_with_these_bounds(monkeypatch, tmp_path,
     from nbdsnap.hooks import freeze
     monkeypatch.setattr(freeze, "Freezer", Freezer)
     assert main(["/srv/x"]) == 0
-    expected = {"nbd-prerun": 30 + 30 + 15 + 300 + 100 + 1000 + 30,
-                "nbd-postrun": 30 + 100 + 1000 + 30 + 300}
+    expected = {"nbd-prerun": 30 + 30 + 4 * 5 + 300 + 100 + FIXED + 1000
+                + 30,
+                "nbd-postrun": 30 + 100 + FIXED + 1000 + 30 + 300}
     assert armed == [(prog, expected[prog])]
 
 
