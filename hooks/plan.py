@@ -262,25 +262,19 @@ def _undefined(seen, freeze):
                       "%s kept; run recover again once they have closed it"
                       % (freeze.domain, freeze.base.path, users,
                          freeze.overlay))
-    if seen.base_newer is None:
-        return KEEP, ("domain %s is undefined and nothing tells whether its "
-                      "base %s was written after overlay %s (a block device "
-                      "keeps no time of its last write, and a QEMU of "
-                      "another host is not seen here): merging an older "
-                      "branch would write over newer data.  Kept for "
-                      "inspection (qemu-img compare %s %s); once nothing "
-                      "uses the base and its writes are wanted: qemu-img "
-                      "commit %s, then rm %s"
-                      % (freeze.domain, freeze.base.path, freeze.overlay,
-                         freeze.overlay, freeze.base.path, freeze.overlay,
-                         freeze.overlay))
-    if seen.base_newer:
-        return KEEP, ("domain %s is undefined and its base %s was written "
-                      "after overlay %s: the overlay is an older branch "
-                      "that merging would write over newer data.  Kept for "
-                      "inspection (qemu-img compare %s %s); to merge it "
-                      "anyway: qemu-img commit %s, then rm %s"
-                      % (freeze.domain, freeze.base.path, freeze.overlay,
+    if seen.base_newer is not False:
+        why = ("nothing tells whether its base %s was written after overlay "
+               "%s (a block device keeps no time of its last write, and a "
+               "QEMU of another host is not seen here)"
+               if seen.base_newer is None else
+               "its base %s was written after overlay %s")
+        return KEEP, ("domain %s is undefined and %s: the overlay may be an "
+                      "older branch that merging would write over newer "
+                      "data.  Kept for inspection (qemu-img compare %s %s); "
+                      "once nothing uses the base and its writes are "
+                      "wanted: qemu-img commit %s, then rm %s"
+                      % (freeze.domain,
+                         why % (freeze.base.path, freeze.overlay),
                          freeze.overlay, freeze.base.path, freeze.overlay,
                          freeze.overlay))
     return OFFLINE, ("domain %s is undefined (a transient domain destroyed "
