@@ -139,7 +139,7 @@ def test_the_hooks_arm_the_watchdog_with_these_bounds(monkeypatch, tmp_path,
     assert armed == [(prog, expected[prog])]
 
 
-# -- a reader that goes away -------------------------------------------------------
+# -- a reader that goes away ---------------------------------------------------
 
 RECOVER_WITHOUT_LIBVIRT = """
 import os, sys
