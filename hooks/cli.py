@@ -293,8 +293,8 @@ def _recover(args):
 def _history(args):
     from . import history
     entries = history.read(_load_config())
-    print(json.dumps({"sessions": entries}, sort_keys=True, indent=2)
-          if args.json else history.format_text(entries))
+    _print(json.dumps({"sessions": entries}, sort_keys=True, indent=2)
+           if args.json else history.format_text(entries))
     return 0
 
 
@@ -304,7 +304,8 @@ def _export(args):
     config = _load_config()
     export_mod.run(args.domain, args.disk, args.name, args.allow,
                    args.output, args.force, is_ours=Freezer(config).is_ours,
-                   manifest_dir=config.manifest_dir if config.digest else None)
+                   manifest_dir=config.manifest_dir if config.digest else None,
+                   out=_print)
     return 0
 
 
@@ -314,7 +315,7 @@ def _lint(args):
     conf = nbd_config.read(args.config)
     findings = lint_mod.lint(conf, lint_mod.host(Freezer(_load_config())))
     for section, finding in findings:
-        print("%s: %s" % (section, finding))
+        _print("%s: %s" % (section, finding))
     log.info("lint of %s: %d findings", args.config, len(findings))
     return 1 if findings else 0
 

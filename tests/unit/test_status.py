@@ -275,7 +275,9 @@ def test_running_domain_has_no_paused_line(cfg, store, roomy):
 
 # -- nbdsnap status | head -1 --------------------------------------------------
 
-def test_status_into_a_closed_pipe_ends_quietly(cfg, store):
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"],
+                                     ["history"], ["history", "--json"]])
+def test_report_into_a_closed_pipe_ends_quietly(cfg, store, command):
     with open(cfg.path, "w") as f:
         f.write("[nbdsnap]\nstate_dir = %s\nsnapshot_dir = %s\n"
                 % (cfg.state_dir, cfg.snapshot_dir))
@@ -283,8 +285,8 @@ def test_status_into_a_closed_pipe_ends_quietly(cfg, store):
     os.close(read_end)               # the reader has gone, as head -1 does
     try:
         proc = subprocess.run(
-            [os.path.join(os.path.dirname(sys.executable), "nbdsnap"),
-             "status"], stdout=write_end, stderr=subprocess.PIPE,
+            [os.path.join(os.path.dirname(sys.executable), "nbdsnap")]
+            + command, stdout=write_end, stderr=subprocess.PIPE,
             env=dict(os.environ, NBDSNAP_CONFIG=cfg.path), timeout=60)
     finally:
         os.close(write_end)
