@@ -13,7 +13,7 @@ import time
 from . import digest, history, lazy, procs, sessions
 from .errors import (CommitFailed, CorruptState, Error, NotFound, Stale,
                      Unsupported, VirtError)
-from .sessions import FROZEN, OFFLINE, ONLINE
+from .sessions import FROZEN, OFFLINE, ONLINE, describe
 
 # Loaded when first used: a join and a postrun that is not the last need
 # neither libvirt nor lxml (lazy.py).
@@ -26,12 +26,6 @@ virt = lazy.module("virt")
 log = logging.getLogger(__name__)
 
 OVERLAY_PREFIX = "nbdsnap-"
-
-
-def describe(state):
-    """The words every log line about a session carries."""
-    return "session %s (domain %s disk %s export %s)" % (
-        state["id"], state["domain"], state["disk"], state["export"])
 
 
 def disk_key(export):

@@ -95,6 +95,12 @@ def new_session(key, export, domain, uuid, disk, base, mode, holder,
     }
 
 
+def describe(state):
+    """The words every log line about a session carries."""
+    return "session %s (domain %s disk %s export %s)" % (
+        state["id"], state["domain"], state["disk"], state["export"])
+
+
 def holders(state):
     return [procs.Holder.from_json(h) for h in state["holders"]]
 
