@@ -283,9 +283,8 @@ def _print(text):
 
 
 def _recover(args):
-    from .freeze import Freezer
     from .recover import Recovery
-    stuck = Recovery(Freezer(_load_config()), out=_print).run(
+    stuck = Recovery(_load_config(), out=_print).run(
         args.exports, dry_run=args.dry_run)
     return 1 if stuck else 0
 
@@ -300,10 +299,11 @@ def _history(args):
 
 def _export(args):
     from . import export as export_mod
-    from .freeze import Freezer
+    from .sessions import SessionStore
     config = _load_config()
     export_mod.run(args.domain, args.disk, args.name, args.allow,
-                   args.output, args.force, is_ours=Freezer(config).is_ours,
+                   args.output, args.force,
+                   is_ours=SessionStore(config).is_ours,
                    manifest_dir=config.manifest_dir if config.digest else None,
                    out=_print)
     return 0
@@ -311,9 +311,10 @@ def _export(args):
 
 def _lint(args):
     from . import lint as lint_mod, nbd_config
-    from .freeze import Freezer
+    from .sessions import SessionStore
     conf = nbd_config.read(args.config)
-    findings = lint_mod.lint(conf, lint_mod.host(Freezer(_load_config())))
+    findings = lint_mod.lint(conf,
+                             lint_mod.host(SessionStore(_load_config())))
     for section, finding in findings:
         _print("%s: %s" % (section, finding))
     log.info("lint of %s: %d findings", args.config, len(findings))

@@ -21,12 +21,10 @@ agent = lazy.module("agent")
 commit = lazy.module("commit")
 domxml = lazy.module("domxml")
 locate = lazy.module("locate")
+settle = lazy.module("settle")
 virt = lazy.module("virt")
 
 log = logging.getLogger(__name__)
-
-OVERLAY_PREFIX = "nbdsnap-"
-
 
 def disk_key(export):
     try:
@@ -43,19 +41,6 @@ class Freezer:
         self.store = sessions.SessionStore(config)
         self._warning = None
         self._watcher = None     # the agent watcher _take started, if any
-
-    def domain_lock(self, freeze):
-        """The lock of a domain's definition (taken after a disk's)."""
-        return self._domain_lock(freeze.uuid, freeze.domain)
-
-    def _domain_lock(self, uuid, name):
-        return self.store.lock("domain-%s" % (uuid or name))
-
-    def is_ours(self, path):
-        return (path is not None
-                and os.path.dirname(os.path.normpath(path))
-                == self.config.snapshot_dir
-                and os.path.basename(path).startswith(OVERLAY_PREFIX))
 
     # -- prerun ------------------------------------------------------------
 
@@ -104,11 +89,10 @@ class Freezer:
                         % (describe(state), why, export))
         log.warning("%s is stale, %s; recovering it first (stale = recover)",
                     describe(state), why)
-        from .recover import Case, Recovery
-        recovery = Recovery(self, out=lambda line: None)
-        recovery.exclude = (procs.connection_holder().pid,)
-        case = Case(state["key"], state["export"], None, state)
-        if not recovery.locked(conn, case, state):
+        settler = settle.Settler(self.config, out=lambda line: None)
+        settler.exclude = (procs.connection_holder().pid,)
+        case = settle.Case(state["key"], state["export"], None, state)
+        if not settler.locked(conn, case, state):
             raise Stale("%s is stale and could not be recovered; see "
                         "'nbdsnap status'" % describe(state))
 
@@ -121,10 +105,10 @@ class Freezer:
                 raise NotFound("no libvirt domain is named %s" % domain)
             dom, parsed = found
             return dom, locate.check_named(parsed, disk, export, key,
-                                           locate.key_of, self.is_ours)
+                                           locate.key_of, self.store.is_ours)
         doms = virt.all_domains(conn)
         found = locate.matches([p for _, p in doms], key, locate.key_of,
-                               self.is_ours)
+                               self.store.is_ours)
         match = locate.choose(found, export, len(doms))
         dom = next(d for d, p in doms if p is match.domain)
         return dom, match
@@ -140,7 +124,8 @@ class Freezer:
         dstate = virt.state(dom)
         base = match.disk.top.path
         if dstate == virt.SHUTOFF:
-            with self._domain_lock(match.domain.uuid, match.domain.name):
+            with self.store.domain_lock(match.domain.uuid,
+                                        match.domain.name):
                 state = self._freeze_offline(dom, match, export, key, holder,
                                              base)
             return self._start_digest(state)
@@ -170,19 +155,22 @@ class Freezer:
         from .served import what_clients_copy
         log.info("%s: domain is shut off, nothing to snapshot; frozen "
                  "for pid %d; clients copy %s", describe(state),
-                 holder.pid, what_clients_copy(match.disk, self.is_ours))
+                 holder.pid, what_clients_copy(match.disk,
+                                               self.store.is_ours))
         return state
 
     def _overlay_path(self, match, session_id):
         return os.path.join(self.config.snapshot_dir, "%s%s-%s-%s.qcow2" % (
-            OVERLAY_PREFIX, match.domain.uuid, match.disk.target, session_id))
+            sessions.OVERLAY_PREFIX, match.domain.uuid, match.disk.target,
+            session_id))
 
     def _snapshot(self, dom, match, export, key, holder, base, quiesce):
         # One snapshot of a domain at a time, and none during a commit of
         # another of its disks: each rewrites the whole persistent
         # definition (two at once can revert the other's disk), and the
         # agent's response timeout is the domain's, not the disk's.
-        with self._domain_lock(match.domain.uuid, match.domain.name):
+        with self.store.domain_lock(match.domain.uuid,
+                                    match.domain.name):
             state = self._snapshot_locked(dom, match, export, key, holder,
                                           base, quiesce)
         return self._start_digest(state)
@@ -207,7 +195,7 @@ class Freezer:
         if os.path.lexists(overlay):
             raise Unsupported("overlay path %s already exists" % overlay)
         from .served import what_clients_copy
-        copied = what_clients_copy(match.disk, self.is_ours)
+        copied = what_clients_copy(match.disk, self.store.is_ours)
         self.store.save(state)          # intent: before the snapshot call
         log.info("%s: snapshot into %s (quiesce %s); clients copy %s",
                  describe(state), overlay, quiesce, copied)
@@ -377,19 +365,11 @@ class Freezer:
         finally:
             if conn is not None:
                 conn.close()
-        self.remember(state, "ended: shut off, nothing to commit")
+        history.remember(self.config, state,
+                         "ended: shut off, nothing to commit")
         log.info("%s: ended; the domain was shut off, nothing to commit",
                  describe(state))
         return state
-
-    def remember(self, state, result, **details):
-        """Add the ended session to the history; never fail a hook for it."""
-        try:
-            history.record(self.config, history.entry(state, result,
-                                                      **details))
-        except (OSError, Error) as e:
-            log.warning("%s: cannot write the history: %s", describe(state),
-                        e)
 
     def _commit(self, state):
         """The last live holder is gone: put the disk back on its base."""
@@ -413,7 +393,8 @@ class Freezer:
                 log.info("%s: last holder gone; %s", describe(state), step)
                 commit.run(conn, freeze, step, self.config.commit_timeout,
                            merged=record_merged,
-                           domain_lock=lambda: self.domain_lock(freeze))
+                           domain_lock=lambda: self.store.domain_lock(
+                               freeze.uuid, freeze.domain))
             finally:
                 conn.close()
         except Error as e:
@@ -426,8 +407,8 @@ class Freezer:
                                                 state["export"]))
         took = time.monotonic() - started
         self.store.delete(state["key"])
-        self.remember(state, step.action, overlay_bytes=size,
-                      commit_seconds=took)
+        history.remember(self.config, state, step.action,
+                         overlay_bytes=size, commit_seconds=took)
         log.info("%s: %s of %s done in %.2f s; domain back on its base, "
                  "overlay removed", describe(state), step.action,
                  _human(size), took)

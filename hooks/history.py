@@ -6,12 +6,16 @@ is dropped (the file is rewritten atomically, under the history's lock).
 """
 
 import json
+import logging
 import os
 import time
 
 from nbdsnap.verify.files import write_atomic
 
-from .sessions import DiskLock
+from .errors import Error
+from .sessions import DiskLock, describe
+
+log = logging.getLogger(__name__)
 
 MAX_BYTES = 1 << 20     # about 3000 sessions
 
@@ -52,6 +56,14 @@ def record(config, line, max_bytes=MAX_BYTES):
             size = f.tell()
         if size > max_bytes:
             _trim(path)
+
+
+def remember(config, state, result, **details):
+    """Add the ended session to the history; never fail a hook for it."""
+    try:
+        record(config, entry(state, result, **details))
+    except (OSError, Error) as e:
+        log.warning("%s: cannot write the history: %s", describe(state), e)
 
 
 def _trim(path):

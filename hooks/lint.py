@@ -303,7 +303,7 @@ def lint(conf, host, key_of=locate.key_of, find=os.access, read=_read):
     return out + ([("host", finding)] if ours and finding else [])
 
 
-def host(freezer):
+def host(store):
     """What libvirt, the kernel and qemu.conf say, for lint()."""
     import libvirt
     from lxml import etree
@@ -312,7 +312,7 @@ def host(freezer):
 
     def verdict(key):
         try:
-            state = freezer.store.load(key)
+            state = store.load(key)
         except CorruptState:
             return "corrupt"
         return state and sessions.assess(state, procs.is_alive)
@@ -325,7 +325,7 @@ def host(freezer):
         drivers = security_drivers(_read(QEMU_CONF), on)
     except OSError:
         drivers = ["apparmor"] if on else []
-    result = Host(None, libvirt.getVersion(), drivers, on, freezer.is_ours,
+    result = Host(None, libvirt.getVersion(), drivers, on, store.is_ours,
                   verdict, info=qemu_img.info)
     try:
         conn = virt.connect()

@@ -11,34 +11,26 @@ What it looks at, all of it, then what it was asked about:
 
 Each is planned by plan.plan() from what libvirt and the disks show now,
 and carried out under the base disk's lock, the same lock the hooks take,
-so recover is safe while hooks run and when two operators run it at once.
+so recover is safe while hooks run and when two operators run it at once
+(settle.py: what is done with each).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
 import stat
 import time
 
-from . import (commit, digest, domxml, locate, plan, procs, qemu_img,
-               sessions, virt)
+from . import domxml, locate, plan, procs, qemu_img, sessions, virt
 from .errors import CorruptState, Error, NotFound
+from .settle import Case, Settler
 
 log = logging.getLogger(__name__)
 
 _OVERLAY_NAME = re.compile(
     r"^nbdsnap-(?P<uuid>[0-9a-f-]{36})-(?P<disk>[^-/]+)-(?P<id>.+)\.qcow2$")
-
-
-@dataclasses.dataclass
-class Case:
-    key: str
-    label: str                      # export path, or what we found
-    freeze: plan.Freeze | None      # None: a session with nothing to merge
-    state: dict | None = None       # the session, when there is one
 
 
 def _base_layer(path, fmt):
@@ -61,17 +53,8 @@ def _from_overlay(path, uuid, domain, disk, key=None):
                        overlay=path, base=_base_layer(backing, fmt))
 
 
-class Recovery:
-    def __init__(self, freezer, out=print, dry_run=False):
-        self.freezer = freezer
-        self.config = freezer.config
-        self.store = freezer.store
-        self.out = out
-        self.dry_run = dry_run
-        self.stuck = 0
-        # Processes not to count as readers of a frozen base: the
-        # nbd-server child of a prerun that recovers before it serves.
-        self.exclude = ()
+class Recovery(Settler):
+    """Every case there is (or those of some exports), each settled."""
 
     # -- survey ------------------------------------------------------------
 
@@ -117,7 +100,7 @@ class Recovery:
         for dom, parsed in virt.all_domains(conn):
             for disk in parsed.disks:
                 top = disk.top.path
-                if not self.freezer.is_ours(top) or top in known:
+                if not self.store.is_ours(top) or top in known:
                     continue
                 known.add(top)
                 freeze = None
@@ -209,75 +192,3 @@ class Recovery:
                          "left alone" % (case.label, state["id"]))
                 return
             self.locked(conn, case, state)
-
-    def locked(self, conn, case, state):
-        """Recover case, whose disk lock the caller holds.
-
-        Returns True when nothing is left stuck.
-        """
-        if state is not None:
-            case.freeze = (plan.Freeze.from_session(state)
-                           if state["mode"] == sessions.ONLINE else None)
-            if not self.dry_run:
-                # A digest outlives a killed nbd-server: it must end before
-                # anything looks at or writes into the base it reads (an
-                # offline session's too), and before plan() lists who has
-                # the base open, or the digest counts as one of them.
-                digest.finish(self.config, state)
-        if case.freeze is None:
-            self._end(case, state, "nothing was snapshotted")
-            return True
-        readers = procs.servers_with_open(case.key, locate.key_of,
-                                          exclude=self.exclude)
-        if readers:
-            # The session file says nobody holds it (or it was lost), but a
-            # client is still reading the frozen base: committing now would
-            # change the disk under its copy.
-            self.stuck += 1
-            self.out("%s: nbd-server pid %s still serves the frozen base; "
-                     "left alone until that connection ends"
-                     % (case.label, ", ".join(map(str, readers))))
-            return False
-        step = plan.plan(conn, case.freeze)
-        if self.dry_run:
-            self.out("%s: would %s" % (case.label, step))
-            if step.action == plan.KEEP:
-                self.stuck += 1
-            return step.action != plan.KEEP
-        self.out("%s: %s" % (case.label, step))
-        log.info("recover %s: %s", case.label, step)
-        if state is not None:
-            self.store.save(sessions.with_phase(state, sessions.COMMITTING))
-        # Once merged, every later state says so (the failed one too).
-        merged = {"merged": True} if case.freeze.merged else {}
-
-        def record_merged():
-            merged["merged"] = True
-            if state is not None:
-                self.store.save(sessions.with_phase(
-                    state, sessions.COMMITTING, **merged))
-        try:
-            commit.run(conn, case.freeze, step, self.config.commit_timeout,
-                       merged=record_merged,
-                       domain_lock=lambda: self.freezer.domain_lock(
-                           case.freeze))
-        except Error as e:
-            self.stuck += 1
-            self.out("%s: STUCK: %s" % (case.label, e))
-            log.error("recover %s: still stuck: %s", case.label, e)
-            if state is not None:
-                self.store.save(sessions.with_phase(
-                    state, sessions.FAILED, error=str(e), **merged))
-            return False
-        self._end(case, state, "%s done" % step.action)
-        return True
-
-    def _end(self, case, state, what):
-        if self.dry_run:
-            self.out("%s: would end the session (%s)" % (case.label, what))
-            return
-        if state is not None:
-            self.store.delete(case.key)
-            self.freezer.remember(state, "recovered: %s" % what)
-        self.out("%s: recovered (%s)" % (case.label, what))
-        log.info("recover %s: recovered (%s)", case.label, what)

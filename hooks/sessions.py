@@ -44,6 +44,9 @@ PHASES = (INTENT, FROZEN, COMMITTING, FAILED)
 ONLINE = "online"     # the domain ran: an overlay takes its writes
 OFFLINE = "offline"   # the domain was shut off: nothing to snapshot
 
+# Every overlay nbdsnap creates is snapshot_dir/OVERLAY_PREFIX...
+OVERLAY_PREFIX = "nbdsnap-"
+
 # What every session file holds; the rest (overlay, digest...) may be absent.
 REQUIRED = frozenset(("id", "key", "export", "domain", "uuid", "disk", "base",
                       "mode", "phase", "holders", "created"))
@@ -330,6 +333,17 @@ class SessionStore:
     def lock(self, key):
         return DiskLock(os.path.join(self.config.locks_dir, key + ".lock"),
                         self.config.lock_timeout)
+
+    def domain_lock(self, uuid, name):
+        """The lock of a domain's definition (taken after a disk's)."""
+        return self.lock("domain-%s" % (uuid or name))
+
+    def is_ours(self, path):
+        """Is path an overlay that nbdsnap created?"""
+        return (path is not None
+                and os.path.dirname(os.path.normpath(path))
+                == self.config.snapshot_dir
+                and os.path.basename(path).startswith(OVERLAY_PREFIX))
 
     def _path(self, key):
         return os.path.join(self.config.sessions_dir, key + ".json")

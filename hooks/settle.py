@@ -1,0 +1,110 @@
+"""Settling one case whose holders are gone: plan it, carry it out, end it.
+
+A case is a session nobody holds any more (stale, failed, interrupted) or
+an overlay of ours that no session names.  nbdsnap recover settles every
+case it finds (recover.py); a prerun that meets a stale session settles
+that one first, where the configuration says so (stale = recover).  Both
+hold the base disk's lock, and call Settler.locked().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from . import commit, digest, history, locate, plan, procs, sessions
+from .errors import Error
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Case:
+    key: str
+    label: str                      # export path, or what we found
+    freeze: plan.Freeze | None      # None: a session with nothing to merge
+    state: dict | None = None       # the session, when there is one
+
+
+class Settler:
+    def __init__(self, config, out=print, dry_run=False):
+        self.config = config
+        self.store = sessions.SessionStore(config)
+        self.out = out
+        self.dry_run = dry_run
+        self.stuck = 0
+        # Processes not to count as readers of a frozen base: the
+        # nbd-server child of a prerun that recovers before it serves.
+        self.exclude = ()
+
+    def locked(self, conn, case, state):
+        """Recover case, whose disk lock the caller holds.
+
+        Returns True when nothing is left stuck.
+        """
+        if state is not None:
+            case.freeze = (plan.Freeze.from_session(state)
+                           if state["mode"] == sessions.ONLINE else None)
+            if not self.dry_run:
+                # A digest outlives a killed nbd-server: it must end before
+                # anything looks at or writes into the base it reads (an
+                # offline session's too), and before plan() lists who has
+                # the base open, or the digest counts as one of them.
+                digest.finish(self.config, state)
+        if case.freeze is None:
+            self._end(case, state, "nothing was snapshotted")
+            return True
+        readers = procs.servers_with_open(case.key, locate.key_of,
+                                          exclude=self.exclude)
+        if readers:
+            # The session file says nobody holds it (or it was lost), but a
+            # client is still reading the frozen base: committing now would
+            # change the disk under its copy.
+            self.stuck += 1
+            self.out("%s: nbd-server pid %s still serves the frozen base; "
+                     "left alone until that connection ends"
+                     % (case.label, ", ".join(map(str, readers))))
+            return False
+        step = plan.plan(conn, case.freeze)
+        if self.dry_run:
+            self.out("%s: would %s" % (case.label, step))
+            if step.action == plan.KEEP:
+                self.stuck += 1
+            return step.action != plan.KEEP
+        self.out("%s: %s" % (case.label, step))
+        log.info("recover %s: %s", case.label, step)
+        if state is not None:
+            self.store.save(sessions.with_phase(state, sessions.COMMITTING))
+        # Once merged, every later state says so (the failed one too).
+        merged = {"merged": True} if case.freeze.merged else {}
+
+        def record_merged():
+            merged["merged"] = True
+            if state is not None:
+                self.store.save(sessions.with_phase(
+                    state, sessions.COMMITTING, **merged))
+        try:
+            commit.run(conn, case.freeze, step, self.config.commit_timeout,
+                       merged=record_merged,
+                       domain_lock=lambda: self.store.domain_lock(
+                           case.freeze.uuid, case.freeze.domain))
+        except Error as e:
+            self.stuck += 1
+            self.out("%s: STUCK: %s" % (case.label, e))
+            log.error("recover %s: still stuck: %s", case.label, e)
+            if state is not None:
+                self.store.save(sessions.with_phase(
+                    state, sessions.FAILED, error=str(e), **merged))
+            return False
+        self._end(case, state, "%s done" % step.action)
+        return True
+
+    def _end(self, case, state, what):
+        if self.dry_run:
+            self.out("%s: would end the session (%s)" % (case.label, what))
+            return
+        if state is not None:
+            self.store.delete(case.key)
+            history.remember(self.config, state, "recovered: %s" % what)
+        self.out("%s: recovered (%s)" % (case.label, what))
+        log.info("recover %s: recovered (%s)", case.label, what)
