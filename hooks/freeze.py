@@ -17,10 +17,9 @@ from .sessions import FROZEN, OFFLINE, ONLINE, describe
 
 # Loaded when first used: a join and a postrun that is not the last need
 # neither libvirt nor lxml (lazy.py).
-agent = lazy.module("agent")
 commit = lazy.module("commit")
-domxml = lazy.module("domxml")
 locate = lazy.module("locate")
+quiesce_mod = lazy.module("quiesce")
 settle = lazy.module("settle")
 virt = lazy.module("virt")
 
@@ -39,8 +38,6 @@ class Freezer:
     def __init__(self, config):
         self.config = config
         self.store = sessions.SessionStore(config)
-        self._warning = None
-        self._watcher = None     # the agent watcher _take started, if any
 
     # -- prerun ------------------------------------------------------------
 
@@ -200,18 +197,20 @@ class Freezer:
         log.info("%s: snapshot into %s (quiesce %s); clients copy %s",
                  describe(state), overlay, quiesce, copied)
         try:
-            consistency = self._take(dom, match.domain, match.disk.target,
-                                     overlay, quiesce, state)
+            taken = quiesce_mod.take(dom, match.domain, match.disk.target,
+                                     overlay, quiesce,
+                                     self.config.quiesce_timeout, state)
         except BaseException:
             self._undo_intent(dom, match.disk.target, overlay, state)
             raise
-        state = sessions.with_phase(state, FROZEN, consistency=consistency,
-                                    warning=self._warning)
-        if self._watcher is not None:
-            state["agent_watcher"] = self._watcher.to_json()
+        state = sessions.with_phase(state, FROZEN,
+                                    consistency=taken.consistency,
+                                    warning=taken.warning)
+        if taken.watcher is not None:
+            state["agent_watcher"] = taken.watcher.to_json()
         self.store.save(state)
-        log.info("%s: frozen (%s) for pid %d", describe(state), consistency,
-                 holder.pid)
+        log.info("%s: frozen (%s) for pid %d", describe(state),
+                 taken.consistency, holder.pid)
         return state
 
     def _start_digest(self, state):
@@ -230,81 +229,9 @@ class Freezer:
         self.store.save(state)
         return state
 
-    def _take(self, dom, domain, target, overlay, quiesce, state):
-        xml = domxml.snapshot_xml(domain, target, overlay,
-                                  "nbdsnap %s" % describe(state))
-        if quiesce == "off":
-            virt.snapshot(dom, xml, quiesce=False)
-            return "crash-consistent"
-        timeout = self.config.quiesce_timeout
-        self._warning = None
-        self._watcher = None
-        asked = False
-        try:
-            # An agent that does not answer is not asked to freeze: the
-            # freeze would stay queued and run whenever it wakes up.
-            if not agent.answers(dom, timeout):
-                raise VirtError("the guest agent of domain %s did not answer "
-                                "in %g s (quiesce_timeout)"
-                                % (domain.name, timeout))
-            if agent.frozen(dom, timeout):
-                return self._take_frozen(dom, xml, state)
-            asked = True
-            with agent.ResponseTimeout(dom, timeout):
-                virt.snapshot(dom, xml, quiesce=True)
-            return "quiesced"
-        except VirtError as e:
-            failure = e
-        if asked:
-            # The agent went quiet between the ping and the thaw: a freeze
-            # may run, or may have run, with no thaw after it.  status
-            # shows the watcher with the session.
-            self._watcher = agent.start_watcher(dom)
-        if self._uses(dom, target, overlay):
-            # The snapshot was taken; only the thaw's answer was missing.
-            log.warning("%s: the quiesced snapshot was taken but libvirt "
-                        "said: %s", describe(state), failure)
-            return "quiesced"
-        if quiesce == "require":
-            raise VirtError("%s (quiesce = require)" % failure)
-        log.warning("%s: quiesced snapshot failed (%s); taking it "
-                    "crash-consistent (quiesce = try)", describe(state),
-                    failure)
-        # status shows it for as long as the session lasts.
-        self._warning = ("quiesce failed (%s): the freeze is crash-consistent"
-                         % failure)
-        self._remove_unused(dom, target, overlay)
-        virt.snapshot(dom, xml, quiesce=False)
-        return "crash-consistent"
-
-    def _take_frozen(self, dom, xml, state):
-        """The guest was frozen before we came, on purpose: its owner's to
-        thaw.  Neither freeze it again (the agent refuses) nor watch it
-        (the watcher would thaw it); its filesystems are consistent."""
-        self._warning = ("the guest's filesystems were already frozen, not "
-                         "by nbdsnap: snapshot taken as they were, and they "
-                         "are left frozen")
-        log.warning("%s: %s", describe(state), self._warning)
-        virt.snapshot(dom, xml, quiesce=False)
-        return "quiesced"
-
-    def _uses(self, dom, target, overlay):
-        disk = domxml.find_disk(virt.reread(dom), target)
-        return disk is not None and disk.top.path == overlay
-
-    def _remove_unused(self, dom, target, overlay):
-        """Remove an overlay of ours that a failed snapshot left behind."""
-        if not os.path.lexists(overlay):
-            return
-        disk = domxml.find_disk(virt.reread(dom), target)
-        if disk is not None and overlay in [l.path for l in disk.layers]:
-            raise Unsupported("snapshot failed but the domain uses %s"
-                              % overlay)
-        os.unlink(overlay)
-
     def _undo_intent(self, dom, target, overlay, state):
         try:
-            self._remove_unused(dom, target, overlay)
+            quiesce_mod.remove_unused(dom, target, overlay)
         except Exception as e:   # keep the intent: recovery will see it
             log.error("%s: snapshot failed and the intent is kept for "
                       "recovery: %s", describe(state), e)

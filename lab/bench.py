@@ -161,7 +161,7 @@ def startup(reps):
               ("`python -c pass`", [sys.executable, "-c", "pass"]),
               ("python, importing what a freeze imports (libvirt, lxml)",
                [sys.executable, "-c", "import nbdsnap.hooks.freeze, "
-                "nbdsnap.hooks.commit, nbdsnap.hooks.agent"])]
+                "nbdsnap.hooks.commit, nbdsnap.hooks.quiesce"])]
     return [(k, [run_timed(v) for _ in range(reps)]) for k, v in probes]
 
 

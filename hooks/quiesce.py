@@ -1,0 +1,107 @@
+"""The quiesce policy: how prerun takes a running domain's snapshot.
+
+    quiesce = off       crash-consistent; the agent is not asked
+    quiesce = try       quiesced if the agent answers and the snapshot
+                        works, else crash-consistent with a warning that
+                        status shows for as long as the session lasts
+    quiesce = require   quiesced, or refused
+
+What never to do with an agent, and why, is agent.py's: a ping first, the
+snapshot under the domain's response timeout, a guest frozen by its owner
+left as it is, a watcher when a freeze may still be pending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+from . import agent, domxml, virt
+from .errors import Unsupported, VirtError
+from .sessions import describe
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Taken:
+    """How the snapshot was taken, for the session."""
+    consistency: str            # "quiesced" or "crash-consistent"
+    warning: str | None = None  # what status shows while the session lasts
+    watcher: object = None      # the agent watcher started, if any
+
+
+def take(dom, domain, target, overlay, quiesce, timeout, state):
+    """Snapshot disk target of dom into overlay, as the policy says."""
+    xml = domxml.snapshot_xml(domain, target, overlay,
+                              "nbdsnap %s" % describe(state))
+    if quiesce == "off":
+        virt.snapshot(dom, xml, quiesce=False)
+        return Taken("crash-consistent")
+    watcher = None
+    asked = False
+    try:
+        # An agent that does not answer is not asked to freeze: the
+        # freeze would stay queued and run whenever it wakes up.
+        if not agent.answers(dom, timeout):
+            raise VirtError("the guest agent of domain %s did not answer "
+                            "in %g s (quiesce_timeout)"
+                            % (domain.name, timeout))
+        if agent.frozen(dom, timeout):
+            return _take_frozen(dom, xml, state)
+        asked = True
+        with agent.ResponseTimeout(dom, timeout):
+            virt.snapshot(dom, xml, quiesce=True)
+        return Taken("quiesced")
+    except VirtError as e:
+        failure = e
+    if asked:
+        # The agent went quiet between the ping and the thaw: a freeze
+        # may run, or may have run, with no thaw after it.  status
+        # shows the watcher with the session.
+        watcher = agent.start_watcher(dom)
+    if _uses(dom, target, overlay):
+        # The snapshot was taken; only the thaw's answer was missing.
+        log.warning("%s: the quiesced snapshot was taken but libvirt "
+                    "said: %s", describe(state), failure)
+        return Taken("quiesced", watcher=watcher)
+    if quiesce == "require":
+        raise VirtError("%s (quiesce = require)" % failure)
+    log.warning("%s: quiesced snapshot failed (%s); taking it "
+                "crash-consistent (quiesce = try)", describe(state),
+                failure)
+    # status shows it for as long as the session lasts.
+    warning = ("quiesce failed (%s): the freeze is crash-consistent"
+               % failure)
+    remove_unused(dom, target, overlay)
+    virt.snapshot(dom, xml, quiesce=False)
+    return Taken("crash-consistent", warning=warning, watcher=watcher)
+
+
+def _take_frozen(dom, xml, state):
+    """The guest was frozen before we came, on purpose: its owner's to
+    thaw.  Neither freeze it again (the agent refuses) nor watch it
+    (the watcher would thaw it); its filesystems are consistent."""
+    warning = ("the guest's filesystems were already frozen, not "
+               "by nbdsnap: snapshot taken as they were, and they "
+               "are left frozen")
+    log.warning("%s: %s", describe(state), warning)
+    virt.snapshot(dom, xml, quiesce=False)
+    return Taken("quiesced", warning=warning)
+
+
+def _uses(dom, target, overlay):
+    disk = domxml.find_disk(virt.reread(dom), target)
+    return disk is not None and disk.top.path == overlay
+
+
+def remove_unused(dom, target, overlay):
+    """Remove an overlay of ours that a failed snapshot left behind."""
+    if not os.path.lexists(overlay):
+        return
+    disk = domxml.find_disk(virt.reread(dom), target)
+    if disk is not None and overlay in [l.path for l in disk.layers]:
+        raise Unsupported("snapshot failed but the domain uses %s"
+                          % overlay)
+    os.unlink(overlay)
