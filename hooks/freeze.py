@@ -13,7 +13,7 @@ import time
 from . import digest, history, lazy, procs, sessions
 from .errors import (CommitFailed, CorruptState, Error, NotFound, Stale,
                      Unsupported, VirtError)
-from .sessions import FROZEN, OFFLINE, ONLINE, describe
+from .sessions import FROZEN, OFFLINE, ONLINE
 
 # Loaded when first used: a join and a postrun that is not the last need
 # neither libvirt nor lxml (lazy.py).
@@ -56,7 +56,7 @@ class Freezer:
             conn = None
             try:
                 if state is not None:
-                    if sessions.assess(state, procs.is_alive) == sessions.LIVE:
+                    if state.assess(procs.is_alive) == sessions.LIVE:
                         return self._join(state, holder)
                     conn = virt.connect()
                     self._stale(conn, state, export)
@@ -68,30 +68,30 @@ class Freezer:
                     conn.close()
 
     def _join(self, state, holder):
-        state = sessions.join(state, holder)
+        state = state.join(holder)
         self.store.save(state)
-        log.info("%s: joined by pid %d, %d holders", describe(state),
+        log.info("%s: joined by pid %d, %d holders", state.describe(),
                  holder.pid, len(state["holders"]))
         return state
 
     def _stale(self, conn, state, export):
         """A session nobody holds: refuse, or recover it (stale = recover)."""
-        verdict = sessions.assess(state, procs.is_alive)
+        verdict = state.assess(procs.is_alive)
         why = ("its commit failed: %s" % state.get("error")
                if verdict == sessions.BROKEN else
                "no holder of it is alive (phase %s)" % state["phase"])
         if self.config.stale != "recover":
             raise Stale("%s is stale, %s; refusing until "
                         "'nbdsnap recover %s' has run"
-                        % (describe(state), why, export))
+                        % (state.describe(), why, export))
         log.warning("%s is stale, %s; recovering it first (stale = recover)",
-                    describe(state), why)
+                    state.describe(), why)
         settler = settle.Settler(self.config, out=lambda line: None)
         settler.exclude = (procs.connection_holder().pid,)
         case = settle.Case(state["key"], state["export"], None, state)
         if not settler.locked(conn, case, state):
             raise Stale("%s is stale and could not be recovered; see "
-                        "'nbdsnap status'" % describe(state))
+                        "'nbdsnap status'" % state.describe())
 
     def _locate(self, conn, export, key, domain, disk):
         if domain or disk:
@@ -148,10 +148,10 @@ class Freezer:
             raise Unsupported("%s: the domain was started (it is %s) while "
                               "this prerun prepared a copy of it shut off; "
                               "refused, the next connection freezes it "
-                              "running" % (describe(state), now))
+                              "running" % (state.describe(), now))
         from .served import what_clients_copy
         log.info("%s: domain is shut off, nothing to snapshot; frozen "
-                 "for pid %d; clients copy %s", describe(state),
+                 "for pid %d; clients copy %s", state.describe(),
                  holder.pid, what_clients_copy(match.disk,
                                                self.store.is_ours))
         return state
@@ -195,7 +195,7 @@ class Freezer:
         copied = what_clients_copy(match.disk, self.store.is_ours)
         self.store.save(state)          # intent: before the snapshot call
         log.info("%s: snapshot into %s (quiesce %s); clients copy %s",
-                 describe(state), overlay, quiesce, copied)
+                 state.describe(), overlay, quiesce, copied)
         try:
             taken = quiesce_mod.take(dom, match.domain, match.disk.target,
                                      overlay, quiesce,
@@ -203,13 +203,12 @@ class Freezer:
         except BaseException:
             self._undo_intent(dom, match.disk.target, overlay, state)
             raise
-        state = sessions.with_phase(state, FROZEN,
-                                    consistency=taken.consistency,
-                                    warning=taken.warning)
+        state = state.with_phase(FROZEN, consistency=taken.consistency,
+                                 warning=taken.warning)
         if taken.watcher is not None:
             state["agent_watcher"] = taken.watcher.to_json()
         self.store.save(state)
-        log.info("%s: frozen (%s) for pid %d", describe(state),
+        log.info("%s: frozen (%s) for pid %d", state.describe(),
                  taken.consistency, holder.pid)
         return state
 
@@ -223,9 +222,9 @@ class Freezer:
         except (OSError, Error, VerifyError) as e:
             # The copy can go ahead; only its manifest is missing.
             log.error("%s: cannot start the digest, no manifest for this "
-                      "session: %s", describe(state), e)
+                      "session: %s", state.describe(), e)
             return state
-        state = dict(state, digest=info)
+        state = sessions.Session(state, digest=info)
         self.store.save(state)
         return state
 
@@ -234,7 +233,7 @@ class Freezer:
             quiesce_mod.remove_unused(dom, target, overlay)
         except Exception as e:   # keep the intent: recovery will see it
             log.error("%s: snapshot failed and the intent is kept for "
-                      "recovery: %s", describe(state), e)
+                      "recovery: %s", state.describe(), e)
             return
         self.store.delete(state["key"])
 
@@ -255,15 +254,15 @@ class Freezer:
                 log.warning("no session for export %s; nothing to release "
                             "(pid %d)", export, holder.pid)
                 return None
-            new, was, left = sessions.leave(state, holder, procs.is_alive)
+            new, was, left = state.leave(holder, procs.is_alive)
             if not was:
                 log.warning("%s: pid %d holds no part of it; nothing to "
-                            "release", describe(state), holder.pid)
+                            "release", state.describe(), holder.pid)
                 return None
             if left or state["phase"] != FROZEN:
                 self.store.save(new)
                 log.info("%s: released by pid %d, %d live holders left",
-                         describe(new), holder.pid, len(left))
+                         new.describe(), holder.pid, len(left))
                 return new
             # The commit writes into the base: the digest must be done.
             digest.finish(self.config, new)
@@ -286,16 +285,16 @@ class Freezer:
             if found and virt.state(found[0]) != virt.SHUTOFF:
                 log.warning("%s: the domain was started during the freeze "
                             "(or as it ended); copies taken meanwhile may "
-                            "be inconsistent", describe(state))
+                            "be inconsistent", state.describe())
         except VirtError as e:
-            log.warning("%s: cannot check the domain: %s", describe(state), e)
+            log.warning("%s: cannot check the domain: %s", state.describe(), e)
         finally:
             if conn is not None:
                 conn.close()
         history.remember(self.config, state,
                          "ended: shut off, nothing to commit")
         log.info("%s: ended; the domain was shut off, nothing to commit",
-                 describe(state))
+                 state.describe())
         return state
 
     def _commit(self, state):
@@ -303,7 +302,7 @@ class Freezer:
         # The plan sees the session as frozen: were the domain found on its
         # base already, the overlay is compared, not assumed merged.
         freeze = commit.Freeze.from_session(state)
-        state = sessions.with_phase(state, sessions.COMMITTING)
+        state = state.with_phase(sessions.COMMITTING)
         self.store.save(state)
         started = time.monotonic()
         size = _size(state["overlay"])
@@ -317,7 +316,7 @@ class Freezer:
             conn = virt.connect()
             try:
                 step = commit.plan(conn, freeze)
-                log.info("%s: last holder gone; %s", describe(state), step)
+                log.info("%s: last holder gone; %s", state.describe(), step)
                 commit.run(conn, freeze, step, self.config.commit_timeout,
                            merged=record_merged,
                            domain_lock=lambda: self.store.domain_lock(
@@ -325,11 +324,11 @@ class Freezer:
             finally:
                 conn.close()
         except Error as e:
-            failed = sessions.with_phase(state, sessions.FAILED, error=str(e),
-                                         **merged)
+            failed = state.with_phase(sessions.FAILED, error=str(e),
+                                      **merged)
             self.store.save(failed)
             raise CommitFailed("%s: %s; overlay %s kept, run 'nbdsnap "
-                               "recover %s'" % (describe(state), e,
+                               "recover %s'" % (state.describe(), e,
                                                 state["overlay"],
                                                 state["export"]))
         took = time.monotonic() - started
@@ -337,7 +336,7 @@ class Freezer:
         history.remember(self.config, state, step.action,
                          overlay_bytes=size, commit_seconds=took)
         log.info("%s: %s of %s done in %.2f s; domain back on its base, "
-                 "overlay removed", describe(state), step.action,
+                 "overlay removed", state.describe(), step.action,
                  _human(size), took)
         return state
 

@@ -19,7 +19,6 @@ import os
 
 from . import agent, domxml, virt
 from .errors import Unsupported, VirtError
-from .sessions import describe
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ class Taken:
 def take(dom, domain, target, overlay, quiesce, timeout, state):
     """Snapshot disk target of dom into overlay, as the policy says."""
     xml = domxml.snapshot_xml(domain, target, overlay,
-                              "nbdsnap %s" % describe(state))
+                              "nbdsnap %s" % state.describe())
     if quiesce == "off":
         virt.snapshot(dom, xml, quiesce=False)
         return Taken("crash-consistent")
@@ -64,12 +63,12 @@ def take(dom, domain, target, overlay, quiesce, timeout, state):
     if _uses(dom, target, overlay):
         # The snapshot was taken; only the thaw's answer was missing.
         log.warning("%s: the quiesced snapshot was taken but libvirt "
-                    "said: %s", describe(state), failure)
+                    "said: %s", state.describe(), failure)
         return Taken("quiesced", watcher=watcher)
     if quiesce == "require":
         raise VirtError("%s (quiesce = require)" % failure)
     log.warning("%s: quiesced snapshot failed (%s); taking it "
-                "crash-consistent (quiesce = try)", describe(state),
+                "crash-consistent (quiesce = try)", state.describe(),
                 failure)
     # status shows it for as long as the session lasts.
     warning = ("quiesce failed (%s): the freeze is crash-consistent"
@@ -86,7 +85,7 @@ def _take_frozen(dom, xml, state):
     warning = ("the guest's filesystems were already frozen, not "
                "by nbdsnap: snapshot taken as they were, and they "
                "are left frozen")
-    log.warning("%s: %s", describe(state), warning)
+    log.warning("%s: %s", state.describe(), warning)
     virt.snapshot(dom, xml, quiesce=False)
     return Taken("quiesced", warning=warning)
 

@@ -186,8 +186,8 @@ class Recovery(Settler):
                 return
             if state is not None and case.state is None:
                 case.label = state["export"]
-            if state is not None and sessions.assess(
-                    state, procs.is_alive) == sessions.LIVE:
+            if (state is not None
+                    and state.assess(procs.is_alive) == sessions.LIVE):
                 self.out("%s: live session %s (a client is connected), "
                          "left alone" % (case.label, state["id"]))
                 return

@@ -15,7 +15,8 @@ commit, so a hook that dies half way leaves a trace that recovery reads.
 Holders are the nbd-server children serving the session's connections; a
 session none of whose holders is alive is stale.
 
-The functions on states are pure; SessionStore does the I/O.
+A Session is the state, with its description and its transitions (pure);
+SessionStore does the I/O.
 """
 
 import errno
@@ -70,11 +71,66 @@ def disk_key(st):
     return "f-%x-%d" % (st.st_dev, st.st_ino)
 
 
+class Session(dict):
+    """One session: its JSON object, with its description and transitions.
+
+    A dict, so that the store writes it as it always has (byte for byte)
+    and a reader says state["phase"]; a transition returns a new Session
+    and leaves this one as it was.
+    """
+
+    def describe(self):
+        """The words every log line about a session carries."""
+        return "session %s (domain %s disk %s export %s)" % (
+            self["id"], self["domain"], self["disk"], self["export"])
+
+    def holders(self):
+        return [procs.Holder.from_json(h) for h in self["holders"]]
+
+    def live_holders(self, alive):
+        return [h for h in self.holders() if alive(h)]
+
+    def assess(self, alive):
+        """What a hook holding the lock may do with an existing session.
+
+        intent and committing are only ever seen under the lock when the
+        hook that wrote them died before it finished: they are stale.
+        """
+        if self["phase"] == FAILED:
+            return BROKEN
+        if self["phase"] == FROZEN and self.live_holders(alive):
+            return LIVE
+        return STALE
+
+    def with_phase(self, phase, now=None, **changes):
+        new = Session(self, phase=phase, **changes)
+        new["updated"] = time.time() if now is None else now
+        return new
+
+    def join(self, holder, now=None):
+        """Add a holder (a second hook run for one connection is a no-op)."""
+        hs = self["holders"]
+        count = self.get("connections", len(hs))
+        if holder.to_json() not in hs:
+            hs = hs + [holder.to_json()]
+            count += 1
+        return self.with_phase(self["phase"], now=now, holders=hs,
+                               connections=count)
+
+    def leave(self, holder, alive, now=None):
+        """Remove holder: (new session, was it a holder, live holders left)."""
+        me = holder.to_json()
+        was = me in self["holders"]
+        rest = [h for h in self["holders"] if h != me]
+        new = self.with_phase(self["phase"], now=now, holders=rest)
+        return new, was, new.live_holders(alive)
+
+
 def new_session(key, export, domain, uuid, disk, base, mode, holder,
                 overlay=None, consistency=None, now=None, base_type="file",
                 base_format="raw"):
     now = time.time() if now is None else now
-    return {
+    return Session({
         "version": VERSION,
         "id": "%s-%s" % (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)),
                          secrets.token_hex(3)),
@@ -95,61 +151,37 @@ def new_session(key, export, domain, uuid, disk, base, mode, holder,
         "created": now,
         "updated": now,
         "error": None,
-    }
+    })
 
+
+# The same for a session as a plain dict (status, lint, the libvirt hook).
 
 def describe(state):
-    """The words every log line about a session carries."""
-    return "session %s (domain %s disk %s export %s)" % (
-        state["id"], state["domain"], state["disk"], state["export"])
+    return Session(state).describe()
 
 
 def holders(state):
-    return [procs.Holder.from_json(h) for h in state["holders"]]
+    return Session(state).holders()
 
 
 def live_holders(state, alive):
-    return [h for h in holders(state) if alive(h)]
+    return Session(state).live_holders(alive)
 
 
 def assess(state, alive):
-    """What a hook holding the lock may do with an existing session.
-
-    intent and committing are only ever seen under the lock when the hook
-    that wrote them died before it finished: they are stale.
-    """
-    if state["phase"] == FAILED:
-        return BROKEN
-    if state["phase"] == FROZEN and live_holders(state, alive):
-        return LIVE
-    return STALE
+    return Session(state).assess(alive)
 
 
 def with_phase(state, phase, now=None, **changes):
-    new = dict(state, phase=phase, **changes)
-    new["updated"] = time.time() if now is None else now
-    return new
+    return Session(state).with_phase(phase, now, **changes)
 
 
 def join(state, holder, now=None):
-    """Add a holder (a second hook run for the same connection is a no-op)."""
-    hs = state["holders"]
-    count = state.get("connections", len(hs))
-    if holder.to_json() not in hs:
-        hs = hs + [holder.to_json()]
-        count += 1
-    return with_phase(state, state["phase"], now=now, holders=hs,
-                      connections=count)
+    return Session(state).join(holder, now)
 
 
 def leave(state, holder, alive, now=None):
-    """Remove holder; return (new state, was it a holder, live holders left)."""
-    me = holder.to_json()
-    was = me in state["holders"]
-    rest = [h for h in state["holders"] if h != me]
-    new = with_phase(state, state["phase"], now=now, holders=rest)
-    left = [h for h in holders(new) if alive(h)]
-    return new, was, left
+    return Session(state).leave(holder, alive, now)
 
 
 # -- the store -------------------------------------------------------------
@@ -379,7 +411,7 @@ class SessionStore:
             raise CorruptState("session state %s is not a version %d "
                                "session of this disk: %s"
                                % (path, VERSION, problem))
-        return state
+        return Session(state)
 
     def save(self, state):
         """Write atomically: temp file 0600, fsync, rename, fsync folder."""

@@ -74,15 +74,15 @@ class Settler:
         self.out("%s: %s" % (case.label, step))
         log.info("recover %s: %s", case.label, step)
         if state is not None:
-            self.store.save(sessions.with_phase(state, sessions.COMMITTING))
+            self.store.save(state.with_phase(sessions.COMMITTING))
         # Once merged, every later state says so (the failed one too).
         merged = {"merged": True} if case.freeze.merged else {}
 
         def record_merged():
             merged["merged"] = True
             if state is not None:
-                self.store.save(sessions.with_phase(
-                    state, sessions.COMMITTING, **merged))
+                self.store.save(state.with_phase(sessions.COMMITTING,
+                                                 **merged))
         try:
             commit.run(conn, case.freeze, step, self.config.commit_timeout,
                        merged=record_merged,
@@ -93,8 +93,8 @@ class Settler:
             self.out("%s: STUCK: %s" % (case.label, e))
             log.error("recover %s: still stuck: %s", case.label, e)
             if state is not None:
-                self.store.save(sessions.with_phase(
-                    state, sessions.FAILED, error=str(e), **merged))
+                self.store.save(state.with_phase(
+                    sessions.FAILED, error=str(e), **merged))
             return False
         self._end(case, state, "%s done" % step.action)
         return True
