@@ -3,6 +3,11 @@
 Everything here runs under the base disk's lock, held across the
 read-modify-write of the session state and the libvirt calls, so that the
 4 connections of one nbdcopy, in any interleaving, make one freeze.
+
+What it leans on, each one way: quiesce takes a running domain's snapshot,
+settle ends a stale session first (stale = recover), plan and commit put
+the disk back on its base, the Session (sessions) describes itself and
+makes its transitions, the store saves it, history records its end.
 """
 
 import logging
@@ -24,6 +29,7 @@ settle = lazy.module("settle")
 virt = lazy.module("virt")
 
 log = logging.getLogger(__name__)
+
 
 def disk_key(export):
     try:
