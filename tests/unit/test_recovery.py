@@ -47,7 +47,7 @@ def test_an_offline_session_waits_for_its_digest(freezer, digest_running):
     state["digest"] = dict(holder.to_json(), manifest="/nonexistent")
     freezer.store.save(state)
     out = []
-    recovery = recover.Recovery(freezer, out=out.append)
+    recovery = recover.Recovery(freezer.config, out=out.append)
     case = recover.Case(state["key"], state["export"], None, state)
     started = time.monotonic()
     assert recovery.locked(None, case, state)
@@ -74,7 +74,7 @@ def test_an_online_session_waits_for_its_digest_before_it_plans(
     monkeypatch.setattr(recover.plan, "plan", plan)
     monkeypatch.setattr(recover.procs, "servers_with_open",
                         lambda *a, **kw: [])
-    recovery = recover.Recovery(freezer, out=lambda line: None)
+    recovery = recover.Recovery(freezer.config, out=lambda line: None)
     case = recover.Case(state["key"], state["export"], None, state)
     assert not recovery.locked(None, case, state)
     assert planned and planned[0] is not None, "planned before the digest"
@@ -85,7 +85,7 @@ def test_a_dry_run_does_not_wait_for_the_digest(freezer, digest_running):
     state = stale_session(freezer, sessions.OFFLINE)
     state["digest"] = dict(holder.to_json(), manifest="/nonexistent")
     out = []
-    recovery = recover.Recovery(freezer, out=out.append, dry_run=True)
+    recovery = recover.Recovery(freezer.config, out=out.append, dry_run=True)
     case = recover.Case(state["key"], state["export"], None, state)
     assert recovery.locked(None, case, state)
     assert digest_running.poll() is None
