@@ -85,13 +85,18 @@ class Lab:
         return server
 
 
-def disk_alias(dom, target):
+def live_device(dom, kind, attr, value):
+    """The <kind> device of dom's live XML whose <target attr=value>."""
     from lxml import etree
     root = etree.fromstring(dom.XMLDesc(0).encode())
-    for d in root.findall("devices/disk"):
-        if d.find("target").get("dev") == target:
-            return d.find("alias").get("name")
-    raise KeyError(target)
+    for d in root.findall("devices/" + kind):
+        if d.find("target").get(attr) == value:
+            return d
+    raise KeyError(value)
+
+
+def disk_alias(dom, target):
+    return live_device(dom, "disk", "dev", target).find("alias").get("name")
 
 
 def disk_source(dom, target, inactive=False):

@@ -23,7 +23,7 @@ import uuid as uuid_mod
 import libvirt
 import libvirt_qemu
 
-from .domains import disk_xml
+from .domains import disk_xml, live_device
 from .guest_build import (CACHE_DIR, KERNEL_META, MODULES,  # noqa: F401
                           PACKAGES, _run, build, manifest)
 from .guest_init import AGENT_PORT, CONTROL_PORT, FSFREEZE_HOOK, INIT  # noqa
@@ -165,12 +165,8 @@ def agent_read_file(dom, path, timeout=10):
 
 
 def _channel_path(dom, port):
-    from lxml import etree
-    root = etree.fromstring(dom.XMLDesc(0).encode())
-    for ch in root.findall("devices/channel"):
-        if ch.find("target").get("name") == port:
-            return ch.find("source").get("path")
-    raise KeyError(port)
+    return live_device(dom, "channel", "name", port).find("source").get(
+        "path")
 
 
 def guest_control(dom, command, timeout=10):
