@@ -27,13 +27,18 @@ class Stuck(Error):
 
 
 def run(conn, freeze, step, timeout, merged=lambda: None,
-        domain_lock=contextlib.nullcontext):
+        domain_lock=contextlib.nullcontext, merging=lambda: None):
     """Carry out step; raise Stuck or CommitFailed if it cannot be done.
 
     merged() is called as soon as the base holds everything (right after
     the pivot or the offline commit), before anything else can fail: the
     caller records it in every later state, so that recover never compares
     a merged overlay with a base the guest has written on since.
+    merging() is called right before qemu-img commit starts writing into
+    the base, and recorded the same way: a commit cut short (commit_timeout)
+    leaves a base newer than its overlay, which only the same commit,
+    finished, makes whole; without the record it would look like a guest's
+    newer writes and the overlay would be kept for good.
     domain_lock() guards the domain's definition: two disks of one domain
     committed at once (each under its own disk lock) rewrite the same
     definition, and must not undo each other's change.  It is held for
@@ -48,7 +53,7 @@ def run(conn, freeze, step, timeout, merged=lambda: None,
     elif step.action == DISCARD:
         merged()
     elif step.action == OFFLINE:
-        _offline(freeze, timeout, merged)
+        _offline(freeze, timeout, merged, merging)
     with domain_lock():
         if step.action == OFFLINE and step.dom is not None:
             _point_back(conn, step.dom, freeze)
@@ -119,7 +124,7 @@ def _online(conn, dom, freeze, timeout, merged):
     virt.resume_if_io_paused(dom)
 
 
-def _offline(freeze, timeout, merged):
+def _offline(freeze, timeout, merged, merging):
     _unchanged(freeze)
     backing, _ = qemu_img.backing(freeze.overlay)
     if not backing:
@@ -131,6 +136,7 @@ def _offline(freeze, timeout, merged):
     # harmless.  qemu-img takes the images' locks: a QEMU that has the
     # base open makes it fail, never write under it.  Bounded by
     # commit_timeout, as the block commit is: the overlay is then kept.
+    merging()
     qemu_img.commit(freeze.overlay, timeout)
     merged()
 

@@ -312,26 +312,28 @@ class Freezer:
         self.store.save(state)
         started = time.monotonic()
         size = _size(state["overlay"])
-        # Once merged, every later state says so (the failed one too).
-        merged = {}
+        # Once merging or merged, every later state says so (the failed one
+        # too).
+        marks = {}
 
-        def record_merged():
-            merged["merged"] = True
-            self.store.save(dict(state, **merged))
+        def record(mark):
+            marks[mark] = True
+            self.store.save(dict(state, **marks))
         try:
             conn = virt.connect()
             try:
                 step = commit.plan(conn, freeze)
                 log.info("%s: last holder gone; %s", state.describe(), step)
                 commit.run(conn, freeze, step, self.config.commit_timeout,
-                           merged=record_merged,
+                           merged=lambda: record("merged"),
+                           merging=lambda: record("merging"),
                            domain_lock=lambda: self.store.domain_lock(
                                freeze.uuid, freeze.domain))
             finally:
                 conn.close()
         except Error as e:
             failed = state.with_phase(sessions.FAILED, error=str(e),
-                                      **merged)
+                                      **marks)
             self.store.save(failed)
             raise CommitFailed("%s: %s; overlay %s kept, run 'nbdsnap "
                                "recover %s'" % (state.describe(), e,

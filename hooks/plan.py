@@ -67,6 +67,10 @@ class Freeze:
     overlay: str | None
     base: domxml.Layer
     merged: bool = False      # a commit had pivoted: the base has it all
+    # An offline commit into the base had begun: the base may hold part of
+    # the overlay, so only finishing that commit makes it whole again (and
+    # the base is newer than the overlay because of it, not of a guest).
+    merging: bool = False
     # A snapshot call of ours may still run in libvirtd: the session is an
     # intent (or failed after one), or there is no session to say.
     snapshot_may_run: bool = True
@@ -80,6 +84,7 @@ class Freeze:
                                      state["base"],
                                      state.get("base_format") or "raw"),
                    merged=bool(state.get("merged")),
+                   merging=bool(state.get("merging")),
                    snapshot_may_run=(state.get("phase")
                                      in (sessions.INTENT, sessions.FAILED)))
 
@@ -262,7 +267,7 @@ def _undefined(seen, freeze):
                       "%s kept; run recover again once they have closed it"
                       % (freeze.domain, freeze.base.path, users,
                          freeze.overlay))
-    if seen.base_newer is not False:
+    if seen.base_newer is not False and not freeze.merging:
         why = ("nothing tells whether its base %s was written after overlay "
                "%s (a block device keeps no time of its last write, and a "
                "QEMU of another host is not seen here)"

@@ -75,17 +75,20 @@ class Settler:
         log.info("recover %s: %s", case.label, step)
         if state is not None:
             self.store.save(state.with_phase(sessions.COMMITTING))
-        # Once merged, every later state says so (the failed one too).
-        merged = {"merged": True} if case.freeze.merged else {}
+        # Once merging or merged, every later state says so (the failed one
+        # too).
+        marks = {mark: True for mark in ("merging", "merged")
+                 if getattr(case.freeze, mark)}
 
-        def record_merged():
-            merged["merged"] = True
+        def record(mark):
+            marks[mark] = True
             if state is not None:
                 self.store.save(state.with_phase(sessions.COMMITTING,
-                                                 **merged))
+                                                 **marks))
         try:
             commit.run(conn, case.freeze, step, self.config.commit_timeout,
-                       merged=record_merged,
+                       merged=lambda: record("merged"),
+                       merging=lambda: record("merging"),
                        domain_lock=lambda: self.store.domain_lock(
                            case.freeze.uuid, case.freeze.domain))
         except Error as e:
@@ -94,7 +97,7 @@ class Settler:
             log.error("recover %s: still stuck: %s", case.label, e)
             if state is not None:
                 self.store.save(state.with_phase(
-                    sessions.FAILED, error=str(e), **merged))
+                    sessions.FAILED, error=str(e), **marks))
             return False
         self._end(case, state, "%s done" % step.action)
         return True

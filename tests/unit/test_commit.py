@@ -86,13 +86,16 @@ def test_an_offline_commit_past_commit_timeout_is_killed_and_kept(
     freeze = offline_freeze(tmp_path, "vda")
     monkeypatch.setattr(commit.qemu_img, "backing",
                         lambda path: (freeze.base.path, "raw"))
-    merged = []
+    merged, merging = [], []
     started = time.monotonic()
     with pytest.raises(commit.qemu_img.QemuImgError,
                        match="commit took more than 1 s; stopped"):
         commit.run(None, freeze, plan.Step(plan.OFFLINE, "test", None), 1,
-                   merged=lambda: merged.append(True))
+                   merged=lambda: merged.append(True),
+                   merging=lambda: merging.append(True))
     assert time.monotonic() - started < 10
     pid = int(hanging_qemu_img.read_text())
     assert not os.path.exists("/proc/%d" % pid), "qemu-img left running"
     assert merged == [] and plan.overlay_kind(freeze.overlay) == plan.REGULAR
+    # Recorded before qemu-img wrote anything: the next run finishes it.
+    assert merging == [True]

@@ -152,6 +152,29 @@ def test_undefined_with_a_base_written_since_is_kept_and_says_how():
     assert "qemu-img commit %s" % OVERLAY in why
 
 
+def test_undefined_after_a_commit_cut_short_finishes_that_commit():
+    """qemu-img commit stopped at commit_timeout wrote part of the overlay
+    into the base, so the base is newer than its overlay: by our own
+    commit, not a guest's writes.  The next run finishes it; keeping the
+    overlay would leave the base half merged for good."""
+    begun = plan.Freeze(**dict(vars(FREEZE), merging=True))
+    assert plan.decide(Observation(overlay=REGULAR, defined=False,
+                                   base_newer=True), begun)[0] == OFFLINE
+    assert plan.decide(Observation(overlay=REGULAR, defined=False,
+                                   base_newer=None), begun)[0] == OFFLINE
+    assert plan.decide(Observation(
+        overlay=REGULAR, defined=False, base_newer=True,
+        base_users=((4242, "qemu-system-x86"),)), begun)[0] == KEEP
+
+
+def test_a_session_that_began_an_offline_commit_says_so():
+    state = {"key": "f-1-2", "uuid": "U", "domain": "dom1", "disk": "vda",
+             "overlay": OVERLAY, "base": "/srv/vm/base.raw",
+             "phase": "failed", "merging": True}
+    assert plan.Freeze.from_session(state).merging
+    assert not plan.Freeze.from_session(dict(state, merging=False)).merging
+
+
 def test_undefined_with_a_block_base_is_kept_and_says_how():
     """A block device keeps no time of its last write: the domain may have
     been created again on the LV, have written and been destroyed again,
