@@ -301,12 +301,16 @@ def malformed(state, key):
     for name in ("id", "export", "domain", "uuid", "disk", "base"):
         if not isinstance(state[name], str):
             return "%s %r is no string" % (name, state[name])
-    if not isinstance(state.get("overlay"), (str, type(None))):
-        return "overlay %r is no path" % (state["overlay"],)
-    # json.load accepts NaN and Infinity: no time a status can print.
-    if not _is_number(state["created"]):
+    # Texts that history, status, qemu-img and lxml are handed as they are.
+    for name in ("overlay", "base_type", "base_format", "consistency",
+                 "warning", "error"):
+        if not isinstance(state.get(name), (str, type(None))):
+            return "%s %r is no string" % (name, state[name])
+    # json.load accepts NaN and Infinity, and a time far beyond time_t is
+    # no date either: no time a status or the history can print.
+    if not _is_time(state["created"]):
         return "created %r is no time" % (state["created"],)
-    if "updated" in state and not _is_number(state["updated"]):
+    if "updated" in state and not _is_time(state["updated"]):
         return "updated %r is no time" % (state["updated"],)
     if "connections" in state and not (_is_int(state["connections"])
                                        and state["connections"] >= 0):
@@ -343,9 +347,12 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value):
-    return _is_int(value) or (isinstance(value, float)
-                              and math.isfinite(value))
+def _is_time(value):
+    """Seconds since the epoch that time.gmtime() takes: finite, and
+    between 1970 and the year 2242 (2**33 s)."""
+    return ((_is_int(value) or (isinstance(value, float)
+                                and math.isfinite(value)))
+            and 0 <= value < 2 ** 33)
 
 
 class SessionStore:

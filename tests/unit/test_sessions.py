@@ -421,6 +421,15 @@ def test_malformed_holder_is_corrupt_state(store, cfg, holder):
     pytest.param({"export": 42}, id="export-a-number"),
     pytest.param({"overlay": ["/o"]}, id="overlay-a-list"),
     pytest.param({"created": "yesterday"}, id="created-a-string"),
+    # Each of these went into the history, status, qemu-img or lxml as it
+    # was and ended the command there in a traceback.
+    pytest.param({"created": 1e300}, id="created-past-time_t"),
+    pytest.param({"updated": -5.0}, id="updated-before-1970"),
+    pytest.param({"consistency": 1}, id="consistency-a-number"),
+    pytest.param({"base_type": ["file"]}, id="base_type-a-list"),
+    pytest.param({"base_format": 7}, id="base_format-a-number"),
+    pytest.param({"warning": {"w": 1}}, id="warning-an-object"),
+    pytest.param({"error": 3}, id="error-a-number"),
 ])
 def test_mistyped_field_is_corrupt_state(store, cfg, changes):
     write_state(cfg, KEY, json.dumps(dict(session(), **changes)).encode())
