@@ -113,6 +113,15 @@ def start(config, state, base):
     return info
 
 
+def running(state):
+    """The session's digest process (a procs.Holder) if it still runs."""
+    info = state.get("digest")
+    if not info or "pid" not in info:
+        return None
+    holder = procs.Holder.from_json(info)
+    return holder if procs.is_alive(holder) else None
+
+
 def finish(config, state):
     """Wait, bounded, for the session's digest; stop it if it overruns.
 

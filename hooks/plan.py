@@ -155,15 +155,19 @@ def _base_newer(freeze):
     return base.st_mtime_ns > overlay.st_mtime_ns
 
 
-def observe(conn, freeze, job_wait=JOB_WAIT):
-    """(Observation, virDomain or None): everything plan() decides from."""
+def observe(conn, freeze, job_wait=JOB_WAIT, exclude=()):
+    """(Observation, virDomain or None): everything plan() decides from.
+
+    exclude: processes not to count as users of the base (a dry run's
+    still running digest, which the real run waits for first)."""
     found = virt.lookup(conn, uuid=freeze.uuid, name=freeze.domain)
     if found is None:
         kind = overlay_kind(freeze.overlay)
         if kind != REGULAR:
             return Observation(overlay=kind, defined=False), None
-        users = tuple(procs.users_of(freeze.key, locate.key_of,
-                                     exclude=procs.lineage()))
+        users = tuple(procs.users_of(
+            freeze.key, locate.key_of,
+            exclude=tuple(procs.lineage()) + tuple(exclude)))
         return Observation(overlay=kind, defined=False, base_users=users,
                            base_newer=_base_newer(freeze)), None
     dom, parsed = found
@@ -288,8 +292,8 @@ def _undefined(seen, freeze):
                                           freeze.base.path))
 
 
-def plan(conn, freeze, job_wait=JOB_WAIT):
+def plan(conn, freeze, job_wait=JOB_WAIT, exclude=()):
     """Decide, from libvirt and the disks now, what brings freeze back."""
-    seen, dom = observe(conn, freeze, job_wait)
+    seen, dom = observe(conn, freeze, job_wait, exclude)
     action, why = decide(seen, freeze)
     return Step(action, why, dom)

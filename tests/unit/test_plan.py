@@ -223,6 +223,20 @@ def test_plan_keeps_an_undefined_domains_overlay_on_a_block_base(
     assert plan.plan(None, freeze).action == KEEP
 
 
+def test_plan_leaves_out_the_processes_it_is_told_to(tmp_path,
+                                                     monkeypatch):
+    """A dry run's digest, still running, is no user of the base."""
+    overlay = tmp_path / "o.qcow2"
+    overlay.write_bytes(b"x")
+    freeze = plan.Freeze(**dict(vars(FREEZE), overlay=str(overlay)))
+    asked = []
+    monkeypatch.setattr(plan.virt, "lookup", lambda *a, **kw: None)
+    monkeypatch.setattr(plan.procs, "users_of", lambda key, key_of, exclude:
+                        asked.append(exclude) or [])
+    plan.plan(None, freeze, exclude=(4242,))
+    assert 4242 in asked[0] and os.getpid() in asked[0]
+
+
 def test_from_session_reads_merged():
     state = {"key": "k", "uuid": "U", "domain": "d", "disk": "vda",
              "overlay": OVERLAY, "base": BASE, "merged": True}

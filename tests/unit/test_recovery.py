@@ -68,7 +68,7 @@ def test_an_online_session_waits_for_its_digest_before_it_plans(
     freezer.store.save(state)
     planned = []
 
-    def plan(conn, freeze_):
+    def plan(conn, freeze_, **kw):
         planned.append(digest_running.poll())
         return recover.plan.Step(recover.plan.KEEP, "kept for the test")
     monkeypatch.setattr(recover.plan, "plan", plan)
@@ -90,3 +90,31 @@ def test_a_dry_run_does_not_wait_for_the_digest(freezer, digest_running):
     assert recovery.locked(None, case, state)
     assert digest_running.poll() is None
     assert "would end the session" in out[0]
+
+
+def test_a_dry_run_decides_as_if_the_digest_had_ended(
+        freezer, digest_running, monkeypatch):
+    """The real run waits for the digest, then looks at who has the base
+    open: the dry run must not count the digest as a user of the base, or
+    it promises a 'keep' where the run commits."""
+    holder = procs.holder_of(digest_running.pid)
+    state = stale_session(freezer, sessions.ONLINE,
+                          overlay="/nonexistent/o.qcow2")
+    state["digest"] = dict(holder.to_json(), manifest="/nonexistent")
+    excluded = []
+
+    def plan(conn, freeze_, exclude=()):
+        excluded.extend(exclude)
+        return recover.plan.Step(recover.plan.OFFLINE, "as the run will")
+    monkeypatch.setattr(recover.plan, "plan", plan)
+    monkeypatch.setattr(recover.procs, "servers_with_open",
+                        lambda *a, **kw: [])
+    out = []
+    recovery = recover.Recovery(freezer.config, out=out.append, dry_run=True)
+    case = recover.Case(state["key"], state["export"], None, state)
+    assert recovery.locked(None, case, state)
+    assert digest_running.poll() is None          # not waited for
+    assert excluded == [digest_running.pid]
+    assert out == ["/srv/vm/base.raw: would wait for the digest, pid %d, "
+                   "to end" % digest_running.pid,
+                   "/srv/vm/base.raw: would offline commit: as the run will"]
