@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 
-from . import blkhash, manifest, ops, sources
+from . import blkhash, manifest, manifest2, ops, sources
 from .errors import ERROR, Error
 
 PROG = "nbd-verify"
@@ -287,7 +287,7 @@ def _complete_manifest(name: str, wait: float):
     announced = False
     while True:
         with sources.open_source(name, 1) as src:
-            m = manifest.read(src)
+            m = manifest2.read(src)
         if m.complete or time.monotonic() >= deadline:
             return m        # check refuses one still incomplete
         if not announced:
