@@ -230,6 +230,36 @@ class _Layout(NamedTuple):
                 HEADER_SIZE + chunks + blocks, self.xml_length)
 
 
+class BlockCollector:
+    """A scan() sink that keeps every block digest, in order, for build().
+
+    A known zero run (zero()) gets the zero-block digest per full block;
+    its short last block, at the end of the image, is hashed at its
+    length, as blkhash does.  Holds 32 bytes per 64 KiB block in memory:
+    512 MiB for a 1 TiB image.
+    """
+
+    def __init__(self, algorithm: str = blkhash.DEFAULT_ALGORITHM,
+                 block_size: int = blkhash.BLOCK_SIZE):
+        self.algorithm = algorithm
+        self.block_size = block_size
+        self._parts = []
+
+    def add_digests(self, digests: bytes, length: int) -> None:
+        self._parts.append(bytes(digests))
+
+    def zero(self, length: int) -> None:
+        full, rest = divmod(length, self.block_size)
+        self._parts.append(blkhash.zero_block_digest(
+            self.algorithm, self.block_size) * full)
+        if rest:
+            self._parts.append(blkhash.block_digests(
+                bytes(rest), self.algorithm, self.block_size))
+
+    def digests(self) -> bytes:
+        return b"".join(self._parts)
+
+
 # Reading.  reader: anything with name and pread(offset, length) -> bytes.
 
 class SourceReader:
@@ -247,6 +277,17 @@ class SourceReader:
         buf = bytearray(length)
         self.source.read_into(offset, buf)
         return bytes(buf)
+
+
+class BytesReader:
+    """pread() over a manifest in memory (what build() returned)."""
+
+    def __init__(self, data: bytes, name: str = "manifest"):
+        self.data = data
+        self.name = name
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.data[offset:offset + length]
 
 
 def _pread(reader, offset: int, length: int) -> bytes:

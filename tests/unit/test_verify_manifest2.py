@@ -295,3 +295,38 @@ def test_the_header_is_documented_little_endian(data):
     built = build(data)
     assert built[:8] == b"NBDSNAPM"
     assert struct.unpack_from("<II", built, 8) == (2, 1)
+
+
+def test_digest_writes_version_2_on_request(tmp_path, image, copy, data):
+    path = tmp_path / "made.manifest2"
+    cp = run("digest", "--manifest", path, "--manifest-version", "2",
+             "--chunk-size", "1M", image)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == f"{reference(data)}  {image}\n"
+    reader = Reader(path.read_bytes())
+    h = manifest2.read_header(reader)
+    assert (h.generation, h.kind, h.source) == (1, "full", str(image))
+    assert len(h.chain_id) == 32 and manifest2.read_domain_xml(reader, h) == ""
+    chunks = manifest2.read_chunks(reader, h)
+    assert b"".join(b"".join(manifest2.read_block_digests(reader, h, chunks,
+                                                          i))
+                    for i in range(len(chunks))) == \
+        blkhash.block_digests(data)
+    assert run("check", path, copy).returncode == 0
+    flip(copy, SIZE - 1)
+    cp = run("check", path, copy)
+    assert ranges(cp.stdout) == [(5 * MiB, SIZE - 5 * MiB)]
+
+
+def test_digest_writes_version_1_by_default(tmp_path, image):
+    path = tmp_path / "default.manifest"
+    assert run("digest", "--manifest", path, image).returncode == 0
+    assert json.loads(path.read_text())["version"] == 1
+
+
+def test_block_collector_hashes_a_short_zero_tail_at_its_length():
+    data = b"x" * BS + bytes(2 * BS + 100)
+    blocks = manifest2.BlockCollector()
+    blocks.add_digests(blkhash.block_digests(data[:BS]), BS)
+    blocks.zero(2 * BS + 100)
+    assert blocks.digests() == blkhash.block_digests(data)
