@@ -152,10 +152,17 @@ def build(block_digests: bytes, size: int, *, generation: int,
     """The bytes of a v2 manifest of an image of size bytes.
 
     block_digests is blkhash.block_digests() of the whole image (or, when
-    not complete, of its first whole chunks); the chunk digests and the
+    not complete, of its first whole chunks), as bytes or a list of one
+    digest per block; the chunk digests and the
     image digest are computed from them, so they cannot disagree.
     """
+    if isinstance(block_digests, (list, tuple)):
+        block_digests = b"".join(block_digests)
     md = blkhash.digest_size(algorithm)
+    if kind not in KINDS.values():
+        raise ValueError(f"kind {kind!r} is not full or incremental")
+    if not 0 <= generation < 1 << 64:
+        raise ValueError(f"invalid generation: {generation}")
     if chunk_size <= 0 or chunk_size % block_size:
         raise ValueError(f"chunk size {chunk_size} is not a multiple of "
                          f"the block size {block_size}")

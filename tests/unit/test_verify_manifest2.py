@@ -330,3 +330,24 @@ def test_block_collector_hashes_a_short_zero_tail_at_its_length():
     blocks.add_digests(blkhash.block_digests(data[:BS]), BS)
     blocks.zero(2 * BS + 100)
     assert blocks.digests() == blkhash.block_digests(data)
+
+
+def test_build_takes_a_list_of_block_digests(data):
+    md = 32
+    joined = blkhash.block_digests(data)
+    listed = [joined[i:i + md] for i in range(0, len(joined), md)]
+    assert manifest2.build(listed, SIZE, generation=7, chain_id="chain-1f2e",
+                           kind="incremental", domain_xml=XML,
+                           chunk_size=CHUNK, source="/images/vm.raw",
+                           created="2026-01-31T02:00:00Z") == build(data)
+
+
+@pytest.mark.parametrize("changes,words", [
+    (dict(kind="partial"), "kind"),
+    (dict(generation=-1), "generation"),
+    (dict(chain_id="has space"), "chain id"),
+    (dict(chain_id="x" * 65), "chain id"),
+])
+def test_build_refuses_bad_metadata(data, changes, words):
+    with pytest.raises(ValueError, match=words):
+        build(data, **changes)
