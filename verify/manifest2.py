@@ -383,13 +383,9 @@ def _text(field: bytes, name: str, what: str) -> str:
 
 def read_chunks(reader, header: Header) -> list:
     """The chunk digests (bytes), checked: one read."""
-    offset, length = header.chunk_table
-    table = _pread(reader, offset, length)
-    if hashlib.sha256(table).digest() != header.chunk_table_sha256:
-        raise ManifestError(f"{reader.name}: the manifest is damaged "
-                            f"(its chunk table checksum does not match)")
-    md = header.digest_size
-    return [table[i:i + md] for i in range(0, length, md)]
+    table = _read_part(reader, header.chunk_table,
+                       header.chunk_table_sha256, "chunk table")
+    return _split(table, header.digest_size)
 
 
 def read_block_digests(reader, header: Header, chunks: list,
@@ -406,17 +402,25 @@ def read_block_digests(reader, header: Header, chunks: list,
     if hasher.digest() != chunks[i]:
         raise ManifestError(f"{reader.name}: the manifest is damaged (the "
                             f"block digests of chunk {i} do not match it)")
-    md = header.digest_size
-    return [run[j:j + md] for j in range(0, length, md)]
+    return _split(run, header.digest_size)
+
+
+def _read_part(reader, part: tuple, sha256: bytes, what: str) -> bytes:
+    """The bytes of part (offset, length), checked against sha256."""
+    data = _pread(reader, *part)
+    if hashlib.sha256(data).digest() != sha256:
+        raise ManifestError(f"{reader.name}: the manifest is damaged "
+                            f"(its {what} checksum does not match)")
+    return data
+
+
+def _split(data: bytes, size: int) -> list:
+    return [data[i:i + size] for i in range(0, len(data), size)]
 
 
 def read_domain_xml(reader, header: Header) -> str:
     """The frozen domain's inactive definition, checked: one read."""
-    offset, length = header.xml
-    data = _pread(reader, offset, length)
-    if hashlib.sha256(data).digest() != header.xml_sha256:
-        raise ManifestError(f"{reader.name}: the manifest is damaged "
-                            f"(its domain XML checksum does not match)")
+    data = _read_part(reader, header.xml, header.xml_sha256, "domain XML")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
