@@ -33,13 +33,6 @@ def image(tmp_path, data):
     return path
 
 
-@pytest.fixture
-def copy(tmp_path, data):
-    path = tmp_path / "copy.raw"
-    path.write_bytes(data)
-    return path
-
-
 def build(data, **changes):
     args = dict(generation=7, chain_id="chain-1f2e", kind="incremental",
                 domain_xml=XML, chunk_size=CHUNK, source="/images/vm.raw",
@@ -126,6 +119,27 @@ def test_zero_blocks_have_the_zero_digest(data):
     assert h.zero_digest == hashlib.sha256(bytes(BS)).digest()
     first = manifest2.read_block_digests(reader, h, chunks, 3)[0]
     assert first != h.zero_digest
+
+
+class Source:
+    """A manifest as a verify source (a file, an NBD export) that counts
+    its reads."""
+
+    def __init__(self, data):
+        self.data, self.size, self.name = data, len(data), "nbd://h/m"
+        self.reads = []
+
+    def read_into(self, offset, buf):
+        self.reads.append((offset, len(buf)))
+        buf[:] = self.data[offset:offset + len(buf)]
+
+
+def test_check_reads_only_the_header_and_the_chunk_table(data):
+    src = Source(build(data))
+    m = manifest2.read(src)
+    assert m.chunks == chunk_reference(data, CHUNK) and m.complete
+    assert (m.size, m.chunk_size, m.digest) == (SIZE, CHUNK, reference(data))
+    assert src.reads == [(0, 8), (0, 4096), (4096, 6 * 32)]
 
 
 def test_incomplete_has_the_first_chunks(data):
