@@ -51,7 +51,8 @@ a short last block of zeros does not (blkhash hashes it at its length).
 
 complete is 0 while a manifest is still being written: then chunk_count
 may be less than the image has, and the block table covers only those
-chunks; check refuses it as it refuses an incomplete version 1.
+chunks, and the image digest means nothing yet; check refuses it as it
+refuses an incomplete version 1.
 
 All integers are little endian.  Text fields are ASCII (created,
 algorithm, chain_id) or UTF-8 (source, truncated to SOURCE_MAX bytes),
