@@ -38,7 +38,8 @@ def build(data, **changes):
                 domain_xml=XML, chunk_size=CHUNK, source="/images/vm.raw",
                 created="2026-01-31T02:00:00Z")
     args.update(changes)
-    return manifest2.build(blkhash.block_digests(data), len(data), **args)
+    digests = blkhash.block_digests(data, args.get("algorithm", "sha256"))
+    return manifest2.build(digests, len(data), **args)
 
 
 class Reader:
@@ -365,3 +366,14 @@ def test_build_takes_a_list_of_block_digests(data):
 def test_build_refuses_bad_metadata(data, changes, words):
     with pytest.raises(ValueError, match=words):
         build(data, **changes)
+
+
+def test_other_algorithm_round_trip(data):
+    reader = Reader(build(data, algorithm="sha512"))
+    h = manifest2.read_header(reader)
+    assert (h.algorithm, h.digest_size) == ("sha512", 64)
+    assert h.digest.hex() == reference(data, "sha512")
+    chunks = manifest2.read_chunks(reader, h)
+    assert [c.hex() for c in chunks] == chunk_reference(data, CHUNK,
+                                                        "sha512")
+    assert len(manifest2.read_block_digests(reader, h, chunks, 5)[0]) == 64
