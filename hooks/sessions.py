@@ -28,7 +28,7 @@ import secrets
 import stat
 import time
 
-from nbdsnap.verify.files import write_atomic
+from nbdsnap.verify.files import fsync_dir, write_atomic
 
 from . import procs
 from .errors import (ConfigError, CorruptState, Error, LockError,
@@ -430,7 +430,7 @@ class SessionStore:
             os.unlink(self._path(key))
         except FileNotFoundError:
             return
-        _fsync_dir(self.config.sessions_dir)
+        fsync_dir(self.config.sessions_dir)
 
     def keys(self):
         try:
@@ -442,11 +442,3 @@ class SessionStore:
                         % (self.config.sessions_dir, e.strerror))
         return sorted(n[:-5] for n in names
                       if n.endswith(".json") and not n.startswith("."))
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
