@@ -45,6 +45,10 @@ class Config:
     manifest_dir: str = "/var/lib/nbdsnap/manifests"
     # Seconds the last postrun waits for the digest before it commits.
     digest_timeout: float = 600.0
+    # Days an incremental chain of manifests may run before a full digest
+    # (0: every digest is full); a write missed by any means must not live
+    # forever.
+    digest_full_days: float = 7.0
     # The syslog daemon's socket (a container may bind it elsewhere).
     syslog_socket: str = "/dev/log"
     # Where the configuration came from, for messages.
@@ -165,6 +169,15 @@ def _validated(values, path):
             if not 0 < kw[name] < math.inf:
                 raise ConfigError("%s: %s must be a positive number of "
                                   "seconds, not %r" % (path, name, values[name]))
+    if "digest_full_days" in values:
+        try:
+            kw["digest_full_days"] = float(values["digest_full_days"])
+        except ValueError:
+            kw["digest_full_days"] = -1.0
+        if not 0 <= kw["digest_full_days"] < math.inf:
+            raise ConfigError("%s: digest_full_days must be a number of days, "
+                              "0 or more, not %r"
+                              % (path, values["digest_full_days"]))
     return Config(**kw)
 
 

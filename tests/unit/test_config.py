@@ -287,3 +287,19 @@ def test_relative_syslog_socket_is_an_error(conf):
     with pytest.raises(ConfigError, match="syslog_socket must be an "
                                           "absolute path"):
         config.load()
+
+
+# -- digest_full_days ------------------------------------------------------------
+
+@pytest.mark.parametrize("value, expected", [("7", 7.0), ("0", 0.0),
+                                             ("0.5", 0.5)])
+def test_digest_full_days(conf, value, expected):
+    conf("[nbdsnap]\ndigest_full_days = %s\n" % value)
+    assert config.load().digest_full_days == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "weekly", ""])
+def test_digest_full_days_refused(conf, value):
+    conf("[nbdsnap]\ndigest_full_days = %s\n" % value)
+    with pytest.raises(ConfigError, match="digest_full_days must be"):
+        config.load()
