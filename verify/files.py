@@ -19,6 +19,7 @@ It lives in verify/ because verify/ (manifests) needs it and must never
 import hooks/; hooks/ imports it from here.
 """
 
+import contextlib
 import os
 import secrets
 
@@ -32,15 +33,28 @@ def write_atomic(path, data, mode=0o600):
     """
     if isinstance(data, str):
         data = data.encode("utf-8")
+    with atomic_file(path, mode) as fd:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode=0o600):
+    """Replace path with what the body writes to the descriptor it gets.
+
+    For a file too big to hold in memory (a manifest of every block's
+    digest): the body writes anywhere in it (os.pwrite), path keeps its
+    old content until the body returns, then the steps above run.  An
+    exception in the body removes the temporary file and goes on up.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, ".%s.%s.tmp" % (os.path.basename(path),
                                                secrets.token_hex(4)))
     fd = os.open(tmp, _FLAGS, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            yield fd
             if mode != 0o600:
                 os.fchmod(fd, mode)
             os.fsync(fd)
