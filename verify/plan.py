@@ -106,3 +106,87 @@ def data_segments(a: Iterable[Extent], b: Iterable[Extent]) -> Iterator[Range]:
             eb = next(b, None)
     if run:
         yield Range(run[0], run[1] - run[0])
+
+
+# An incremental manifest: only the blocks that changed are read.
+
+class Keep(NamedTuple):
+    """Whole blocks within one chunk whose digests an incremental manifest
+    copies from the previous one, unread."""
+
+    offset: int
+    length: int
+    is_data = False     # to ops: nothing to read
+
+
+def rehash(dirty: Iterable[tuple], old_size: int, new_size: int,
+           block_size: int) -> list:
+    """The blocks of the new image whose digests must be computed again,
+    as merged Ranges of whole blocks (the last may end at new_size).
+
+    dirty: (offset, length) byte ranges of any alignment that hold every
+    change since the old image.  A block that touches one is rehashed, and
+    so is everything from the block holding the smaller size's end: a
+    short last block is hashed at its length, so it changes when the size
+    does, and blocks past the old end have no old digest::
+
+        old      |    |    |    |    |  |
+        new      |    |    |    |    |    |    |  |     (grew)
+        dirty         ^^                  (any bytes)
+        rehash        |    |         |    .    .  |
+    """
+    tail = min(old_size, new_size) // block_size * block_size
+    spans = []
+    for offset, length in dirty:
+        if offset < 0 or length < 0:
+            raise ValueError(f"invalid dirty range ({offset}, {length})")
+        start = offset // block_size * block_size
+        end = min(-(-(offset + length) // block_size) * block_size, tail)
+        if length and start < end:
+            spans.append((start, end))
+    if tail < new_size:
+        spans.append((tail, new_size))
+    spans.sort()
+    merged = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [Range(start, end - start) for start, end in merged]
+
+
+def plan_incremental(extents: Iterable[Extent], ranges: list, size: int,
+                     block_size: int, chunk_size: int,
+                     segment: int) -> Iterator:
+    """Cut [0, size) into what plan() makes inside ranges (rehash()'s:
+    data pieces to read, zero runs) and Keep pieces outside them, one per
+    chunk at most::
+
+        chunks   |              |              |              |
+        ranges          |rehash    |                  |rehash |
+        pieces   |keep  |data|zero |keep|keep      |keep|data |
+    """
+    ranges = iter(ranges)
+    r = next(ranges, None)
+    keep = [0, 0]       # the Keep run not yet yielded
+
+    def kept():
+        for offset, length in cut(keep[0], keep[1] - keep[0], chunk_size):
+            yield Keep(offset, length)
+
+    for piece in plan(extents, size, block_size, segment):
+        pos, end = piece.offset, piece.offset + piece.length
+        while pos < end:
+            while r is not None and r.offset + r.length <= pos:
+                r = next(ranges, None)
+            if r is not None and r.offset <= pos:
+                stop = min(end, r.offset + r.length)
+                yield from kept()
+                keep = [stop, stop]
+                yield piece._replace(offset=pos, length=stop - pos)
+            else:
+                stop = end if r is None else min(end, r.offset)
+                keep[1] = stop
+            pos = stop
+    yield from kept()

@@ -1,5 +1,7 @@
 """nbdsnap.verify.plan: where to read, fixed answers."""
 
+import pytest
+
 from nbdsnap.verify import plan
 from nbdsnap.verify.plan import Piece, Range
 from nbdsnap.verify.sources import Extent
@@ -73,3 +75,58 @@ def test_data_segments_adjacent_are_one():
     assert list(plan.data_segments(a, b)) == [Range(0, 20)]
     assert list(plan.data_segments([Extent(0, 9, False)],
                                    [Extent(0, 9, False)])) == []
+
+
+# An incremental manifest's plan.
+
+def test_rehash_widens_to_blocks_and_merges():
+    size = 10 * BS
+    assert plan.rehash([(5, 1), (BS - 1, 2), (4 * BS, BS), (9 * BS, 0)],
+                       size, size, BS) == [Range(0, 2 * BS),
+                                           Range(4 * BS, BS)]
+
+
+def test_rehash_same_size_short_last_block_always():
+    size = 3 * BS + 10
+    assert plan.rehash([], size, size, BS) == [Range(3 * BS, 10)]
+
+
+def test_rehash_grown_from_a_short_block_to_the_end():
+    assert plan.rehash([(0, 1), (7 * BS, 5)], 2 * BS + 1, 9 * BS + 3,
+                       BS) == [Range(0, BS), Range(2 * BS, 7 * BS + 3)]
+
+
+def test_rehash_shrunk_drops_what_is_past_the_end():
+    assert plan.rehash([(5 * BS, 10), (BS, 3 * BS)], 8 * BS, 3 * BS,
+                       BS) == [Range(BS, 2 * BS)]
+    assert plan.rehash([], 8 * BS, 3 * BS + 1, BS) == [Range(3 * BS, 1)]
+
+
+def test_rehash_refuses_negative_ranges():
+    with pytest.raises(ValueError, match="invalid dirty range"):
+        plan.rehash([(-1, 5)], BS, BS, BS)
+
+
+def test_plan_incremental_keeps_per_chunk_reads_data_skips_holes():
+    #  chunks of 4 blocks; rehash blocks 2-5 and 9; blocks 4-5 a hole
+    size = 10 * BS
+    extents = [Extent(0, 4 * BS, True), Extent(4 * BS, 2 * BS, False),
+               Extent(6 * BS, 4 * BS, True)]
+    ranges = [Range(2 * BS, 4 * BS), Range(9 * BS, BS)]
+    assert list(plan.plan_incremental(extents, ranges, size, BS, 4 * BS,
+                                      8 * BS)) == [
+        plan.Keep(0, 2 * BS),
+        Piece(True, 2 * BS, 2 * BS),
+        Piece(False, 4 * BS, 2 * BS),
+        plan.Keep(6 * BS, 2 * BS),
+        plan.Keep(8 * BS, BS),
+        Piece(True, 9 * BS, BS),
+    ]
+
+
+def test_plan_incremental_nothing_to_rehash():
+    extents = [Extent(0, 9 * BS, True)]
+    assert list(plan.plan_incremental(extents, [], 9 * BS, BS, 4 * BS,
+                                      2 * BS)) == [
+        plan.Keep(0, 4 * BS), plan.Keep(4 * BS, 4 * BS),
+        plan.Keep(8 * BS, BS)]
