@@ -14,7 +14,7 @@ import time
 import traceback
 import uuid
 
-from . import blkhash, manifest, manifest2, ops, sources
+from . import blkhash, manifest, manifest2, manifest2_write, ops, sources
 from .errors import ERROR, Error
 
 PROG = "nbd-verify"
@@ -280,12 +280,13 @@ def _digest_v2(src, path: str, algorithm: str, chunk_size: int,
     Made by hand, it starts a chain of its own: generation 1, full, a new
     random chain id, no domain definition.
     """
-    data = ops.make_manifest2(
-        src, generation=1, chain_id=uuid.uuid4().hex, kind="full",
-        algorithm=algorithm, chunk_size=chunk_size, threads=threads)
-    manifest2.write(path, data)
-    return manifest2.read_header(
-        manifest2.BytesReader(data, path)).digest.hex()
+    created = manifest.now()
+    stats = manifest2_write.write_full(
+        path, src, generation=1, chain_id=uuid.uuid4().hex,
+        chain_started=created, domain_xml="", source_name=src.name,
+        created=created, algorithm=algorithm, chunk_size=chunk_size,
+        threads=threads or ops.default_threads(src))
+    return stats.digest.hex()
 
 
 def compare(source_name: str, copy_name: str, max_ranges: int,

@@ -70,7 +70,7 @@ from typing import NamedTuple
 from . import blkhash
 from . import manifest as manifest_v1
 from .errors import ManifestError, UnknownAlgorithm
-from .files import write_atomic
+from .readers import BytesReader, FileReader, SourceReader  # noqa: F401
 
 MAGIC = b"NBDSNAPM"
 VERSION = 2
@@ -92,7 +92,8 @@ _FIXED = struct.Struct(
     "<8sII"         # magic, version, flags
     "QIIQQ"         # size, block_size, digest_size, chunk_size, chunk_count
     "QB7x"          # generation, kind
-    "16s64s32s64s"  # algorithm, chain_id, created, digest
+    "16s64s32s32s"  # algorithm, chain_id, created, chain_started
+    "64s"           # digest
     "QQQQQQ"        # chunk table, block table, XML: offset, length
     "32s32s"        # sha256 of the chunk table, of the XML
     "H6x")          # source length (the source follows)
@@ -112,6 +113,7 @@ class Header(NamedTuple):
     kind: str               # "full" or "incremental"
     chain_id: str
     created: str
+    chain_started: str      # when the chain's full manifest was created
     source: str
     digest: bytes
     chunk_table: tuple      # (offset, length)
@@ -141,86 +143,6 @@ class Header(NamedTuple):
         return start, blocks * self.digest_size
 
 
-# Writing.
-
-def build(block_digests: bytes, size: int, *, generation: int,
-          chain_id: str, kind: str, domain_xml: str,
-          algorithm: str = blkhash.DEFAULT_ALGORITHM,
-          block_size: int = blkhash.BLOCK_SIZE,
-          chunk_size: int = manifest_v1.DEFAULT_CHUNK_SIZE,
-          complete: bool = True, source: str = "",
-          created: str = "") -> bytes:
-    """The bytes of a v2 manifest of an image of size bytes.
-
-    block_digests is blkhash.block_digests() of the whole image (or, when
-    not complete, of its first whole chunks), as bytes or a list of one
-    digest per block; the chunk digests and the
-    image digest are computed from them, so they cannot disagree.
-    """
-    if isinstance(block_digests, (list, tuple)):
-        block_digests = b"".join(block_digests)
-    md = blkhash.digest_size(algorithm)
-    if kind not in KINDS.values():
-        raise ValueError(f"kind {kind!r} is not full or incremental")
-    if not 0 <= generation < 1 << 64:
-        raise ValueError(f"invalid generation: {generation}")
-    if chunk_size <= 0 or chunk_size % block_size:
-        raise ValueError(f"chunk size {chunk_size} is not a multiple of "
-                         f"the block size {block_size}")
-    if len(block_digests) % md:
-        raise ValueError("block digests of a partial length")
-    covered = min(len(block_digests) // md * block_size, size)
-    if -(-covered // block_size) * md != len(block_digests) or \
-            complete and covered != size:
-        raise ValueError(f"{len(block_digests) // md} block digests do not "
-                         f"cover {size} bytes")
-    per_chunk = chunk_size // block_size * md
-    chunks = []
-    for i, start in enumerate(range(0, len(block_digests), per_chunk)):
-        hasher = blkhash.Hasher(algorithm, block_size)
-        hasher.add_digests(block_digests[start:start + per_chunk],
-                           min(chunk_size, size - i * chunk_size))
-        chunks.append(hasher.digest())
-    whole = blkhash.Hasher(algorithm, block_size)
-    if complete:
-        whole.add_digests(block_digests, size)
-    kind_code = {v: k for k, v in KINDS.items()}[kind]
-    xml = domain_xml.encode("utf-8")
-    chunk_table = b"".join(chunks)
-    header = _Layout(size, block_size, md, chunk_size, len(chunks),
-                     len(xml)).header_fields()
-    src = source.encode("utf-8")[:SOURCE_MAX].decode("utf-8", "ignore")
-    src = src.encode("utf-8")
-    fixed = _FIXED.pack(
-        MAGIC, VERSION, COMPLETE if complete else 0,
-        size, block_size, md, chunk_size, len(chunks),
-        generation, kind_code,
-        _ascii(algorithm, 16, "algorithm"), _ascii(chain_id, 64, "chain id"),
-        _ascii(created, 32, "created"), whole.digest(),
-        *header,
-        hashlib.sha256(chunk_table).digest(), hashlib.sha256(xml).digest(),
-        len(src))
-    head = (fixed + src).ljust(_SUM, b"\0")
-    head += hashlib.sha256(head).digest()
-    return head + chunk_table + block_digests + xml
-
-
-def write(path: str, data: bytes) -> None:
-    """Write what build() made, atomically."""
-    try:
-        write_atomic(path, data, mode=0o644)
-    except OSError as e:
-        raise ManifestError(
-            f"cannot write manifest {path}: {e.strerror}") from None
-
-
-def _ascii(text: str, width: int, what: str) -> bytes:
-    data = text.encode("ascii")
-    if len(data) > width or not _TEXT.fullmatch(data):
-        raise ValueError(f"invalid {what}: {text!r}")
-    return data
-
-
 class _Layout(NamedTuple):
     """The one layout a header's sizes allow."""
     size: int
@@ -238,65 +160,17 @@ class _Layout(NamedTuple):
                 HEADER_SIZE + chunks + blocks, self.xml_length)
 
 
-class BlockCollector:
-    """A scan() sink that keeps every block digest, in order, for build().
-
-    A known zero run (zero()) gets the zero-block digest per full block;
-    its short last block, at the end of the image, is hashed at its
-    length, as blkhash does.  Holds 32 bytes per 64 KiB block in memory:
-    512 MiB for a 1 TiB image.
-    """
-
-    def __init__(self, algorithm: str = blkhash.DEFAULT_ALGORITHM,
-                 block_size: int = blkhash.BLOCK_SIZE):
-        self.algorithm = algorithm
-        self.block_size = block_size
-        self._parts = []
-
-    def add_digests(self, digests: bytes, length: int) -> None:
-        self._parts.append(bytes(digests))
-
-    def zero(self, length: int) -> None:
-        full, rest = divmod(length, self.block_size)
-        self._parts.append(blkhash.zero_block_digest(
-            self.algorithm, self.block_size) * full)
-        if rest:
-            self._parts.append(blkhash.block_digests(
-                bytes(rest), self.algorithm, self.block_size))
-
-    def digests(self) -> bytes:
-        return b"".join(self._parts)
+def layout(size: int, block_size: int, digest_size: int, chunk_size: int,
+           chunk_count: int, xml_length: int) -> dict:
+    """The parts' (offset, length) as Header fields: chunk_table,
+    block_table, xml."""
+    f = _Layout(size, block_size, digest_size, chunk_size, chunk_count,
+                xml_length).header_fields()
+    return dict(chunk_table=f[0:2], block_table=f[2:4], xml=f[4:6])
 
 
-# Reading.  reader: anything with name and pread(offset, length) -> bytes.
-
-class SourceReader:
-    """pread() over a verify source (a file, an NBD export): read_into()."""
-
-    def __init__(self, source):
-        self.source = source
-        self.name = source.name
-
-    def pread(self, offset: int, length: int) -> bytes:
-        if offset + length > self.source.size:
-            raise ManifestError(
-                f"{self.name}: the manifest is truncated ({self.source.size} "
-                f"bytes, a part ends at {offset + length})")
-        buf = bytearray(length)
-        self.source.read_into(offset, buf)
-        return bytes(buf)
-
-
-class BytesReader:
-    """pread() over a manifest in memory (what build() returned)."""
-
-    def __init__(self, data: bytes, name: str = "manifest"):
-        self.data = data
-        self.name = name
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return self.data[offset:offset + length]
-
+# Reading.  reader: anything with name and pread(offset, length) -> bytes
+# (readers.py: a file, a verify source, bytes).
 
 def _pread(reader, offset: int, length: int) -> bytes:
     data = reader.pread(offset, length)
@@ -309,15 +183,19 @@ def _pread(reader, offset: int, length: int) -> bytes:
 def read_header(reader) -> Header:
     """The header, checked: one read of HEADER_SIZE bytes."""
     name = reader.name
-    head = _pread(reader, 0, HEADER_SIZE)
-    if head[:8] != MAGIC:
+    head = reader.pread(0, HEADER_SIZE)
+    # The magic first: a short v1 manifest is not a truncated v2.
+    if not head.startswith(MAGIC) and not MAGIC.startswith(head):
         raise ManifestError(f"{name}: not an nbdsnap manifest of version 2")
+    if len(head) != HEADER_SIZE:
+        raise ManifestError(f"{name}: the manifest is truncated "
+                            f"(short read at offset 0)")
     if hashlib.sha256(head[:_SUM]).digest() != head[_SUM:]:
         raise ManifestError(f"{name}: the manifest is damaged "
                             f"(its header checksum does not match)")
     f = _FIXED.unpack_from(head)
     (_, version, flags, size, bs, md, chunk_size, count, generation, kind,
-     algorithm, chain_id, created, digest, *tables) = f[:-3]
+     algorithm, chain_id, created, chain_started, digest, *tables) = f[:-3]
     chunk_sha, xml_sha, source_length = f[-3:]
 
     def bad(what):
@@ -355,8 +233,8 @@ def read_header(reader) -> Header:
     xml_length = tables[5]
     if xml_length > MAX_XML:
         raise bad(f"domain XML of {xml_length} bytes")
-    layout = _Layout(size, bs, md, chunk_size, count, xml_length)
-    if tuple(tables) != layout.header_fields():
+    where = _Layout(size, bs, md, chunk_size, count, xml_length)
+    if tuple(tables) != where.header_fields():
         raise bad("its parts are not where its sizes put them")
     start = _FIXED.size
     try:
@@ -368,7 +246,9 @@ def read_header(reader) -> Header:
         chunk_size=chunk_size, chunk_count=count, complete=complete,
         generation=generation, kind=KINDS[kind],
         chain_id=_text(chain_id, name, "chain id"),
-        created=_text(created, name, "created"), source=source,
+        created=_text(created, name, "created"),
+        chain_started=_text(chain_started, name, "chain started"),
+        source=source,
         digest=digest[:md], chunk_table=tuple(tables[0:2]),
         block_table=tuple(tables[2:4]), xml=tuple(tables[4:6]),
         chunk_table_sha256=chunk_sha, xml_sha256=xml_sha)
@@ -393,6 +273,11 @@ def read_block_digests(reader, header: Header, chunks: list,
                        i: int) -> list:
     """Chunk i's block digests (bytes each), checked against chunks[i]:
     one read of the chunk's run."""
+    return _split(read_run(reader, header, chunks, i), header.digest_size)
+
+
+def read_run(reader, header: Header, chunks: list, i: int) -> bytes:
+    """Chunk i's block digests, joined, checked against chunks[i]."""
     if not 0 <= i < len(chunks):
         raise ManifestError(f"{reader.name}: the manifest has no chunk {i} "
                             f"({len(chunks)} chunks)")
@@ -403,7 +288,7 @@ def read_block_digests(reader, header: Header, chunks: list,
     if hasher.digest() != chunks[i]:
         raise ManifestError(f"{reader.name}: the manifest is damaged (the "
                             f"block digests of chunk {i} do not match it)")
-    return _split(run, header.digest_size)
+    return run
 
 
 def _read_part(reader, part: tuple, sha256: bytes, what: str) -> bytes:

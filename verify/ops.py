@@ -28,7 +28,6 @@ from typing import Iterable, Iterator, Optional
 
 from . import blkhash
 from . import manifest as manifest_mod
-from . import manifest2
 from .errors import SizeMismatch
 from .manifest import ManifestError
 from .plan import Piece, Range, cut, data_segments, plan
@@ -69,23 +68,6 @@ def make_manifest(source, algorithm: str = blkhash.DEFAULT_ALGORITHM,
         size=source.size, algorithm=algorithm, block_size=block_size,
         chunk_size=chunk_size, digest=hasher.hexdigest(),
         chunks=chunks.hexdigests(), source=source.name, created=created)
-
-
-def make_manifest2(source, *, generation: int, chain_id: str, kind: str,
-                   domain_xml: str = "",
-                   algorithm: str = blkhash.DEFAULT_ALGORITHM,
-                   chunk_size: int = manifest_mod.DEFAULT_CHUNK_SIZE,
-                   block_size: int = blkhash.BLOCK_SIZE,
-                   threads: Optional[int] = None) -> bytes:
-    """A version 2 manifest of source (manifest2.build), in one pass."""
-    created = manifest_mod.now()
-    blocks = manifest2.BlockCollector(algorithm, block_size)
-    scan(source, [blocks], algorithm, block_size, threads)
-    return manifest2.build(
-        blocks.digests(), source.size, generation=generation,
-        chain_id=chain_id, kind=kind, domain_xml=domain_xml,
-        algorithm=algorithm, block_size=block_size, chunk_size=chunk_size,
-        source=source.name, created=created)
 
 
 def check(manifest: manifest_mod.Manifest, copy,
@@ -129,14 +111,32 @@ def scan(source, sinks: Iterable, algorithm: str = blkhash.DEFAULT_ALGORITHM,
     blkhash.Hasher and manifest.ChunkHasher.
     """
     sinks = list(sinks)
-    segment = _segment_size(block_size, source)
+    segment = segment_size(block_size, source)
+    pieces = plan(source.extents(), source.size, block_size, segment)
+    for done, digests in digest_pieces(source, pieces, algorithm,
+                                       block_size, threads):
+        for sink in sinks:
+            if digests is None:
+                sink.zero(done.length)
+            else:
+                sink.add_digests(digests, done.length)
+
+
+def digest_pieces(source, pieces: Iterable, algorithm: str,
+                  block_size: int, threads: Optional[int] = None
+                  ) -> Iterator[tuple]:
+    """Yield (piece, its block digests) in order, reading the data pieces
+    (block-aligned, at most segment_size() long) by a pool of threads; any
+    other piece (is_data false: a hole, or a part an incremental manifest
+    copies) comes back as (piece, None), unread."""
     piece_size = _piece_size(block_size, source)
     local = threading.local()
 
     def job(offset: int, length: int) -> bytes:
         buf = getattr(local, "buf", None)
         if buf is None:
-            buf = local.buf = bytearray(min(piece_size, segment))
+            buf = local.buf = bytearray(
+                min(piece_size, segment_size(block_size, source)))
         # Hash each piece right after reading it, while it is in the cache.
         out = []
         for start, n in cut(offset, length, len(buf)):
@@ -145,14 +145,7 @@ def scan(source, sinks: Iterable, algorithm: str = blkhash.DEFAULT_ALGORITHM,
             out.append(blkhash.block_digests(view, algorithm, block_size))
         return b"".join(out)
 
-    pieces = plan(source.extents(), source.size, block_size, segment)
-    for done, digests in _run(pieces, job, threads or
-                              default_threads(source)):
-        for sink in sinks:
-            if digests is None:
-                sink.zero(done.length)
-            else:
-                sink.add_digests(digests, done.length)
+    return _run(pieces, job, threads or default_threads(source))
 
 
 def compare(source, copy, block_size: int = blkhash.BLOCK_SIZE,
@@ -166,7 +159,7 @@ def compare(source, copy, block_size: int = blkhash.BLOCK_SIZE,
             f"{source.name} is {source.size} bytes but {copy.name} is "
             f"{copy.size} bytes")
     size = source.size
-    segment = _segment_size(block_size, source, copy)
+    segment = segment_size(block_size, source, copy)
     local = threading.local()
 
     def job(offset: int, length: int) -> list:
@@ -237,7 +230,7 @@ def _run(pieces: Iterable[Piece], job, workers: int) -> Iterator[tuple]:
                     future.cancel()
 
 
-def _segment_size(block_size: int, *sources) -> int:
+def segment_size(block_size: int, *sources) -> int:
     """The bytes one job reads: at least JOB_SIZE, whole blocks."""
     size = max([JOB_SIZE] + [s.read_size for s in sources])
     return max(block_size, size // block_size * block_size)

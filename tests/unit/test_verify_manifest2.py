@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from nbdsnap.verify import blkhash, manifest2, ops, sources
+from nbdsnap.verify import blkhash, manifest2, manifest2_pack, ops, sources
 from nbdsnap.verify.errors import ManifestError
 from verifykit import (assert_one_error_line, chunk_reference, flip,
                        make_sparse, random_data, ranges, reference, run)
@@ -36,10 +36,11 @@ def image(tmp_path, data):
 def build(data, **changes):
     args = dict(generation=7, chain_id="chain-1f2e", kind="incremental",
                 domain_xml=XML, chunk_size=CHUNK, source="/images/vm.raw",
-                created="2026-01-31T02:00:00Z")
+                created="2026-01-31T02:00:00Z",
+                chain_started="2026-01-24T02:00:00Z")
     args.update(changes)
     digests = blkhash.block_digests(data, args.get("algorithm", "sha256"))
-    return manifest2.build(digests, len(data), **args)
+    return manifest2_pack.build(digests, len(data), **args)
 
 
 class Reader:
@@ -58,7 +59,7 @@ class Reader:
 @pytest.fixture
 def made(tmp_path, data):
     path = tmp_path / "image.manifest2"
-    manifest2.write(str(path), build(data))
+    manifest2_pack.write(str(path), build(data))
     return path
 
 
@@ -69,7 +70,8 @@ def test_round_trip(data):
         SIZE, "sha256", BS, CHUNK)
     assert (h.generation, h.kind, h.chain_id, h.complete) == (
         7, "incremental", "chain-1f2e", True)
-    assert (h.source, h.created) == ("/images/vm.raw", "2026-01-31T02:00:00Z")
+    assert (h.source, h.created, h.chain_started) == (
+        "/images/vm.raw", "2026-01-31T02:00:00Z", "2026-01-24T02:00:00Z")
     assert h.digest.hex() == reference(data)
     chunks = manifest2.read_chunks(reader, h)
     every = b"".join(b"".join(manifest2.read_block_digests(reader, h,
@@ -145,7 +147,7 @@ def test_check_reads_only_the_header_and_the_chunk_table(data):
 
 def test_incomplete_has_the_first_chunks(data):
     first = blkhash.block_digests(data[:2 * CHUNK])
-    built = manifest2.build(first, SIZE, generation=1, chain_id="c",
+    built = manifest2_pack.build(first, SIZE, generation=1, chain_id="c",
                             kind="full", domain_xml="", chunk_size=CHUNK,
                             complete=False)
     reader = Reader(built)
@@ -208,7 +210,8 @@ def resigned(data, **fields):
     what only a hostile or buggy writer makes."""
     built = bytearray(build(data))
     names = ("magic version flags size block_size digest_size chunk_size "
-             "chunk_count generation kind algorithm chain_id created digest "
+             "chunk_count generation kind algorithm chain_id created "
+             "chain_started digest "
              "ct_offset ct_length bt_offset bt_length xml_offset xml_length "
              "ct_sha xml_sha source_length").split()
     values = dict(zip(names, manifest2._FIXED.unpack_from(built)))
@@ -257,7 +260,7 @@ def test_absurd_sizes_never_allocate(data):
 
 def test_build_refuses_digests_that_do_not_cover_the_image(data):
     with pytest.raises(ValueError, match="do not cover"):
-        manifest2.build(blkhash.block_digests(data[:CHUNK]), SIZE,
+        manifest2_pack.build(blkhash.block_digests(data[:CHUNK]), SIZE,
                         generation=1, chain_id="c", kind="full",
                         domain_xml="")
 
@@ -291,7 +294,7 @@ def test_check_v2_truncated(made, copy):
 
 def test_check_v2_incomplete(tmp_path, data, copy):
     path = tmp_path / "m2"
-    manifest2.write(str(path), manifest2.build(
+    manifest2_pack.write(str(path), manifest2_pack.build(
         b"", SIZE, generation=1, chain_id="c", kind="full", domain_xml="",
         complete=False))
     assert_one_error_line(run("check", path, copy), "incomplete")
@@ -339,22 +342,30 @@ def test_digest_writes_version_1_by_default(tmp_path, image):
     assert json.loads(path.read_text())["version"] == 1
 
 
-def test_block_collector_hashes_a_short_zero_tail_at_its_length():
+def test_packer_hashes_a_short_zero_tail_at_its_length():
     data = b"x" * BS + bytes(2 * BS + 100)
-    blocks = manifest2.BlockCollector()
-    blocks.add_digests(blkhash.block_digests(data[:BS]), BS)
-    blocks.zero(2 * BS + 100)
-    assert blocks.digests() == blkhash.block_digests(data)
+    out = manifest2_pack.MemoryOut()
+    packer = manifest2_pack.Packer(
+        out, len(data), generation=1, kind="full", chain_id="c",
+        chain_started="", created="", source="", domain_xml="",
+        chunk_size=2 * BS)
+    packer.add_digests(blkhash.block_digests(data[:BS]), BS)
+    packer.zero(2 * BS + 100)
+    packer.finish()
+    assert bytes(out.data) == manifest2_pack.build(
+        blkhash.block_digests(data), len(data), generation=1, kind="full",
+        chain_id="c", domain_xml="", chunk_size=2 * BS)
 
 
 def test_build_takes_a_list_of_block_digests(data):
     md = 32
     joined = blkhash.block_digests(data)
     listed = [joined[i:i + md] for i in range(0, len(joined), md)]
-    assert manifest2.build(listed, SIZE, generation=7, chain_id="chain-1f2e",
+    assert manifest2_pack.build(listed, SIZE, generation=7, chain_id="chain-1f2e",
                            kind="incremental", domain_xml=XML,
                            chunk_size=CHUNK, source="/images/vm.raw",
-                           created="2026-01-31T02:00:00Z") == build(data)
+                           created="2026-01-31T02:00:00Z",
+                           chain_started="2026-01-24T02:00:00Z") == build(data)
 
 
 @pytest.mark.parametrize("changes,words", [
