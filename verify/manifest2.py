@@ -13,7 +13,8 @@ with one plain read (a file's pread, an NBD read)::
            |  magic "NBDSNAPM", version 2, flags (bit 0: complete)
            |  size, block_size, digest_size, chunk_size, chunk_count
            |  algorithm, generation, kind (1 full, 2 incremental),
-           |  chain_id, created, digest (the image's blkhash)
+           |  chain_id, created, chain_started (when the chain's
+           |  full manifest was created), digest (the image's blkhash)
            |  offset + length of the three parts below
            |  sha256(chunk table), sha256(domain XML), source
            |  sha256(header bytes 0 .. 4063)   <- the last 32 bytes
@@ -55,9 +56,13 @@ chunks, and the image digest means nothing yet; check refuses it as it
 refuses an incomplete version 1.
 
 All integers are little endian.  Text fields are ASCII (created,
-algorithm, chain_id) or UTF-8 (source, truncated to SOURCE_MAX bytes),
+chain_started, algorithm, chain_id) or UTF-8 (source, truncated to SOURCE_MAX bytes),
 padded with NUL bytes.  A v1 manifest starts with "{", a v2 with the
 magic: read() tells them apart and returns what check needs of either.
+
+This module is the format and its reading.  Writing: manifest2_pack
+(block digests in, manifest bytes out, streamed) and manifest2_write
+(a full or an incremental manifest of an image, into a file).
 """
 
 from __future__ import annotations

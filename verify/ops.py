@@ -129,14 +129,14 @@ def digest_pieces(source, pieces: Iterable, algorithm: str,
     (block-aligned, at most segment_size() long) by a pool of threads; any
     other piece (is_data false: a hole, or a part an incremental manifest
     copies) comes back as (piece, None), unread."""
-    piece_size = _piece_size(block_size, source)
+    buf_size = min(_piece_size(block_size, source),
+                   segment_size(block_size, source))
     local = threading.local()
 
     def job(offset: int, length: int) -> bytes:
         buf = getattr(local, "buf", None)
         if buf is None:
-            buf = local.buf = bytearray(
-                min(piece_size, segment_size(block_size, source)))
+            buf = local.buf = bytearray(buf_size)
         # Hash each piece right after reading it, while it is in the cache.
         out = []
         for start, n in cut(offset, length, len(buf)):
