@@ -276,3 +276,14 @@ def test_chain_carries_over(tmp_path):
     h = header(path)
     assert (h.chain_id, h.chain_started, h.generation) == (
         "chain-9", "2026-01-01T00:00:00Z", 6)
+
+
+def test_file_reader(tmp_path):
+    path = tmp_path / "m"
+    path.write_bytes(b"0123456789")
+    with manifest2.FileReader(str(path)) as r:
+        assert (r.name, r.pread(2, 3), r.pread(8, 5)) == (str(path), b"234",
+                                                           b"89")
+    with pytest.raises(ManifestError, match="cannot open manifest .*: No "
+                       "such file"):
+        manifest2.FileReader(str(tmp_path / "none"))
