@@ -112,26 +112,50 @@ def recv_exactly(conn, n):
     return data
 
 
-def serve_handshake(conn, size, structured=False):
+def serve_handshake(conn, size, structured=False, contexts=None):
     """A fake server's fixed newstyle handshake, up to NBD_OPT_GO, which
     succeeds with an export of size bytes.  Every other option is refused
     as unsupported, or, with structured, acknowledged (structured replies
-    then; SET_META_CONTEXT selects no context)."""
+    then).  SET_META_CONTEXT selects, of the contexts asked for, those in
+    contexts ({name: id}; none without it).  Returns the context names the
+    client asked for."""
     conn.sendall(struct.pack(
         ">QQH", nbdproto.NBDMAGIC, nbdproto.IHAVEOPT,
         nbdproto.FLAG_FIXED_NEWSTYLE | nbdproto.FLAG_NO_ZEROES))
     recv_exactly(conn, 4)
+    asked = []
     while True:
         _, option, length = struct.unpack(">QII", recv_exactly(conn, 16))
-        recv_exactly(conn, length)
+        data = recv_exactly(conn, length)
         if option == nbdproto.OPT_GO:
             _option_reply(conn, option, nbdproto.REP_INFO, struct.pack(
                 ">HQH", nbdproto.INFO_EXPORT, size,
                 nbdproto.FLAG_HAS_FLAGS | nbdproto.FLAG_READ_ONLY))
             _option_reply(conn, option, nbdproto.REP_ACK)
-            return
+            return asked
+        if option == nbdproto.OPT_SET_META_CONTEXT and structured:
+            for name in _queries(data):
+                asked.append(name)
+                if contexts and name in contexts:
+                    _option_reply(conn, option, nbdproto.REP_META_CONTEXT,
+                                  struct.pack(">I", contexts[name])
+                                  + name.encode())
         _option_reply(conn, option, nbdproto.REP_ACK if structured
                       else nbdproto.REP_ERR_UNSUP)
+
+
+def _queries(data):
+    """The context names of NBD_OPT_SET_META_CONTEXT's data."""
+    (n,) = struct.unpack_from(">I", data)
+    pos = 4 + n
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    names = []
+    for _ in range(count):
+        (n,) = struct.unpack_from(">I", data, pos)
+        names.append(data[pos + 4:pos + 4 + n].decode())
+        pos += 4 + n
+    return names
 
 
 def _option_reply(conn, option, rtype, data=b""):

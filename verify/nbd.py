@@ -7,7 +7,9 @@ doc/proto.md) that digest, compare and check need, and nothing else:
   NBD_OPT_EXPORT_NAME as the fallback the protocol asks for;
 - NBD_OPT_STRUCTURED_REPLY and NBD_OPT_SET_META_CONTEXT "base:allocation"
   when the server offers them (qemu-nbd and nbdkit do; nbd-server 3.24 does
-  not), so block_status() can tell holes from data;
+  not), so block_status() can tell holes from data; or, if the caller asks,
+  another single context, e.g. "qemu:dirty-bitmap:NAME" for QEMU's dirty
+  bitmaps (flag 1 = dirty);
 - NBD_CMD_READ, pipelined: one read_into() of a large buffer sends up to
   DEPTH requests of REQUEST_SIZE (bounded by the server's maximum block
   size) before it waits, and each reply lands straight in its place in
@@ -39,8 +41,8 @@ import struct
 
 from . import nbdconn
 from .errors import NbdError
-from .nbdproto import (CMD_BLOCK_STATUS, CMD_DISC, CMD_READ,
-                       FLAG_CAN_MULTI_CONN, REPLY_FLAG_DONE,
+from .nbdproto import (BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_DISC,
+                       CMD_READ, FLAG_CAN_MULTI_CONN, REPLY_FLAG_DONE,
                        REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR_BIT,
                        REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA,
                        REPLY_TYPE_OFFSET_HOLE, SIMPLE_REPLY_MAGIC, SIMPLE_REST,
@@ -102,12 +104,15 @@ class _Read:
 class Client:
     """One connection to one export, handshake done, ready to read."""
 
-    def __init__(self, uri: str, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, uri: str, timeout: float = DEFAULT_TIMEOUT,
+                 meta_context: str = BASE_ALLOCATION):
         self.uri = uri
         self.address = parse_uri(uri)
+        self.meta_context = meta_context
         self._conn = nbdconn.Connection(uri, self.address, timeout)
         try:
-            self.export = nbdconn.handshake(self._conn, self.address)
+            self.export = nbdconn.handshake(self._conn, self.address,
+                                            meta_context)
         except BaseException:
             self._conn.close()
             raise
@@ -237,7 +242,7 @@ class Client:
     # Block status.
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """[(length, flags)] of base:allocation from offset, in order.
+        """[(length, flags)] of the meta context from offset, in order.
 
         The extents may cover less than length (the server decides), never
         more: the last one is cut at offset + length.  At least one.
@@ -245,7 +250,8 @@ class Client:
         conn = self._conn
         conn.check_usable()
         if not self.has_block_status:
-            raise ValueError(f"{self.uri}: no block status negotiated")
+            raise ValueError(f"{self.uri}: no block status negotiated "
+                             f"({self.meta_context})")
         if offset < 0 or length <= 0 or offset + length > self.size:
             raise ValueError(f"block status of {length} bytes at {offset} is "
                              f"outside {self.uri} (size {self.size})")

@@ -15,7 +15,9 @@ fixed newstyle way::
 
 Structured replies and base:allocation are asked for whenever the server
 offers them (qemu-nbd and nbdkit do; nbd-server 3.24 does not): without
-them block status cannot tell holes from data.
+them block status cannot tell holes from data.  A caller may ask for
+another context instead (one at a time), such as QEMU's
+qemu:dirty-bitmap:NAME, which hooks/bitmaps.py reads.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ class Export:
         self.preferred_block = 4096
         self.max_block = 32 * 1024 * 1024
         self.structured = False
-        self.meta_id: Optional[int] = None  # base:allocation's, if selected
+        self.meta_id: Optional[int] = None  # the context's, if selected
 
     def block_sizes(self, minimum: int, preferred: int, maximum: int) -> None:
         # Keep the defaults for values the protocol does not allow.
@@ -157,8 +159,10 @@ class Export:
             self.max_block = maximum
 
 
-def handshake(conn: Connection, address: Address) -> Export:
-    """Negotiate the export at address; fail in one line if it cannot be."""
+def handshake(conn: Connection, address: Address,
+              meta_context: str = BASE_ALLOCATION) -> Export:
+    """Negotiate the export at address, and meta_context for block status
+    if the server has it; fail in one line if the export cannot be had."""
     magic, second, hflags = struct.unpack(">QQH", conn.recv(18, _DURING))
     if magic != NBDMAGIC:
         raise conn.fail(f"{address} is not an NBD server")
@@ -180,7 +184,7 @@ def handshake(conn: Connection, address: Address) -> Export:
     rtype, _ = _option(conn, OPT_STRUCTURED_REPLY, b"")
     export.structured = rtype == REP_ACK
     if export.structured:
-        export.meta_id = _select_base_allocation(conn, address.export)
+        export.meta_id = _select_context(conn, address.export, meta_context)
     _go(conn, address.export, export, no_zeroes)
     return export
 
@@ -201,15 +205,17 @@ def _option_reply(conn: Connection, opt: int) -> tuple[int, bytes]:
     return rtype, conn.recv(length, _DURING) if length else b""
 
 
-def _select_base_allocation(conn: Connection, name: str) -> Optional[int]:
-    """The context id of base:allocation, or None: no block status."""
+def _select_context(conn: Connection, name: str,
+                    context: str) -> Optional[int]:
+    """The id of the meta context, or None: no block status."""
     rtype, payload = _option(conn, OPT_SET_META_CONTEXT,
-                             meta_context_data(name))
+                             meta_context_data(name, context))
+    wanted = context.encode()
     found = None
     while rtype == REP_META_CONTEXT:
         if len(payload) >= 4:
             (context_id,) = struct.unpack_from(">I", payload)
-            if payload[4:] == BASE_ALLOCATION:
+            if payload[4:] == wanted:
                 found = context_id
         rtype, payload = _option_reply(conn, OPT_SET_META_CONTEXT)
     # An error (or no context) only means: no block status.

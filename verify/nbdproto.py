@@ -87,7 +87,10 @@ REPLY_TYPE_ERROR_BIT = 1 << 15
 # base:allocation flags.
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
-BASE_ALLOCATION = b"base:allocation"
+BASE_ALLOCATION = "base:allocation"
+# qemu:dirty-bitmap:NAME flags (QEMU's docs/interop/nbd.txt).
+STATE_DIRTY = 1 << 0
+DIRTY_BITMAP = "qemu:dirty-bitmap:"
 
 # Transmission errors (the protocol's own values, errno-like).
 ERRORS = {1: "EPERM", 5: "EIO", 12: "ENOMEM", 22: "EINVAL", 28: "ENOSPC",
@@ -167,11 +170,14 @@ def go_data(export: str) -> bytes:
             + struct.pack(">HH", 1, INFO_BLOCK_SIZE))
 
 
-def meta_context_data(export: str) -> bytes:
-    """NBD_OPT_SET_META_CONTEXT's data: base:allocation of the export."""
+def meta_context_data(export: str,
+                      context: str = BASE_ALLOCATION) -> bytes:
+    """NBD_OPT_SET_META_CONTEXT's data: one context (base:allocation
+    unless told) of the export."""
     name = export.encode()
+    query = context.encode()
     return (struct.pack(">I", len(name)) + name
-            + struct.pack(">II", 1, len(BASE_ALLOCATION)) + BASE_ALLOCATION)
+            + struct.pack(">II", 1, len(query)) + query)
 
 
 def error_name(error: int) -> str:

@@ -44,10 +44,15 @@ def done_chunk(handle):
 @pytest.fixture
 def client(monkeypatch):
     """client(reply) -> an nbd.Client whose server answers its first read
-    with reply(handle, offset, length): the bytes of the chunks."""
+    with reply(handle, offset, length): the bytes of the chunks (reply None:
+    no request but the goodbye).  With
+    meta_context, the client asks for that context, the server offers
+    contexts ({name: id}) and expects a block status request instead;
+    asked holds what the client asked for."""
     threads = []
 
-    def make(reply):
+    def make(reply, meta_context=None, contexts=None,
+             command=nbdproto.CMD_READ):
         ours, theirs = socket.socketpair()
         ours.settimeout(10)
         theirs.settimeout(10)
@@ -55,10 +60,14 @@ def client(monkeypatch):
         def serve():
             with theirs:
                 try:
-                    serve_handshake(theirs, SIZE, structured=True)
+                    asked.extend(serve_handshake(
+                        theirs, SIZE, structured=True, contexts=contexts))
                     _, _, cmd, handle, offset, length = struct.unpack(
                         ">IHHQQI", recv_exactly(theirs, 28))
-                    assert cmd == nbdproto.CMD_READ
+                    if reply is None:   # no request expected: goodbye
+                        assert cmd == nbdproto.CMD_DISC
+                        return
+                    assert cmd == command
                     theirs.sendall(reply(handle, offset, length))
                     recv_exactly(theirs, 28)    # NBD_CMD_DISC, or gone
                 except OSError:
@@ -68,10 +77,16 @@ def client(monkeypatch):
         thread.start()
         threads.append(thread)
         monkeypatch.setattr(nbdconn, "_connect", lambda *args: ours)
-        c = nbd.Client("nbd://fake/x", timeout=10)
+        if meta_context is None:
+            c = nbd.Client("nbd://fake/x", timeout=10)
+        else:
+            c = nbd.Client("nbd://fake/x", timeout=10,
+                           meta_context=meta_context)
         assert c.structured
         return c
 
+    asked = []
+    make.asked = asked
     yield make
     for thread in threads:
         thread.join(10)
@@ -148,3 +163,54 @@ def test_an_empty_hole_is_refused(client):
 
     with pytest.raises(nbd.NbdError, match="empty hole chunk"):
         read(client(reply))
+
+
+def status_chunk(handle, context, extents, done=True):
+    payload = struct.pack(">I", context) + b"".join(
+        struct.pack(">II", n, flags) for n, flags in extents)
+    return struct.pack(">IHHQI", nbdproto.STRUCTURED_REPLY_MAGIC,
+                       nbdproto.REPLY_FLAG_DONE if done else 0,
+                       nbdproto.REPLY_TYPE_BLOCK_STATUS, handle,
+                       len(payload)) + payload
+
+
+def test_base_allocation_is_asked_for_by_default(client):
+    def reply(handle, offset, length):
+        return status_chunk(handle, 3, [(READ, nbdproto.STATE_ZERO)])
+
+    c = client(reply, contexts={"base:allocation": 3},
+               command=nbdproto.CMD_BLOCK_STATUS)
+    with c:
+        assert c.has_block_status
+        assert c.block_status(0, READ) == [(READ, nbdproto.STATE_ZERO)]
+    assert client.asked == ["base:allocation"]
+
+
+def test_another_meta_context(client):
+    """A dirty bitmap's context: only its extents count, the last one cut
+    at the end of the range asked for."""
+    bitmap = nbdproto.DIRTY_BITMAP + "b1"
+
+    def reply(handle, offset, length):
+        # A context the client did not select comes first: ignored.
+        return (status_chunk(handle, 3, [(SIZE, 0)], done=False)
+                + status_chunk(handle, 9, [(16 * KiB, 0),
+                                           (SIZE, nbdproto.STATE_DIRTY)]))
+
+    c = client(reply, meta_context=bitmap,
+               contexts={bitmap: 9, "base:allocation": 3},
+               command=nbdproto.CMD_BLOCK_STATUS)
+    with c:
+        assert c.has_block_status
+        assert c.block_status(0, READ) == [
+            (16 * KiB, 0), (READ - 16 * KiB, nbdproto.STATE_DIRTY)]
+    assert client.asked == [bitmap]
+
+
+def test_a_context_the_server_lacks_means_no_block_status(client):
+    c = client(None, meta_context=nbdproto.DIRTY_BITMAP + "gone",
+               contexts={"base:allocation": 3})
+    with c:
+        assert not c.has_block_status
+        with pytest.raises(ValueError, match="qemu:dirty-bitmap:gone"):
+            c.block_status(0, READ)

@@ -57,6 +57,9 @@ def test_options():
         "00000003") + b"vda" + bytes.fromhex("0001" "0003")
     assert nbdproto.meta_context_data("") == bytes.fromhex(
         "00000000" "00000001" "0000000f") + b"base:allocation"
+    assert nbdproto.meta_context_data("x", "qemu:dirty-bitmap:b") == (
+        bytes.fromhex("00000001") + b"x" + bytes.fromhex("00000001" "00000013")
+        + b"qemu:dirty-bitmap:b")
 
 
 def test_error_names():
