@@ -58,3 +58,7 @@ class VirtError(Error):
 
 class CommitFailed(Error):
     """The overlay could not be merged back; it is kept for recovery."""
+
+
+class BitmapError(Error):
+    """A QEMU dirty bitmap could not be added, read or removed (QMP)."""
