@@ -154,8 +154,14 @@ def _qmp(dom, command, arguments=None, files=None):
     text = json.dumps(message)
     try:
         if files:
-            reply, _ = libvirt_qemu.qemuMonitorCommandWithFiles(
-                dom, text, files, 0)
+            with_files = getattr(libvirt_qemu, "qemuMonitorCommandWithFiles",
+                                 None)
+            if with_files is None:
+                raise BitmapError(
+                    "QMP %s: libvirt-python cannot pass a file descriptor "
+                    "(qemuMonitorCommandWithFiles needs libvirt 8.2 or "
+                    "later)" % command)
+            reply, _ = with_files(dom, text, files, 0)
         else:
             reply = libvirt_qemu.qemuMonitorCommand(dom, text, 0)
     except libvirt.libvirtError as e:
@@ -245,6 +251,27 @@ def remove_ours(dom, keep=()):
                 remove(dom, n["node-name"], name)
                 removed.append(name)
     return removed
+
+
+def remove_leftovers(dom):
+    """Remove the temporary exports and nodes a dirty() that was killed
+    left in QEMU, and then QEMU's NBD server if it served only ours; the
+    names removed.  For recover, with no dirty() running on the domain (it
+    would lose its export).  A server ours left with no export yet cannot
+    be told from someone else's idle one: it stays (dirty() then refuses).
+    """
+    exports = [e for e in _qmp(dom, "query-block-exports")
+               if e.get("type") == "nbd"]
+    ours = [e["id"] for e in exports if e["id"].startswith(TMP_PREFIX)]
+    tmp_nodes = [n["node-name"] for n in _nodes(dom)
+                 if n["node-name"].startswith(TMP_PREFIX)]
+    for tmp in ours:
+        _qmp(dom, "block-export-del", {"id": tmp, "mode": "hard"})
+    if ours and len(ours) == len(exports):
+        _qmp(dom, "nbd-server-stop")
+    for tmp in tmp_nodes:
+        _delete_node(dom, tmp)
+    return sorted(set(ours) | set(tmp_nodes))
 
 
 def dirty(dom, path, node, name, size):
@@ -346,19 +373,26 @@ def _stop_server(dom, tmp):
         except BitmapError as e:
             if "not found" not in str(e).lower():
                 failures.append(str(e))
-    # The export goes asynchronously; its node is in use until it has.
+    try:
+        _delete_node(dom, tmp)
+    except BitmapError as e:
+        failures.append(str(e))
+    if failures:
+        raise BitmapError("; ".join(failures))
+
+
+def _delete_node(dom, tmp):
+    """blockdev-del of our node, if it is there.  An export goes
+    asynchronously, and its node is in use until it has (measured: gone at
+    the first try after nbd-server-stop; the wait is a safeguard)."""
     deadline = time.monotonic() + TEARDOWN_WAIT
     while True:
         try:
-            nodes = _nodes(dom)
-            if bitmaps_of(nodes, tmp) is None:
-                break
+            if bitmaps_of(_nodes(dom), tmp) is None:
+                return
             _qmp(dom, "blockdev-del", {"node-name": tmp})
-            break
-        except BitmapError as e:
+            return
+        except BitmapError:
             if time.monotonic() > deadline:
-                failures.append(str(e))
-                break
+                raise
             time.sleep(0.05)
-    if failures:
-        raise BitmapError("; ".join(failures))

@@ -182,6 +182,31 @@ def test_an_nbd_server_already_running_is_left_alone(domain):
     assert bitmaps.dirty(dom, base, node, "nbdsnap-1", SIZE) == []
 
 
+def test_what_a_killed_reader_left_is_removed(domain, env):
+    """A dirty() killed between its setup and its teardown leaves QEMU's
+    NBD server, a temporary node and an export: remove_leftovers takes all
+    three away, and the next dirty() works."""
+    dom, base, _ = domain
+    node = bitmaps.file_node(dom, base)
+    bitmaps.swap(dom, node, "nbdsnap-1")
+    bitmaps.swap(dom, node, "nbdsnap-2", "nbdsnap-1")
+    tmp = bitmaps.TMP_PREFIX + "killed"
+    bitmaps._start_server(dom, env.path("nbd.sock"), tmp)
+    qmp(dom, "blockdev-add", {"driver": "file", "filename": base,
+                              "node-name": tmp, "read-only": True,
+                              "locking": "off"})
+    assert "return" in qmp(dom, "block-export-add", {
+        "type": "nbd", "id": tmp, "node-name": tmp, "name": tmp,
+        "bitmaps": [{"node": node, "name": "nbdsnap-1"}]})
+    assert sorted(leftovers(dom)) == [tmp, tmp]
+    with pytest.raises(BitmapError, match="already running"):
+        bitmaps.dirty(dom, base, node, "nbdsnap-1", SIZE)
+    assert bitmaps.remove_leftovers(dom) == [tmp]
+    assert leftovers(dom) == []
+    assert bitmaps.dirty(dom, base, node, "nbdsnap-1", SIZE) == []
+    assert bitmaps.remove_leftovers(dom) == []
+
+
 def test_a_missing_bitmap_is_a_clean_error(domain):
     dom, base, _ = domain
     node = bitmaps.file_node(dom, base)
