@@ -223,6 +223,17 @@ def names(dom, node):
     return [b["name"] for b in found]
 
 
+def states(dom, node):
+    """{name: recording} of the bitmaps on node; BitmapError if there is
+    no node.  A chain continues only from a bitmap still recording: one
+    that was disabled stopped seeing writes."""
+    found = bitmaps_of(_nodes(dom), node)
+    if found is None:
+        raise BitmapError("domain %s has no block node %s"
+                          % (_name(dom), node))
+    return {b["name"]: bool(b.get("recording")) for b in found}
+
+
 def swap(dom, node, new, old=None):
     """Add bitmap new (recording) on node and, with old, disable old, in
     one QMP transaction: if either fails, neither happened."""

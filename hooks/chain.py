@@ -70,8 +70,8 @@ def decide(previous, bitmaps, online, now, full_days, new_chain_id,
 
     previous: the previous manifest's header (verify.manifest2.Header), or
     None when there is none, or a string saying why it cannot be used.
-    bitmaps: the names of the bitmaps on the base's file node (empty when
-    not online).  online: a QEMU runs the domain and tracks its writes.
+    bitmaps: the names of the recording bitmaps on the base's file node
+    (empty when not online).  online: a QEMU runs the domain and tracks its writes.
     full_days: the longest a chain may run (0: every freeze is full).
     """
     header = previous if not isinstance(previous, str) else None
@@ -105,8 +105,9 @@ def _broken(previous, bitmaps, online, now, full_days, algorithm):
         return "the previous manifest is of an unknown kind"
     name = bitmap_name(previous.chain_id, previous.generation)
     if name not in bitmaps:
-        return ("the bitmap %s is gone (QEMU restarted, or the domain was "
-                "saved, migrated or its disk changed)" % name)
+        return ("the bitmap %s is gone or stopped recording (QEMU "
+                "restarted, the domain was saved or migrated, its disk "
+                "changed, or a freeze was cut short)" % name)
     started = parse_time(previous.chain_started)
     if started is None:
         return "the previous manifest has no chain start time"

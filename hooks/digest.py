@@ -13,9 +13,19 @@ manifest stays incomplete, which ``nbd-verify check`` refuses.
                                                      │           (complete)
     last postrun ── waits (digest_timeout) ──────────┘──► commit
 
-Run as ``python -I -m nbdsnap.hooks.digest MANIFEST BASE ALGORITHM SESSION``.
+The manifest is format version 2 (verify/manifest2.py).  When the freeze
+continues a change-tracking chain (tracking.py, chain.py), the digest is
+incremental: it rereads only the blocks QEMU saw written since the
+previous manifest, which prerun moved aside for it, and copies the rest
+of that manifest's block digests; a previous manifest found damaged then
+makes it full.  Beside the manifest, hidden and root's, are the digest's
+job (what prerun decided), the previous manifest while it is read, and
+the result the last postrun puts in the history.
+
+Run as ``python -I -m nbdsnap.hooks.digest JOB``.
 """
 
+import json
 import logging
 import os
 import select
@@ -81,23 +91,66 @@ def _tighten(path):
                 "it is now 0700", path, stat.S_IMODE(st.st_mode))
 
 
-def start(config, state, base):
-    """Write the incomplete manifest and start the digest; return its info."""
-    from nbdsnap.verify import blkhash, manifest, sources
+def _hidden(path, what):
+    """A file of the digest's own beside the manifest, never served."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, ".%s.%s" % (name, what))
+
+
+def previous(path):
+    """The header of the manifest at path, None, or why it is unusable."""
+    from nbdsnap.verify import manifest2
+    from nbdsnap.verify.errors import Error as VerifyError
+    if not os.path.lexists(path):
+        return None
+    try:
+        with manifest2.FileReader(path) as reader:
+            return manifest2.read_header(reader)
+    except OSError as e:
+        return e.strerror or str(e)
+    except VerifyError as e:
+        return str(e)
+
+
+def start(config, state, base, tracked=None, domain_xml=""):
+    """Write the incomplete manifest and start the digest; return its info.
+
+    tracked (tracking.Tracked) says whether the digest is incremental: then
+    the previous manifest is moved aside for the digest to build on, and
+    the dirty ranges go with the job.  Without it the digest is full.
+    """
+    from nbdsnap.verify import manifest, manifest2_pack, sources
+    from nbdsnap.verify.files import write_atomic
+    from . import tracking
     path = manifest_path(config, state)
     prepare_dir(config)
     with sources.open_source(base) as source:
         size = source.size
-    width = len(blkhash.Hasher(config.digest_algorithm).hexdigest())
-    manifest.write(path, manifest.Manifest(
-        size=size, algorithm=config.digest_algorithm,
-        block_size=blkhash.BLOCK_SIZE, chunk_size=manifest.DEFAULT_CHUNK_SIZE,
-        digest="0" * width, chunks=[], complete=False,
-        source="%s (session %s, digest running)" % (base, state["id"]),
-        created=manifest.now()))
+    if tracked is None:
+        tracked = tracking.offline(config, previous(path))
+    plan = tracked.plan
+    job = {"manifest": path, "base": base, "session": state["id"],
+           "algorithm": config.digest_algorithm, "kind": plan.kind,
+           "why": plan.why, "generation": plan.generation,
+           "chain_id": plan.chain_id, "chain_started": plan.chain_started,
+           "domain_xml": domain_xml, "frozen": time.time(),
+           "previous": None, "dirty": tracked.dirty}
+    for what in ("previous", "result"):
+        _unlink(_hidden(path, what))
+    if plan.kind == "incremental":
+        job["previous"] = _hidden(path, "previous")
+        # Clients that have the manifest export open keep reading theirs.
+        os.replace(path, job["previous"])
+    manifest2_pack.write(path, manifest2_pack.build(
+        b"", size, generation=plan.generation, chain_id=plan.chain_id,
+        chain_started=plan.chain_started, kind=plan.kind,
+        domain_xml=domain_xml, algorithm=config.digest_algorithm,
+        complete=False, created=manifest.now(),
+        source="%s (session %s, digest running)" % (base, state["id"])))
+    job_path = _hidden(path, "job")
+    write_atomic(job_path, json.dumps(job), mode=0o600)
     cmd = ["ionice", "-c", "2", "-n", "7", "nice", "-n", "19",
-           sys.executable, "-I", "-m", "nbdsnap.hooks.digest", path, base,
-           config.digest_algorithm, state["id"]]
+           sys.executable, "-I", "-m", "nbdsnap.hooks.digest", job_path]
     # -I and cwd /: as root, never import a module planted in the caller's
     # directory (first on sys.path) or named by PYTHONPATH.
     proc = subprocess.Popen(cmd, cwd="/", stdin=subprocess.DEVNULL,
@@ -108,9 +161,33 @@ def start(config, state, base):
     info = {"manifest": path}
     if holder is not None:
         info.update(holder.to_json())
-    log.info("session %s: digest of %s started (pid %d), manifest %s",
-             state["id"], base, proc.pid, path)
+    log.info("session %s: %s digest of %s started (pid %d), generation %d "
+             "of chain %s, manifest %s%s", state["id"], plan.kind, base,
+             proc.pid, plan.generation, plan.chain_id, path,
+             "" if plan.kind == "incremental" else "; full: " + plan.why)
     return info
+
+
+def outcome(state):
+    """The history fields of the session's digest, once it has ended."""
+    info = state.get("digest")
+    if not info:
+        return {}
+    try:
+        with open(_hidden(info["manifest"], "result"), "rb") as f:
+            result = json.loads(f.read(4096))
+        return {"manifest_kind": str(result["kind"]),
+                "manifest_seconds": round(float(result["seconds"]), 3),
+                "manifest_bytes_read": int(result["bytes_read"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"manifest_kind": None}
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def running(state):
@@ -175,16 +252,50 @@ def stop(holder, grace=STOP_GRACE):
         os.close(fd)
 
 
-def _run(path, base, algorithm, session):
-    """The background digest itself."""
-    from nbdsnap.verify import manifest, ops, sources
-    with sources.open_source(base) as source:
-        # One thread: the guest keeps the other cores.
-        result = ops.make_manifest(source, algorithm, threads=1)
-    result = result._replace(source="%s (session %s)" % (base, session))
-    manifest.write(path, result)
-    log.info("session %s: digest of %s done: %s", session, base,
-             result.digest)
+def _run(job):
+    """The background digest itself: incremental if it can, else full."""
+    from nbdsnap.verify import manifest, manifest2, manifest2_write, sources
+    from nbdsnap.verify.errors import ManifestError
+    path, session = job["manifest"], job["session"]
+    common = dict(generation=job["generation"],
+                  domain_xml=job["domain_xml"],
+                  source_name="%s (session %s)" % (job["base"], session),
+                  created=manifest.now(), algorithm=job["algorithm"],
+                  threads=1)
+    stats = None
+    with sources.open_source(job["base"]) as source:
+        if job["kind"] == "incremental":
+            try:
+                with manifest2.FileReader(job["previous"]) as previous:
+                    stats = manifest2_write.write_incremental(
+                        path, previous, source, job["dirty"], **common)
+            except (ManifestError, OSError) as e:
+                log.warning("session %s: cannot build on the previous "
+                            "manifest, a full digest instead: %s", session, e)
+        if stats is None:
+            # One thread: the guest keeps the other cores.
+            stats = manifest2_write.write_full(
+                path, source, chain_id=job["chain_id"],
+                chain_started=(job["chain_started"]
+                               if job["kind"] == "full" else manifest.now()),
+                **common)
+    seconds = time.time() - job["frozen"]
+    result = {"kind": stats.kind, "seconds": seconds,
+              "bytes_read": stats.bytes_read}
+    from nbdsnap.verify.files import write_atomic
+    write_atomic(_hidden(path, "result"), json.dumps(result), mode=0o600)
+    log.info("session %s: %s manifest of %s complete %.2f s after the "
+             "freeze: %d bytes read, generation %d", session, stats.kind,
+             job["base"], seconds, stats.bytes_read, job["generation"])
+
+
+def _terminated(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def _load_job(job_path):
+    with open(job_path, "rb") as f:
+        return json.loads(f.read())
 
 
 def main(argv=None):
@@ -192,19 +303,28 @@ def main(argv=None):
     from . import log as log_mod
     argv = sys.argv[1:] if argv is None else argv
     log_mod.setup("nbdsnap-digest")
-    path, base, algorithm, session = argv
+    # stop() ends a digest with SIGTERM: unwind, so that the manifest's
+    # temporary file (up to 32 bytes per 64 KiB of disk) is removed.
+    signal.signal(signal.SIGTERM, _terminated)
+    (job_path,) = argv
     started = time.monotonic()
+    what = job_path
     try:
-        _run(path, base, algorithm, session)
-    except (Error, VerifyError, OSError) as e:
-        log.error("session %s: digest of %s failed: %s", session, base, e)
+        job = _load_job(job_path)
+        what = "%s of session %s" % (job["base"], job["session"])
+        try:
+            _run(job)
+        finally:
+            for hidden in (job_path, job.get("previous")):
+                if hidden:
+                    _unlink(hidden)
+    except (Error, VerifyError, OSError, ValueError, KeyError) as e:
+        log.error("digest of %s failed: %s", what, e)
         return 1
     except Exception as e:   # noqa: BLE001 -- a detached process: log it all
-        log.critical("session %s: digest of %s failed: %s", session, base,
-                     e, exc_info=True)
+        log.critical("digest of %s failed: %s", what, e, exc_info=True)
         return 1
-    log.info("session %s: digest took %.1f s", session,
-             time.monotonic() - started)
+    log.info("digest of %s took %.1f s", what, time.monotonic() - started)
     return 0
 
 

@@ -26,6 +26,7 @@ commit = lazy.module("commit")
 locate = lazy.module("locate")
 quiesce_mod = lazy.module("quiesce")
 settle = lazy.module("settle")
+tracking = lazy.module("tracking")
 virt = lazy.module("virt")
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,8 @@ class Freezer:
                                         match.domain.name):
                 state = self._freeze_offline(dom, match, export, key, holder,
                                              base)
-            return self._start_digest(state)
+                xml = self._definition(dom, state)
+            return self._start_digest(state, None, xml)
         if dstate not in (virt.RUNNING, virt.PAUSED):
             raise Unsupported("%s: domain is %s; it can be frozen only when "
                               "running, paused or shut off" % (where, dstate))
@@ -174,9 +176,9 @@ class Freezer:
         # agent's response timeout is the domain's, not the disk's.
         with self.store.domain_lock(match.domain.uuid,
                                     match.domain.name):
-            state = self._snapshot_locked(dom, match, export, key, holder,
-                                          base, quiesce)
-        return self._start_digest(state)
+            state, tracked, xml = self._snapshot_locked(
+                dom, match, export, key, holder, base, quiesce)
+        return self._start_digest(state, tracked, xml)
 
     def _snapshot_locked(self, dom, match, export, key, holder, base,
                          quiesce):
@@ -200,6 +202,9 @@ class Freezer:
         from .served import what_clients_copy
         copied = what_clients_copy(match.disk, self.store.is_ours)
         self.store.save(state)          # intent: before the snapshot call
+        # The definition the base belongs to, before the snapshot points
+        # it at the overlay.
+        xml = self._definition(dom, state)
         log.info("%s: snapshot into %s (quiesce %s); clients copy %s",
                  state.describe(), overlay, quiesce, copied)
         try:
@@ -216,15 +221,46 @@ class Freezer:
         self.store.save(state)
         log.info("%s: frozen (%s) for pid %d", state.describe(),
                  taken.consistency, holder.pid)
-        return state
+        return state, self._track(dom, state), xml
 
-    def _start_digest(self, state):
+    def _definition(self, dom, state):
+        """digest = on: the domain's definition, for the manifest."""
+        if not self.config.digest:
+            return ""
+        try:
+            return virt.definition(dom)
+        except VirtError as e:
+            log.warning("%s: the manifest holds no domain definition: %s",
+                        state.describe(), e)
+            return ""
+
+    def _track(self, dom, state):
+        """digest = on: swap the frozen base's bitmaps (tracking.py), while
+        the domain lock keeps QEMU's NBD server ours."""
+        if not self.config.digest:
+            return None
+        from nbdsnap.verify import sources
+        from nbdsnap.verify.errors import Error as VerifyError
+        path = digest.manifest_path(self.config, state)
+        previous = digest.previous(path)
+        try:
+            with sources.open_source(state["export"]) as source:
+                size = source.size
+            return tracking.online(self.config, dom, state["base"], previous,
+                                   size, state.describe())
+        except (OSError, Error, VerifyError) as e:
+            why = "cannot track changes: %s" % e
+            log.warning("%s: %s; a full digest", state.describe(), why)
+            return tracking.offline(self.config, previous, why=why)
+
+    def _start_digest(self, state, tracked, xml):
         """digest = on: the session's manifest, before the client reads."""
         if not self.config.digest:
             return state
         from nbdsnap.verify.errors import Error as VerifyError
         try:
-            info = digest.start(self.config, state, state["export"])
+            info = digest.start(self.config, state, state["export"], tracked,
+                                xml)
         except (OSError, Error, VerifyError) as e:
             # The copy can go ahead; only its manifest is missing.
             log.error("%s: cannot start the digest, no manifest for this "
@@ -298,7 +334,8 @@ class Freezer:
             if conn is not None:
                 conn.close()
         history.remember(self.config, state,
-                         "ended: shut off, nothing to commit")
+                         "ended: shut off, nothing to commit",
+                         **digest.outcome(state))
         log.info("%s: ended; the domain was shut off, nothing to commit",
                  state.describe())
         return state
@@ -342,7 +379,8 @@ class Freezer:
         took = time.monotonic() - started
         self.store.delete(state["key"])
         history.remember(self.config, state, step.action,
-                         overlay_bytes=size, commit_seconds=took)
+                         overlay_bytes=size, commit_seconds=took,
+                         **digest.outcome(state))
         log.info("%s: %s of %s done in %.2f s; domain back on its base, "
                  "overlay removed", state.describe(), step.action,
                  _human(size), took)

@@ -25,8 +25,14 @@ def _path(config):
 
 
 def entry(state, result, overlay_bytes=None, commit_seconds=None,
-          now=None):
-    """The history line of a session that ends with result."""
+          now=None, manifest_kind=None, manifest_seconds=None,
+          manifest_bytes_read=None):
+    """The history line of a session that ends with result.
+
+    manifest_*: its freeze-time manifest (digest = on), None without one:
+    full or incremental, seconds from the freeze to the complete manifest,
+    and the bytes of the base the VM host read to make it.
+    """
     return {
         "id": state["id"],
         "export": state["export"],
@@ -41,6 +47,9 @@ def entry(state, result, overlay_bytes=None, commit_seconds=None,
         "commit_seconds": (None if commit_seconds is None
                            else round(commit_seconds, 3)),
         "result": result,
+        "manifest_kind": manifest_kind,
+        "manifest_seconds": manifest_seconds,
+        "manifest_bytes_read": manifest_bytes_read,
     }
 
 
@@ -88,11 +97,23 @@ def read(config):
     return result
 
 
+def _manifest(e):
+    """The manifest column: kind, seconds, what it read (or -)."""
+    if not e.get("manifest_kind"):
+        return "-"
+    text = e["manifest_kind"]
+    if e.get("manifest_seconds") is not None:
+        text += " %.1f s" % e["manifest_seconds"]
+    if e.get("manifest_bytes_read") is not None:
+        text += " %d MiB read" % (e["manifest_bytes_read"] >> 20)
+    return text
+
+
 def format_text(entries):
     if not entries:
         return "no sessions recorded yet"
     rows = [("START (UTC)", "SECONDS", "EXPORT", "DOMAIN:DISK", "CONN",
-             "CONSISTENCY", "OVERLAY", "COMMIT", "RESULT")]
+             "CONSISTENCY", "OVERLAY", "COMMIT", "MANIFEST", "RESULT")]
     for e in entries:
         rows.append((
             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["start"])),
@@ -103,7 +124,7 @@ def format_text(entries):
             else "%d MiB" % (e["overlay_bytes"] >> 20),
             "-" if e.get("commit_seconds") is None
             else "%.2f s" % e["commit_seconds"],
-            e["result"]))
+            _manifest(e), e["result"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths))
                      + "  " + r[-1] for r in rows)

@@ -115,6 +115,7 @@ class Settler:
             return
         if state is not None:
             self.store.delete(case.key)
-            history.remember(self.config, state, "recovered: %s" % what)
+            history.remember(self.config, state, "recovered: %s" % what,
+                             **digest.outcome(state))
         self.out("%s: recovered (%s)" % (case.label, what))
         log.info("recover %s: recovered (%s)", case.label, what)

@@ -124,20 +124,67 @@ def _allocated(path):
         return None
 
 
+def manifests(config, now=None):
+    """One dict per manifest in manifest_dir: its chain, and the age of
+    the chain's full digest (digest_full_days bounds it)."""
+    from . import chain, digest
+    now = time.time() if now is None else now
+    try:
+        names = sorted(n for n in os.listdir(config.manifest_dir)
+                       if n.endswith(".manifest") and not n.startswith("."))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        path = os.path.join(config.manifest_dir, name)
+        header = digest.previous(path)
+        if header is None:          # removed while we listed
+            continue
+        if isinstance(header, str):
+            found.append({"manifest": path, "error": header})
+            continue
+        started = chain.parse_time(header.chain_started)
+        found.append({
+            "manifest": path, "complete": header.complete,
+            "generation": header.generation, "kind": header.kind,
+            "chain_id": header.chain_id, "created": header.created,
+            "chain_started": header.chain_started,
+            "full_age": None if started is None else round(now - started),
+        })
+    return found
+
+
 def report(config, as_json=False, domain_states=None):
     """The text nbdsnap status prints."""
     entries = collect(config, domain_states=domain_states)
     found = health.problems(config, entries)
-    return (format_json(entries, found) if as_json
-            else format_text(entries, found))
+    chains = manifests(config)
+    return (format_json(entries, found, chains) if as_json
+            else format_text(entries, found, chains))
 
 
-def format_json(entries, found=()):
-    return json.dumps({"sessions": entries, "problems": list(found)},
+def format_json(entries, found=(), chains=()):
+    return json.dumps({"sessions": entries, "problems": list(found),
+                       "manifests": list(chains)},
                       sort_keys=True, indent=2)
 
 
-def format_text(entries, found=()):
+def format_chains(chains):
+    lines = []
+    for m in chains:
+        name = os.path.basename(m["manifest"])
+        if "error" in m:
+            lines.append("    %s  UNREADABLE: %s" % (name, m["error"]))
+            continue
+        full = ("last full digest %s ago" % _age(m["full_age"])
+                if m["full_age"] is not None else "no full digest time")
+        lines.append("    %s  generation %d, %s%s, chain %s, %s" % (
+            name, m["generation"], m["kind"],
+            "" if m["complete"] else " (incomplete)", m["chain_id"], full))
+    return ["manifests"] + lines if lines else []
+
+
+def format_text(entries, found=(), chains=()):
     lines = ["PROBLEM  %s" % p["message"] for p in found]
     if not entries:
         lines.append("no sessions and no overlays: every exported disk is "
@@ -180,7 +227,7 @@ def format_text(entries, found=()):
             lines.append("    error        %s" % e["error"])
         if e.get("warning"):
             lines.append("    WARNING      %s" % e["warning"])
-    return "\n".join(lines)
+    return "\n".join(lines + format_chains(chains))
 
 
 def paused_advice(e):
@@ -198,6 +245,8 @@ def paused_advice(e):
 
 def _age(seconds):
     seconds = int(seconds)
+    if seconds >= 2 * 86400:
+        return "%.1f d" % (seconds / 86400)
     if seconds < 120:
         return "%d s" % seconds
     if seconds < 7200:

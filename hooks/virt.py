@@ -120,6 +120,16 @@ def reread(dom):
                         % (dom.name(), e.get_error_message()))
 
 
+def definition(dom):
+    """The domain's inactive definition, without secrets (no
+    VIR_DOMAIN_XML_SECURE): what a standby of it is defined from."""
+    try:
+        return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    except libvirt.libvirtError as e:
+        raise VirtError("cannot read the definition of domain %s: %s"
+                        % (dom.name(), e.get_error_message()))
+
+
 def state(dom):
     try:
         return _STATES.get(dom.state()[0], "unknown")

@@ -10,11 +10,19 @@ import subprocess
 import lab
 from test_freeze import MiB, assert_clean, export_domain
 
+from nbdsnap.verify import manifest2
+
 
 def verify(*args):
     return subprocess.run([os.path.join(lab.VENV_BIN, "nbd-verify")]
                           + list(args), capture_output=True, text=True,
                           timeout=120)
+
+
+def complete(path):
+    """Whether the (version 2) manifest at path is complete."""
+    with manifest2.FileReader(path) as reader:
+        return manifest2.read_header(reader).complete
 
 
 def manifest_of(env, dom):
@@ -38,7 +46,7 @@ def test_manifest_of_the_frozen_base_checks_the_copy(virt, env):
     lab.guest_write(dom, "vda", 0x5a, 0, 4 * MiB)   # after the freeze
     copy = env.path("copy.raw")
     lab.nbdcopy(server.uri("vm"), copy)
-    lab.wait_until(lambda: json.load(open(path))["complete"], 60,
+    lab.wait_until(lambda: complete(path), 60,
                    what="the digest to complete")
     # Checked over NBD, from the manifest export, as a clone host would.
     proc = verify("check", server.uri("vm.manifest"), copy)
@@ -57,8 +65,7 @@ def test_last_postrun_waits_for_the_digest_before_the_commit(virt, env):
     copy = env.path("copy.raw")
     lab.nbdcopy(server.uri("vm"), copy)      # connect, copy, leave at once
     env.wait_clean()
-    manifest = json.load(open(manifest_of(env, dom)))
-    assert manifest["complete"] is True
+    assert complete(manifest_of(env, dom))
     assert verify("check", manifest_of(env, dom), copy).returncode == 0
 
 
@@ -71,8 +78,7 @@ def test_digest_past_its_timeout_is_stopped_and_refused(virt, env):
     held.close()
     env.wait_clean()
     assert_clean(env, dom, base)
-    manifest = json.load(open(manifest_of(env, dom)))
-    if manifest["complete"]:
+    if complete(manifest_of(env, dom)):
         return      # the digest beat even this timeout: nothing to refuse
     proc = verify("check", manifest_of(env, dom), base)
     assert proc.returncode == 2 and "incomplete" in proc.stderr
@@ -120,7 +126,7 @@ def test_commit_waits_until_a_stopped_digest_has_ended(virt, env):
         pid = json.load(f)["digest"]["pid"]
     os.kill(pid, signal.SIGSTOP)        # the known point: mid-digest
     manifest = manifest_of(env, dom)
-    assert json.load(open(manifest))["complete"] is False, "digest too fast"
+    assert complete(manifest) is False, "digest too fast"
     lab.guest_write(dom, "vda", 0x5a, 0, MiB)     # into the overlay
     with deaf_to_sigterm(pid):
         proc = env.hook("nbd-postrun", base, check=0)
@@ -128,6 +134,6 @@ def test_commit_waits_until_a_stopped_digest_has_ended(virt, env):
         assert not alive(pid), proc.stderr
     assert_clean(env, dom, base)
     assert lab.read_range(base, 0, MiB) == b"\x5a" * MiB
-    assert json.load(open(manifest))["complete"] is False
+    assert complete(manifest) is False
     log = proc.stderr
     assert log.index("digest") < log.index("last holder gone")

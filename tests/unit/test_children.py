@@ -1,12 +1,12 @@
 """The hooks' detached children (digest, agent watcher) run as root: they
 must never import a module planted in the directory they were started from."""
 
-import json
 import time
 
 import pytest
 
 from nbdsnap.hooks import agent, config, digest, procs
+from nbdsnap.verify import manifest2
 
 PLANTED = "open(%r, 'w').write('imported')\n"
 
@@ -37,8 +37,8 @@ def test_digest_child_ignores_a_module_planted_in_the_cwd(tmp_path, planted):
     info = digest.start(conf, state, str(base))
     wait_gone(procs.Holder.from_json(info))
     assert not planted.exists()
-    with open(info["manifest"]) as f:
-        assert json.load(f)["complete"] is True
+    with manifest2.FileReader(info["manifest"]) as reader:
+        assert manifest2.read_header(reader).complete is True
 
 
 class NoDomain:

@@ -108,7 +108,8 @@ def test_session_created_at_nan_is_corrupt_in_nbdsnap_status(cfg, store):
 def test_nothing_at_all_is_clean(cfg, store, roomy):
     assert report(cfg) == ("no sessions and no overlays: every exported "
                            "disk is clean")
-    assert json_report(cfg) == {"sessions": [], "problems": []}
+    assert json_report(cfg) == {"sessions": [], "problems": [],
+                                "manifests": []}
 
 
 def test_planted_lock_symlink_is_a_problem(cfg, store, roomy, tmp_path):

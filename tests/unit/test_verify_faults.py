@@ -7,6 +7,7 @@ the real one.  A death by signal (SIGBUS from a mapped file) or exit status
 1 (which means "the images differ") is what these tests exist to catch.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -175,12 +176,18 @@ def test_background_digest_of_a_shrinking_base(image, tmp_path):
     """The hooks' freeze-time digest (hooks/digest.py, a detached child)
     runs this code: a base that shrinks under it is a logged failure and
     exit status 1, its manifest not written, not a death by SIGBUS."""
-    manifest = tmp_path / "m.json"
+    manifest = tmp_path / "m.manifest"
+    job = tmp_path / ".m.manifest.job"
+    job.write_text(json.dumps({
+        "manifest": os.fspath(manifest), "base": os.fspath(image),
+        "session": "s1", "algorithm": "sha256", "kind": "full",
+        "why": "test", "generation": 1, "chain_id": "c1",
+        "chain_started": "2026-12-01T00:00:00Z", "domain_xml": "",
+        "frozen": 0, "previous": None, "dirty": None}))
     code = truncate_on_first_hash(image, 100000) + f"""
 import sys
 from nbdsnap.hooks import digest
-sys.exit(digest.main([{os.fspath(manifest)!r}, {os.fspath(image)!r},
-                      "sha256", "s1"]))
+sys.exit(digest.main([{os.fspath(job)!r}]))
 """
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True,
                         text=True, timeout=120)
