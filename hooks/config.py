@@ -39,7 +39,7 @@ class Config:
     # Seconds the block commit may take before it is cancelled.
     commit_timeout: float = 600.0
     # The freeze-time manifest: digest the frozen base in the background.
-    digest: bool = False
+    digest: bool = True
     digest_algorithm: str = "sha256"
     # Where the manifests go, one per domain disk (served read-only).
     manifest_dir: str = "/var/lib/nbdsnap/manifests"

@@ -193,6 +193,9 @@ def workdir(prefix="nbdsnap-lab-"):
 
 
 def write_config(path, state_dir, snapshot_dir, **settings):
+    # digest = on is the default: manifests go beside the state, never in
+    # the host's /var/lib/nbdsnap.
+    settings.setdefault("manifest_dir", os.path.join(state_dir, "manifests"))
     lines = ["[nbdsnap]", "state_dir = %s" % state_dir,
              "snapshot_dir = %s" % snapshot_dir]
     lines += ["%s = %s" % kv for kv in settings.items()]
