@@ -160,12 +160,17 @@ def plan_incremental(extents: Iterable[Extent], ranges: list, size: int,
                      block_size: int, chunk_size: int,
                      segment: int) -> Iterator:
     """Cut [0, size) into what plan() makes inside ranges (rehash()'s:
-    data pieces to read, zero runs) and Keep pieces outside them, one per
-    chunk at most::
+    data pieces to read) and Keep pieces outside them, one per chunk at
+    most; zero runs (whole blocks of hole) stay zero runs everywhere::
 
         chunks   |              |              |              |
+        extents  |data                 |hole      |data             |
         ranges          |rehash    |                  |rehash |
-        pieces   |keep  |data|zero |keep|keep      |keep|data |
+        pieces   |keep  |data|keep |zero      |keep|keep|data |keep
+
+    A hole is known zeros without the previous manifest, at no read: so a
+    change the dirty ranges missed that left a hole (a disk shrunk and
+    grown back, which QEMU's bitmaps do not mark) is never copied over.
     """
     ranges = iter(ranges)
     r = next(ranges, None)
@@ -177,6 +182,11 @@ def plan_incremental(extents: Iterable[Extent], ranges: list, size: int,
 
     for piece in plan(extents, size, block_size, segment):
         pos, end = piece.offset, piece.offset + piece.length
+        if not piece.is_data:
+            yield from kept()
+            keep = [end, end]
+            yield piece
+            continue
         while pos < end:
             while r is not None and r.offset + r.length <= pos:
                 r = next(ranges, None)

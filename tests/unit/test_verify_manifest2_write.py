@@ -287,3 +287,18 @@ def test_file_reader(tmp_path):
     with pytest.raises(ManifestError, match="cannot open manifest .*: No "
                        "such file"):
         manifest2.FileReader(str(tmp_path / "none"))
+
+
+def test_a_hole_no_dirty_range_names_is_still_zeros(tmp_path):
+    """A change the dirty ranges missed, where the image is now a hole: a
+    live resize down and back up (QEMU truncates its bitmaps, it does not
+    mark them), a hole punched behind QEMU's back.  A hole is known zeros
+    without the previous manifest, so the incremental is still the full
+    manifest, at no read."""
+    old = random_data(SIZE, seed=1)
+    hole = (5 * CHUNK + BS, 7 * CHUNK)       # whole blocks, across chunks
+    new = bytearray(old)
+    new[hole[0]:hole[1]] = bytes(hole[1] - hole[0])
+    stats = check(tmp_path, old, bytes(new), [], new_holes=[hole])
+    assert stats.blocks_zero == (hole[1] - hole[0]) // BS
+    assert stats.bytes_read == 777            # the short last block

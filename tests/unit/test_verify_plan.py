@@ -124,6 +124,21 @@ def test_plan_incremental_keeps_per_chunk_reads_data_skips_holes():
     ]
 
 
+def test_plan_incremental_a_hole_outside_the_ranges_is_zeros():
+    #  chunks of 4 blocks; rehash block 9; blocks 1-5 a hole nothing marked
+    size = 10 * BS
+    extents = [Extent(0, BS, True), Extent(BS, 5 * BS, False),
+               Extent(6 * BS, 4 * BS, True)]
+    assert list(plan.plan_incremental(extents, [Range(9 * BS, BS)], size,
+                                      BS, 4 * BS, 8 * BS)) == [
+        plan.Keep(0, BS),
+        Piece(False, BS, 5 * BS),
+        plan.Keep(6 * BS, 2 * BS),
+        plan.Keep(8 * BS, BS),
+        Piece(True, 9 * BS, BS),
+    ]
+
+
 def test_plan_incremental_nothing_to_rehash():
     extents = [Extent(0, 9 * BS, True)]
     assert list(plan.plan_incremental(extents, [], 9 * BS, BS, 4 * BS,
