@@ -42,6 +42,8 @@ from .sessions import _secure_dir
 log = logging.getLogger(__name__)
 
 POLL = 0.2
+# What the digest waits for on its stdin before it reads the base.
+GO = b"go\n"
 # Seconds a stopped digest gets to end, after SIGTERM and after SIGKILL.
 STOP_GRACE = 5
 
@@ -112,12 +114,17 @@ def previous(path):
         return str(e)
 
 
-def start(config, state, base, tracked=None, domain_xml=""):
+def start(config, state, base, tracked=None, domain_xml="", hold=False):
     """Write the incomplete manifest and start the digest; return its info.
 
     tracked (tracking.Tracked) says whether the digest is incremental: then
     the previous manifest is moved aside for the digest to build on, and
     the dirty ranges go with the job.  Without it the digest is full.
+
+    With hold, returns (info, release): the digest waits until release()
+    is called, after the caller saved info in the session, so that the
+    last postrun and recover always know of a digest that reads the base;
+    a caller that dies first never releases it, and it ends unstarted.
     """
     from nbdsnap.verify import manifest, manifest2_pack, sources
     from nbdsnap.verify.files import write_atomic
@@ -153,7 +160,7 @@ def start(config, state, base, tracked=None, domain_xml=""):
            sys.executable, "-I", "-m", "nbdsnap.hooks.digest", job_path]
     # -I and cwd /: as root, never import a module planted in the caller's
     # directory (first on sys.path) or named by PYTHONPATH.
-    proc = subprocess.Popen(cmd, cwd="/", stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd="/", stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True,
                             close_fds=True)
@@ -165,6 +172,17 @@ def start(config, state, base, tracked=None, domain_xml=""):
              "of chain %s, manifest %s%s", state["id"], plan.kind, base,
              proc.pid, plan.generation, plan.chain_id, path,
              "" if plan.kind == "incremental" else "; full: " + plan.why)
+
+    def release():
+        try:
+            proc.stdin.write(GO)
+            proc.stdin.close()
+        except OSError as e:      # it died: its manifest stays incomplete
+            log.error("session %s: the digest (pid %d) ended before it "
+                      "started: %s", state["id"], proc.pid, e)
+    if hold:
+        return info, release
+    release()
     return info
 
 
@@ -178,7 +196,9 @@ def outcome(state):
             result = json.loads(f.read(4096))
         return {"manifest_kind": str(result["kind"]),
                 "manifest_seconds": round(float(result["seconds"]), 3),
-                "manifest_bytes_read": int(result["bytes_read"])}
+                "manifest_bytes_read": int(result["bytes_read"]),
+                "manifest_why": (None if result.get("why") is None
+                                 else str(result["why"]))}
     except (OSError, ValueError, KeyError, TypeError):
         return {"manifest_kind": None}
 
@@ -263,15 +283,18 @@ def _run(job):
                   created=manifest.now(), algorithm=job["algorithm"],
                   threads=1)
     stats = None
+    why = job["why"]
     with sources.open_source(job["base"]) as source:
         if job["kind"] == "incremental":
             try:
                 with manifest2.FileReader(job["previous"]) as previous:
+                    _check_previous(manifest2.read_header(previous), job)
                     stats = manifest2_write.write_incremental(
                         path, previous, source, job["dirty"], **common)
             except (ManifestError, OSError) as e:
-                log.warning("session %s: cannot build on the previous "
-                            "manifest, a full digest instead: %s", session, e)
+                why = "cannot build on the previous manifest: %s" % e
+                log.warning("session %s: %s; a full digest instead",
+                            session, why)
         if stats is None:
             # One thread: the guest keeps the other cores.
             stats = manifest2_write.write_full(
@@ -281,12 +304,24 @@ def _run(job):
                 **common)
     seconds = time.time() - job["frozen"]
     result = {"kind": stats.kind, "seconds": seconds,
-              "bytes_read": stats.bytes_read}
+              "bytes_read": stats.bytes_read,
+              "why": why if stats.kind == "full" else None}
     from nbdsnap.verify.files import write_atomic
     write_atomic(_hidden(path, "result"), json.dumps(result), mode=0o600)
     log.info("session %s: %s manifest of %s complete %.2f s after the "
              "freeze: %d bytes read, generation %d", session, stats.kind,
              job["base"], seconds, stats.bytes_read, job["generation"])
+
+
+def _check_previous(header, job):
+    """The manifest moved aside is the one prerun decided to build on."""
+    from nbdsnap.verify.errors import ManifestError
+    if (header.chain_id, header.generation + 1) != (job["chain_id"],
+                                                   job["generation"]):
+        raise ManifestError(
+            "it is generation %d of chain %s, not generation %d of chain %s"
+            % (header.generation, header.chain_id, job["generation"] - 1,
+               job["chain_id"]))
 
 
 def _terminated(signum, _frame):
@@ -313,6 +348,11 @@ def main(argv=None):
         job = _load_job(job_path)
         what = "%s of session %s" % (job["base"], job["session"])
         try:
+            if sys.stdin.buffer.read(len(GO)) != GO:
+                log.error("digest of %s not started: its prerun ended "
+                          "before it recorded it; the manifest stays "
+                          "incomplete", what)
+                return 1
             _run(job)
         finally:
             for hidden in (job_path, job.get("previous")):

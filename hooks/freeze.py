@@ -259,8 +259,9 @@ class Freezer:
             return state
         from nbdsnap.verify.errors import Error as VerifyError
         try:
-            info = digest.start(self.config, state, state["export"], tracked,
-                                xml)
+            info, release = digest.start(self.config, state,
+                                         state["export"], tracked, xml,
+                                         hold=True)
         except (OSError, Error, VerifyError) as e:
             # The copy can go ahead; only its manifest is missing.
             log.error("%s: cannot start the digest, no manifest for this "
@@ -268,6 +269,9 @@ class Freezer:
             return state
         state = sessions.Session(state, digest=info)
         self.store.save(state)
+        # Only now: a prerun killed before the save never lets a digest
+        # read the base that recover, knowing nothing of it, may commit.
+        release()
         return state
 
     def _undo_intent(self, dom, target, overlay, state):

@@ -26,12 +26,13 @@ def _path(config):
 
 def entry(state, result, overlay_bytes=None, commit_seconds=None,
           now=None, manifest_kind=None, manifest_seconds=None,
-          manifest_bytes_read=None):
+          manifest_bytes_read=None, manifest_why=None):
     """The history line of a session that ends with result.
 
     manifest_*: its freeze-time manifest (digest = on), None without one:
     full or incremental, seconds from the freeze to the complete manifest,
-    and the bytes of the base the VM host read to make it.
+    and the bytes of the base the VM host read to make it, and why a
+    full one was (the first freeze, QEMU restarted, ...).
     """
     return {
         "id": state["id"],
@@ -50,6 +51,7 @@ def entry(state, result, overlay_bytes=None, commit_seconds=None,
         "manifest_kind": manifest_kind,
         "manifest_seconds": manifest_seconds,
         "manifest_bytes_read": manifest_bytes_read,
+        "manifest_why": manifest_why,
     }
 
 

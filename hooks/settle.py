@@ -107,7 +107,35 @@ class Settler:
                     sessions.FAILED, error=str(e), **marks))
             return False
         self._end(case, state, "%s done" % step.action)
+        self._clean_qemu(conn, case)
         return True
+
+    def _clean_qemu(self, conn, case):
+        """digest = on: remove what a prerun killed while it read a dirty
+        bitmap left in QEMU (our NBD server, a read-only node of the base
+        and its export), which would keep a libvirt backup job from
+        starting QEMU's one NBD server.  Under the domain lock: no map is
+        being read then.  Never fails the recovery."""
+        if not self.config.digest:
+            return
+        from . import bitmaps, virt
+        try:
+            found = virt.lookup(conn, uuid=case.freeze.uuid)
+            if found is None or virt.state(found[0]) not in (virt.RUNNING,
+                                                              virt.PAUSED):
+                return
+            with self.store.domain_lock(case.freeze.uuid,
+                                        case.freeze.domain):
+                left = bitmaps.remove_leftovers(found[0])
+        except Error as e:
+            log.warning("recover %s: cannot look for what an interrupted "
+                        "map read left in QEMU: %s", case.label, e)
+            return
+        if left:
+            self.out("%s: removed from QEMU what an interrupted map read "
+                     "left: %s" % (case.label, ", ".join(left)))
+            log.info("recover %s: removed from QEMU: %s", case.label,
+                     ", ".join(left))
 
     def _end(self, case, state, what):
         if self.dry_run:

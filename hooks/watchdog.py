@@ -26,6 +26,10 @@ LIBVIRT_JOB_WAIT = 30   # ... and libvirt's own wait for its job lock
 CANCEL_WAIT = 60        # virt.CANCEL_WAIT: a block job a killed commit left
 QEMU_IMG_INFO = 60      # qemu_img.INFO_WAIT: the overlay's backing file
 QEMU_IMG_LOCKS = 30     # qemu_img.LOCK_WAIT: image locks a QEMU still holds
+# With digest = on, a freeze reads the previous dirty bitmap through
+# QEMU's NBD server: bitmaps.NBD_TIMEOUT for the client, TEARDOWN_WAIT
+# for the temporary node.
+MAP_READ = 60 + 10
 
 
 def seconds(config, prog):
@@ -33,7 +37,8 @@ def seconds(config, prog):
 
     Both hooks wait for the disk's lock.  A freeze waits for the domain's
     lock and the agent four times (ping, guest-fsfreeze-status, and the
-    snapshot's freeze and thaw).  A commit waits for the digest (then
+    snapshot's freeze and thaw) and, with digest = on, the read of the
+    previous dirty bitmap (MAP_READ).  A commit waits for the digest (then
     stops it, STOP_GRACE twice), a libvirt job's end (JOB_WAIT, and
     libvirt's LIBVIRT_JOB_WAIT), then either a block job left behind
     (CANCEL_WAIT) and the block commit, or qemu-img info (QEMU_IMG_INFO),
@@ -54,6 +59,8 @@ def seconds(config, prog):
     if prog == "nbd-postrun":
         return lock + commit + MARGIN
     freeze = lock + 4 * config.quiesce_timeout
+    if config.digest:
+        freeze += MAP_READ
     if config.stale == "recover":
         freeze += commit
     return lock + freeze + MARGIN

@@ -98,6 +98,7 @@ def test_chain_continues_through_writes_between_and_during_freezes(virt,
         lambda: lab.guest_write(dom, "vda", 0x22, 3 * MiB + 4096, 4096)])
     assert first.kind == "full" and first.generation == 1
     assert last_history(env)["manifest_kind"] == "full"
+    assert last_history(env)["manifest_why"] == "no previous manifest"
     assert last_history(env)["manifest_bytes_read"] >= SIZE * MiB - BLOCK
 
     # Writes between freezes, scattered, one across a block boundary.
@@ -109,6 +110,7 @@ def test_chain_continues_through_writes_between_and_during_freezes(virt,
     assert second.chain_started == first.chain_started
     entry = last_history(env)
     assert entry["manifest_kind"] == "incremental"
+    assert entry["manifest_why"] is None
     # The freeze's write (1 block) and these (3 blocks), nothing else.
     assert entry["manifest_bytes_read"] == 4 * BLOCK, entry
     assert entry["manifest_seconds"] is not None
@@ -166,6 +168,7 @@ def test_qemu_gone_breaks_the_chain(virt, env, how):
     second = cycle(env, base, path)
     assert second.kind == "full" and second.generation == 2
     assert second.chain_id != first.chain_id
+    assert "gone or stopped recording" in last_history(env)["manifest_why"]
     third = cycle(env, base, path)
     assert third.kind == "incremental"
 

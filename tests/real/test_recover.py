@@ -7,13 +7,17 @@ that what cannot be fixed is reported by status and recover.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 
 import libvirt
 
 import lab
 from test_freeze import MiB, assert_clean, export_domain, serve
+
+from nbdsnap.hooks import bitmaps
 
 
 def status(env):
@@ -267,3 +271,35 @@ def test_two_disks_of_a_stopped_domain_committed_at_once(virt, env):
     assert lab.read_range(base, 0, MiB) == b"\x5a" * MiB
     assert lab.read_range(second, 0, MiB) == b"\x6b" * MiB
     dom.create()
+
+
+def plant_map_read_leftovers(dom, base):
+    """What a prerun killed in the middle of bitmaps.dirty() leaves in
+    QEMU: its NBD server, a read-only node of the base and its export."""
+    folder = tempfile.mkdtemp()
+    try:
+        tmp = bitmaps.TMP_PREFIX + "killed"
+        bitmaps._start_server(dom, os.path.join(folder, "s"), tmp)
+        bitmaps._qmp(dom, "blockdev-add", {
+            "driver": "file", "filename": base, "node-name": tmp,
+            "read-only": True, "locking": "off"})
+        bitmaps._qmp(dom, "block-export-add", {
+            "type": "nbd", "id": tmp, "node-name": tmp, "name": tmp,
+            "writable": False})
+    finally:
+        shutil.rmtree(folder)
+    return tmp
+
+
+def test_recover_removes_what_a_killed_map_read_left_in_qemu(virt, env):
+    dom, base, _ = freeze_and_kill(virt, env, signal.SIGTERM)
+    tmp = plant_map_read_leftovers(dom, base)
+    proc = env.hook("nbdsnap", "recover", base, check=0)
+    assert "removed from QEMU" in proc.stdout and tmp in proc.stdout
+    assert_clean(env, dom, base)
+    assert bitmaps._qmp(dom, "query-block-exports") == []
+    # QEMU's one NBD server is free again: a map can be read.
+    names = [n["node-name"] for n in bitmaps._nodes(dom)]
+    assert tmp not in names
+    bitmaps._start_server(dom, env.path("free.sock"), "free")
+    bitmaps._qmp(dom, "nbd-server-stop")

@@ -1,6 +1,10 @@
 """The hooks' detached children (digest, agent watcher) run as root: they
 must never import a module planted in the directory they were started from."""
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -88,3 +92,28 @@ def test_digest_stop_never_signals_a_reused_pid(stubborn):
     other = procs.Holder(holder.pid, holder.start + 1, holder.boot)
     assert digest.stop(other, grace=0.5) == "it had ended"
     assert stubborn.poll() is None
+
+
+def test_a_digest_its_prerun_never_released_reads_nothing(tmp_path):
+    """A prerun that dies between starting the digest and saving its pid
+    in the session: recover would not know to wait for that digest, so
+    it must never read the base (or write a complete manifest)."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x11" * (1 << 20))
+    folder = tmp_path / "manifests"
+    code = (
+        "import json, sys\n"
+        "from nbdsnap.hooks import config, digest\n"
+        "conf = config.Config(manifest_dir=%r)\n"
+        "state = {'id': 's1', 'domain': 'd', 'disk': 'vda'}\n"
+        "info, release = digest.start(conf, state, %r, hold=True)\n"
+        "print(json.dumps(info))\n"
+        "import os; os._exit(0)    # dies before release()\n"
+        % (str(folder), str(base)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    info = json.loads(out)
+    wait_gone(procs.Holder.from_json(info))
+    with manifest2.FileReader(info["manifest"]) as reader:
+        assert manifest2.read_header(reader).complete is False
+    assert sorted(os.listdir(folder)) == ["d-vda.manifest"]

@@ -75,11 +75,12 @@ FIXED = 2 * 5 + 60 + 30 + 60 + 60 + 30
 
 
 @pytest.mark.parametrize("prog,stale,seconds", [
-    # disk lock + domain lock + ping, fsfreeze-status, freeze, thaw + margin
-    ("nbd-prerun", "refuse", 120 + 120 + 4 * 10 + 300),
+    # disk lock + domain lock + ping, fsfreeze-status, freeze, thaw + the
+    # previous bitmap's read (digest = on) + margin
+    ("nbd-prerun", "refuse", 120 + 120 + 4 * 10 + 70 + 300),
     # ... + the stale session's commit first: digest, commit, domain lock
     ("nbd-prerun", "recover",
-     120 + 120 + 4 * 10 + 300 + 600 + FIXED + 600 + 120),
+     120 + 120 + 4 * 10 + 70 + 300 + 600 + FIXED + 600 + 120),
     # disk lock + digest + fixed waits + commit + domain lock + margin
     ("nbd-postrun", "refuse", 120 + 600 + FIXED + 600 + 120 + 300),
     ("nbd-postrun", "recover", 120 + 600 + FIXED + 600 + 120 + 300),
@@ -90,11 +91,18 @@ def test_watchdog_seconds(prog, stale, seconds):
 
 
 def test_the_watchdogs_fixed_waits_are_the_waiting_modules_own():
-    from nbdsnap.hooks import digest, plan, qemu_img, virt
+    from nbdsnap.hooks import bitmaps, digest, plan, qemu_img, virt
     assert (watchdog.STOP_GRACE, watchdog.JOB_WAIT, watchdog.CANCEL_WAIT,
             watchdog.QEMU_IMG_INFO, watchdog.QEMU_IMG_LOCKS) == (
         digest.STOP_GRACE, plan.JOB_WAIT, virt.CANCEL_WAIT,
         qemu_img.INFO_WAIT, qemu_img.LOCK_WAIT)
+    assert watchdog.MAP_READ == bitmaps.NBD_TIMEOUT + bitmaps.TEARDOWN_WAIT
+
+
+def test_digest_off_freezes_without_the_map_read():
+    assert (watchdog.seconds(settings(), "nbd-prerun")
+            - watchdog.seconds(settings(digest=False), "nbd-prerun")
+            == watchdog.MAP_READ)
 
 
 @pytest.mark.parametrize("kw", [
@@ -133,7 +141,7 @@ def test_the_hooks_arm_the_watchdog_with_these_bounds(monkeypatch, tmp_path,
     from nbdsnap.hooks import freeze
     monkeypatch.setattr(freeze, "Freezer", Freezer)
     assert main(["/srv/x"]) == 0
-    expected = {"nbd-prerun": 30 + 30 + 4 * 5 + 300 + 100 + FIXED + 1000
+    expected = {"nbd-prerun": 30 + 30 + 4 * 5 + 70 + 300 + 100 + FIXED + 1000
                 + 30,
                 "nbd-postrun": 30 + 100 + FIXED + 1000 + 30 + 300}
     assert armed == [(prog, expected[prog])]

@@ -190,7 +190,7 @@ from nbdsnap.hooks import digest
 sys.exit(digest.main([{os.fspath(job)!r}]))
 """
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                        text=True, timeout=120)
+                        text=True, timeout=120, input="go\n")
     assert_no_signal_death(cp)
     assert cp.returncode == 1, cp.stderr
     assert "digest of" in cp.stderr and "failed" in cp.stderr

@@ -1,0 +1,62 @@
+"""The digest child's job (hooks/digest.py _run): it builds only on the
+previous manifest prerun decided on, and says why a manifest was full."""
+
+import json
+
+from nbdsnap.hooks import digest
+from nbdsnap.verify import manifest2, manifest2_write, sources
+
+
+def make(tmp_path, generation, chain_id):
+    image = tmp_path / "base.raw"
+    image.write_bytes(b"\x11" * (1 << 20))
+    previous = tmp_path / ".m.manifest.previous"
+    with sources.open_source(str(image)) as source:
+        manifest2_write.write_full(
+            str(previous), source, generation=generation, chain_id=chain_id,
+            chain_started="2026-12-01T00:00:00Z", domain_xml="",
+            source_name="t", created="2026-12-01T00:00:00Z")
+    return image, previous
+
+
+def job(tmp_path, image, previous, generation, chain_id):
+    return {"manifest": str(tmp_path / "m.manifest"), "base": str(image),
+            "session": "s1", "algorithm": "sha256", "kind": "incremental",
+            "why": "incremental from generation %d" % (generation - 1),
+            "generation": generation, "chain_id": chain_id,
+            "chain_started": "2026-12-01T00:00:00Z", "domain_xml": "",
+            "frozen": 0, "previous": str(previous), "dirty": [[0, 4096]]}
+
+
+def result(tmp_path):
+    with open(tmp_path / ".m.manifest.result") as f:
+        return json.load(f)
+
+
+def header(tmp_path):
+    with manifest2.FileReader(str(tmp_path / "m.manifest")) as reader:
+        return manifest2.read_header(reader)
+
+
+def test_builds_on_the_previous_generation_of_its_chain(tmp_path):
+    image, previous = make(tmp_path, 3, "abc")
+    digest._run(job(tmp_path, image, previous, 4, "abc"))
+    assert header(tmp_path).kind == "incremental"
+    assert result(tmp_path) == {"kind": "incremental", "seconds":
+                                result(tmp_path)["seconds"],
+                                "bytes_read": 65536, "why": None}
+
+
+def test_another_chains_manifest_is_never_built_on(tmp_path):
+    image, previous = make(tmp_path, 3, "other")
+    digest._run(job(tmp_path, image, previous, 4, "abc"))
+    got = header(tmp_path)
+    assert (got.kind, got.chain_id, got.generation) == ("full", "abc", 4)
+    assert "not generation 3 of chain abc" in result(tmp_path)["why"]
+    assert result(tmp_path)["bytes_read"] == 1 << 20
+
+
+def test_a_skipped_generation_is_never_built_on(tmp_path):
+    image, previous = make(tmp_path, 2, "abc")
+    digest._run(job(tmp_path, image, previous, 4, "abc"))
+    assert header(tmp_path).kind == "full"
