@@ -2,6 +2,7 @@
 
     make bench       (or: .venv/bin/python -m lab.bench [--reps N] [--idle N])
     .venv/bin/python -m lab.bench hooks      (one part: its section only)
+    .venv/bin/python -m lab.bench manifest [--size GIB]
 
 One domain, one nbd-server exporting its base as "ours" (our hooks), "virsh"
 (docs/DESIGN.md's recipe) and "plain" (no hooks); the two recipes alternate in
@@ -20,7 +21,7 @@ import threading
 import time
 
 import lab
-from lab import bench_hooks, bench_quiesce, bench_verify
+from lab import bench_hooks, bench_manifest, bench_quiesce, bench_verify
 
 MiB = 1 << 20
 SIZE = 512          # MiB, the exported raw base
@@ -311,15 +312,21 @@ def main(argv=None):
     p.add_argument("--idle", type=int, default=200,
                    help="shut-off domains to define for the scaling")
     p.add_argument("--output", default=OUT, help="the report (BENCHMARKS.md)")
-    p.add_argument("part", nargs="?", choices=("all", "hooks"),
-                   default="all", help="all (the default), or only the hook "
-                   "runs by kind, rewriting only their section of the report")
+    p.add_argument("--size", type=int, default=bench_manifest.SIZE,
+                   help="GiB of the manifest part's disk (%(default)s)")
+    p.add_argument("part", nargs="?", choices=("all", "hooks", "manifest"),
+                   default="all", help="all (the default), or one part "
+                   "only (the hook runs by kind, or the freeze-time "
+                   "manifests), rewriting only its section of the report")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))   # clean up too
     lab.ensure_host()
     if args.part == "hooks":
         return one_part(args.output, bench_hooks.run(args.reps
                                                      or bench_hooks.REPS))
+    if args.part == "manifest":
+        return one_part(args.output, bench_manifest.run(args.size),
+                        bench_manifest.HEADING)
     args.reps = args.reps or 5
     folder = lab.workdir("nbdsnap-bench-")
     virt = lab.Lab()
@@ -355,22 +362,25 @@ def main(argv=None):
         quiesce_section = bench_quiesce.run(args.reps)
         print("hook runs by kind", flush=True)
         hooks_section = bench_hooks.run(max(args.reps, bench_hooks.REPS))
+        print("freeze-time manifests, incremental against full", flush=True)
+        manifest_section = bench_manifest.run(args.size)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     text = (report(facts, r, args.reps) + "\n" + verify_section + "\n"
-            + quiesce_section + "\n" + hooks_section)
+            + quiesce_section + "\n" + hooks_section + "\n"
+            + manifest_section)
     with open(args.output, "w") as f:
         f.write(text)
     print(text + "\nwritten to %s" % args.output)
 
 
-def one_part(output, section):
+def one_part(output, section, heading="## Hook runs by kind"):
     """Rewrite only section's part of the report, keep the rest."""
     try:
         with open(output) as f:
             text = f.read()
     except FileNotFoundError:
         text = ""
-    text = bench_hooks.splice(text, section)
+    text = bench_hooks.splice(text, section, heading)
     with open(output, "w") as f:
         f.write(text)
     print(section + "\nwritten to %s" % output)
