@@ -51,3 +51,29 @@ def test_aims_met_and_missed():
 def test_aims_without_a_change():
     assert bm.aims(0, 0, 0.2, 10.0)["read_met"]
     assert not bm.aims(1, 0, 0.2, 10.0)["read_met"]
+
+
+def freeze(label, kind, seconds, read, writes=0, blocks=0):
+    return {"label": label, "kind": kind, "seconds": seconds, "read": read,
+            "writes": writes, "blocks": blocks, "write_seconds": 1.0,
+            "complete": seconds + 0.5, "prerun": 0.5}
+
+
+def test_section_reports_the_aims_against_the_faster_full():
+    GiB, block = 1 << 30, 64 * KiB
+    r = {"size": GiB, "load": ["1.00 1.00 1.00", "2.00 2.00 2.00"],
+         "same": True, "others": [("sha256sum", 4.0)],
+         "freezes": [freeze("first", "full", 10.0, GiB),
+                     freeze("bytes", "incremental", 3.0, 100 * block,
+                            writes=110, blocks=100),
+                     freeze("blocks", "incremental", 0.9, 10 * block,
+                            writes=10, blocks=10),
+                     freeze("same", "full", 12.0, GiB)]}
+    text = bm.section(r)
+    assert text.startswith(bm.HEADING)
+    # 5 % of 10 s (the faster full) + 0.5 s = 1.0 s allowed.
+    assert "3.00 s against 1.00 s allowed" in text and "MISSED" in text
+    assert "0.90 s against 1.00 s allowed" in text
+    assert "| 3. blocks | incremental | 10 | 10 blocks, 0.6 MiB |" in text
+    assert "| sha256sum | 4.00 s | 256 | 0.40 |" in text
+    assert "the same digests" in text
