@@ -303,11 +303,11 @@ distinct 64 KiB blocks the writes touched, × 64 KiB. Load average %(load0)s
 at the start, %(load1)s at the end."""
 
 READING = """\
-Reading. Scattered 4 KiB writes over 1 %% of the bytes touch about
-1 − e^(−16 × 1 %%) ≈ 15 %% of the 64 KiB blocks, and each touched block must
-be read and hashed again: no incremental manifest can then take 5 %% of the
+Reading. Scattered 4 KiB writes over 1 % of the bytes touch about
+1 − e^(−16 × 1 %) ≈ 15 % of the 64 KiB blocks, and each touched block must
+be read and hashed again: no incremental manifest can then take 5 % of the
 full digest's time, whatever its reads cost; the time aim is reachable
-where about 1 %% of the blocks changed (freeze 3). The reads are the other
+where about 1 % of the blocks changed (freeze 3). The reads are the other
 cost: with one thread the digest has one read in flight, so the scattered
 blocks cost a disk round trip each, where the full digest's sequential
 reads get the kernel's readahead (compare the MiB/s column)."""
