@@ -363,6 +363,10 @@ def section(r):
             100 * a_row["blocks"] * BLOCK / r["size"], a_row["writes"],
             a_row["write_seconds"],
             1000 * a_row["write_seconds"] / a_row["writes"]),
+        "- The two full digests took %s. This machine is itself a VM: "
+        "the base leaves its page cache, perhaps not its host's; the first "
+        "full reads what was just written." % " and ".join(
+            "%.2f s" % x["seconds"] for x in rows if x["kind"] == "full"),
         "",
         READING,
         "",
