@@ -140,7 +140,10 @@ def start(config, state, base, tracked=None, domain_xml="", hold=False):
            "algorithm": config.digest_algorithm, "kind": plan.kind,
            "why": plan.why, "generation": plan.generation,
            "chain_id": plan.chain_id, "chain_started": plan.chain_started,
-           "domain_xml": domain_xml, "frozen": time.time(),
+           "domain_xml": domain_xml,
+           # From the freeze (saved then), not from now: the bitmap swap
+           # and map read count too.
+           "frozen": state.get("updated", time.time()),
            "previous": None, "dirty": tracked.dirty}
     for what in ("previous", "result"):
         _unlink(_hidden(path, what))

@@ -105,7 +105,8 @@ def write_incremental(path: str, previous, source, dirty, *,
                   source=source_name, domain_xml=domain_xml,
                   algorithm=algorithm, block_size=block_size,
                   chunk_size=chunk_size) as packer:
-        counts = _feed(packer, source, pieces, runs.digests, threads)
+        counts = _feed(packer, source, _prefetched(pieces, source),
+                       runs.digests, threads)
     return Stats("incremental", source.size, packer.header.digest, *counts,
                  counted.bytes_read)
 
@@ -122,6 +123,32 @@ def _packing(path: str, size: int, **fields):
     except OSError as e:
         raise ManifestError(
             f"cannot write manifest {path}: {e.strerror}") from None
+
+
+# Bytes of scattered blocks announced to the kernel ahead of their read.
+PREFETCH = 64 << 20
+
+
+def _prefetched(pieces, source, window: int = PREFETCH):
+    """pieces, with the data ones up to window bytes ahead announced to
+    the source (will_need): one thread reading scattered blocks otherwise
+    waits for each in turn (measured: 80-125 MiB/s against a full
+    digest's 330-600 on this machine's disk)."""
+    hint = getattr(source, "will_need", None)
+    pieces = list(pieces)
+    if hint is None:
+        yield from pieces
+        return
+    ahead = queued = 0
+    for i, piece in enumerate(pieces):
+        while ahead < len(pieces) and (ahead <= i or queued < window):
+            if pieces[ahead].is_data:
+                hint(pieces[ahead].offset, pieces[ahead].length)
+                queued += pieces[ahead].length
+            ahead += 1
+        if piece.is_data:
+            queued -= piece.length
+        yield piece
 
 
 def _feed(packer: Packer, source, pieces, keep, threads: int) -> tuple:

@@ -107,6 +107,16 @@ class FileSource:
             os.close(self._fd)
             raise
 
+    def will_need(self, offset: int, length: int) -> None:
+        """Tell the kernel these bytes are read soon (a hint, never an
+        error): scattered reads then overlap instead of waiting one by
+        one, as an incremental manifest's do."""
+        try:
+            os.posix_fadvise(self._fd, offset, length,
+                             os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
     def read_into(self, offset: int, buf) -> None:
         """Fill buf with the bytes at offset; the range must be in the image."""
         view = memoryview(buf).cast("B")

@@ -302,3 +302,37 @@ def test_a_hole_no_dirty_range_names_is_still_zeros(tmp_path):
     stats = check(tmp_path, old, bytes(new), [], new_holes=[hole])
     assert stats.blocks_zero == (hole[1] - hole[0]) // BS
     assert stats.bytes_read == 777            # the short last block
+
+
+def test_scattered_reads_are_announced_ahead_within_the_window():
+    from nbdsnap.verify import plan
+    from nbdsnap.verify.manifest2_write import _prefetched
+
+    class Hinted:
+        def __init__(self):
+            self.hints = []
+
+        def will_need(self, offset, length):
+            self.hints.append(offset)
+
+    pieces = [plan.Piece(is_data=i % 3 != 0, offset=i * 1000, length=100)
+              for i in range(30)]
+    source = Hinted()
+    seen = []
+    for piece in _prefetched(pieces, source, window=250):
+        if piece.is_data:
+            # announced before it is read, and never more than the window
+            # (plus the piece that crossed it) ahead
+            assert piece.offset in source.hints
+            ahead = [o for o in source.hints if o > piece.offset]
+            assert sum(100 for _ in ahead) <= 250 + 100
+        seen.append(piece)
+    assert seen == pieces
+    assert source.hints == [p.offset for p in pieces if p.is_data]
+
+
+def test_a_source_without_hints_reads_as_before():
+    from nbdsnap.verify import plan
+    from nbdsnap.verify.manifest2_write import _prefetched
+    pieces = [plan.Piece(True, 0, 10), plan.Piece(False, 10, 10)]
+    assert list(_prefetched(pieces, object())) == pieces
