@@ -21,6 +21,7 @@ GiB = 1 << 30
 def cfg(tmp_path):
     return Config(state_dir=str(tmp_path / "state"),
                   snapshot_dir=str(tmp_path / "state" / "overlays"),
+                  manifest_dir=str(tmp_path / "state" / "manifests"),
                   path=str(tmp_path / "nbdsnap.conf"))
 
 
@@ -292,3 +293,32 @@ def test_report_into_a_closed_pipe_ends_quietly(cfg, store, command):
     finally:
         os.close(write_end)
     assert (proc.returncode, proc.stderr) == (0, b"")
+
+
+def test_manifests_show_their_chain_and_the_last_full_digests_age(cfg,
+                                                                  store,
+                                                                  roomy):
+    from nbdsnap.hooks import chain
+    from nbdsnap.verify import blkhash, manifest2_pack
+    os.makedirs(cfg.manifest_dir, mode=0o700)
+    started = chain.format_time(1_000_000_000 - 3 * 86400)
+    data = manifest2_pack.build(
+        blkhash.block_digests(bytes(65536)), 65536, generation=5,
+        chain_id="c0ffee", kind="incremental", domain_xml="",
+        chain_started=started, created=started)
+    with open(os.path.join(cfg.manifest_dir, "dom1-vda.manifest"), "wb") as f:
+        f.write(data)
+    with open(os.path.join(cfg.manifest_dir, "dom1-vdb.manifest"), "wb") as f:
+        f.write(b"garbage")
+    # The digest's own hidden files are not manifests.
+    open(os.path.join(cfg.manifest_dir, ".dom1-vda.manifest.job"), "w").close()
+    (good, bad) = status.manifests(cfg, now=1_000_000_000)
+    assert (good["generation"], good["kind"], good["chain_id"],
+            good["complete"], good["full_age"]) == (
+        5, "incremental", "c0ffee", True, 3 * 86400)
+    assert "dom1-vdb.manifest" in bad["manifest"] and bad["error"]
+    text = report(cfg)
+    assert "dom1-vda.manifest  generation 5, incremental, chain c0ffee, " \
+        "last full digest" in text
+    assert "dom1-vdb.manifest  UNREADABLE" in text
+    assert len(json_report(cfg)["manifests"]) == 2
