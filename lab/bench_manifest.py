@@ -294,8 +294,8 @@ through QEMU's active layer (qemu-io over HMP) between freezes. Before each
 freeze and each tool the base's pages are dropped from the page cache
 (fsync, then POSIX_FADV_DONTNEED; the hooks' code stays cached): every
 digest reads the base from the disk. *Freeze → complete*: the history's
-manifest_seconds, from the digest's start (just after the snapshot and the
-bitmap read) to the complete manifest; the digest runs on one thread under
+manifest_seconds, from the freeze (the snapshot's end; the bitmap swap and
+read count) to the complete manifest; the digest runs on one thread under
 nice and ionice. *÷ full*: against the faster of the two full digests (the
 less disturbed). *Prerun → complete*: the bench's clock, from the prerun's
 start (Python, snapshot, bitmap swap and read included). *Changed*: the
@@ -308,9 +308,10 @@ Reading. Scattered 4 KiB writes over 1 % of the bytes touch about
 be read and hashed again: no incremental manifest can then take 5 % of the
 full digest's time, whatever its reads cost; the time aim is reachable
 where about 1 % of the blocks changed (freeze 3). The reads are the other
-cost: with one thread the digest has one read in flight, so the scattered
-blocks cost a disk round trip each, where the full digest's sequential
-reads get the kernel's readahead (compare the MiB/s column)."""
+cost: the digest runs one thread, so it announces the scattered blocks to
+the kernel 64 MiB ahead (POSIX_FADV_WILLNEED) to keep several reads in
+flight, where the full digest's sequential reads get the kernel's
+readahead (compare the MiB/s column)."""
 
 
 def _mibs(n, seconds):
