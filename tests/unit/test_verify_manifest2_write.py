@@ -336,3 +336,49 @@ def test_a_source_without_hints_reads_as_before():
     from nbdsnap.verify.manifest2_write import _prefetched
     pieces = [plan.Piece(True, 0, 10), plan.Piece(False, 10, 10)]
     assert list(_prefetched(pieces, object())) == pieces
+
+
+def test_prefetch_streams_the_plan_instead_of_listing_it():
+    # A 2 TiB disk with scattered dirty blocks plans millions of pieces:
+    # the look-ahead holds only the window's, never the whole plan.
+    from nbdsnap.verify import plan
+    from nbdsnap.verify.manifest2_write import _prefetched
+
+    class Hinted:
+        def will_need(self, offset, length):
+            pass
+
+    pulled = []
+
+    def pieces():
+        for i in range(200000):
+            pulled.append(i)
+            yield plan.Piece(is_data=i % 2 == 0, offset=i * 100, length=100)
+
+    out = _prefetched(pieces(), Hinted(), window=1000)
+    first = next(out)
+    assert first.offset == 0
+    assert len(pulled) < 100
+
+
+def test_prefetch_look_ahead_is_bounded_in_pieces_between_reads():
+    # Long stretches of Keep and zero pieces count no bytes; the look-ahead
+    # still stops after MAX_AHEAD of them.
+    from nbdsnap.verify import plan
+    from nbdsnap.verify import manifest2_write as m
+
+    class Hinted:
+        def will_need(self, offset, length):
+            pass
+
+    pulled = []
+
+    def pieces():
+        for i in range(10 * m.MAX_AHEAD):
+            pulled.append(i)
+            yield plan.Piece(is_data=False, offset=i * 100, length=100)
+
+    out = m._prefetched(pieces(), Hinted(), window=1000)
+    next(out)
+    assert len(pulled) <= m.MAX_AHEAD + 1
+    assert len(list(out)) == 10 * m.MAX_AHEAD - 1
