@@ -178,7 +178,13 @@ def start(config, state, base, tracked=None, domain_xml="", hold=False):
 
     def release():
         try:
-            proc.stdin.write(GO)
+            if holder is None:
+                # No pid in the session: nothing would wait for it.
+                log.error("session %s: the digest (pid %d) is not started: "
+                          "its process cannot be recorded", state["id"],
+                          proc.pid)
+            else:
+                proc.stdin.write(GO)
             proc.stdin.close()
         except OSError as e:      # it died: its manifest stays incomplete
             log.error("session %s: the digest (pid %d) ended before it "

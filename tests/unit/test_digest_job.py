@@ -60,3 +60,36 @@ def test_a_skipped_generation_is_never_built_on(tmp_path):
     image, previous = make(tmp_path, 2, "abc")
     digest._run(job(tmp_path, image, previous, 4, "abc"))
     assert header(tmp_path).kind == "full"
+
+
+def test_a_digest_the_session_cannot_name_is_never_released(tmp_path,
+                                                             monkeypatch):
+    """If its pid cannot be recorded (procs.holder_of finds nothing), the
+    session cannot wait for it: release() must not let it read."""
+    from nbdsnap.hooks import config, procs
+
+    written = []
+
+    class Pipe:
+        def write(self, data):
+            written.append(data)
+
+        def close(self):
+            written.append("closed")
+
+    class Popen:
+        pid = 4242
+
+        def __init__(self, *args, **kwargs):
+            self.stdin = Pipe()
+
+    image = tmp_path / "base.raw"
+    image.write_bytes(b"\x11" * (1 << 20))
+    monkeypatch.setattr(digest.subprocess, "Popen", Popen)
+    monkeypatch.setattr(procs, "holder_of", lambda pid: None)
+    conf = config.Config(manifest_dir=str(tmp_path / "manifests"))
+    state = {"id": "s1", "domain": "d", "disk": "vda", "updated": 5.0}
+    info, release = digest.start(conf, state, str(image), hold=True)
+    assert "pid" not in info
+    release()
+    assert digest.GO not in written and written == ["closed"]
