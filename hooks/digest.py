@@ -177,6 +177,8 @@ def start(config, state, base, tracked=None, domain_xml="", hold=False):
              "" if plan.kind == "incremental" else "; full: " + plan.why)
 
     def release():
+        if proc.stdin.closed:       # released already: once is enough
+            return
         try:
             if holder is None:
                 # No pid in the session: nothing would wait for it.

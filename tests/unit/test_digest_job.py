@@ -93,3 +93,36 @@ def test_a_digest_the_session_cannot_name_is_never_released(tmp_path,
     assert "pid" not in info
     release()
     assert digest.GO not in written and written == ["closed"]
+
+
+def test_release_twice_is_harmless(tmp_path, monkeypatch):
+    """A second release() (a retry path, a finally) must not raise
+    ValueError (write to a closed file) as a traceback out of the hook."""
+    from nbdsnap.hooks import config, procs
+
+    class Pipe:
+        closed = False
+
+        def write(self, data):
+            if self.closed:
+                raise ValueError("write to closed file")
+
+        def close(self):
+            self.closed = True
+
+    class Popen:
+        pid = 4242
+
+        def __init__(self, *args, **kwargs):
+            self.stdin = Pipe()
+
+    image = tmp_path / "base.raw"
+    image.write_bytes(b"\x11" * (1 << 20))
+    monkeypatch.setattr(digest.subprocess, "Popen", Popen)
+    monkeypatch.setattr(procs, "holder_of",
+                        lambda pid: procs.Holder(pid, 1, "b"))
+    conf = config.Config(manifest_dir=str(tmp_path / "manifests"))
+    state = {"id": "s1", "domain": "d", "disk": "vda", "updated": 5.0}
+    info, release = digest.start(conf, state, str(image), hold=True)
+    release()
+    release()
