@@ -71,6 +71,8 @@ def test_a_digest_the_session_cannot_name_is_never_released(tmp_path,
     written = []
 
     class Pipe:
+        closed = False
+
         def write(self, data):
             written.append(data)
 
