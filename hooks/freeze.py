@@ -95,6 +95,7 @@ class Freezer:
                     state.describe(), why)
         settler = settle.Settler(self.config, out=lambda line: None)
         settler.exclude = (procs.connection_holder().pid,)
+        settler.clean_qemu = False
         case = settle.Case(state["key"], state["export"], None, state)
         if not settler.locked(conn, case, state):
             raise Stale("%s is stale and could not be recovered; see "

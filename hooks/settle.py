@@ -36,6 +36,10 @@ class Settler:
         # Processes not to count as readers of a frozen base: the
         # nbd-server child of a prerun that recovers before it serves.
         self.exclude = ()
+        # Whether to clean QEMU of an interrupted map read after a commit:
+        # not in a prerun, whose freeze does that under the domain lock
+        # moments later, within its watchdog's budget.
+        self.clean_qemu = True
 
     def locked(self, conn, case, state):
         """Recover case, whose disk lock the caller holds.
@@ -116,7 +120,7 @@ class Settler:
         and its export), which would keep a libvirt backup job from
         starting QEMU's one NBD server.  Under the domain lock: no map is
         being read then.  Never fails the recovery."""
-        if not self.config.digest:
+        if not (self.config.digest and self.clean_qemu):
             return
         from . import bitmaps, virt
         try:
