@@ -216,11 +216,7 @@ def file_node(dom, path):
 
 def names(dom, node):
     """The names of the bitmaps on node; BitmapError if there is no node."""
-    found = bitmaps_of(_nodes(dom), node)
-    if found is None:
-        raise BitmapError("domain %s has no block node %s"
-                          % (_name(dom), node))
-    return [b["name"] for b in found]
+    return list(states(dom, node))
 
 
 def states(dom, node):

@@ -38,6 +38,13 @@ def configure(env, **more):
     env.configure(digest="on", manifest_dir=env.path("manifests"), **more)
 
 
+def tracked_domain(virt, env, **settings):
+    """digest = on, a running domain, and its vda's manifest path."""
+    configure(env, **settings)
+    dom, base = export_domain(virt, env)
+    return dom, base, manifest_path(env, dom)
+
+
 def freeze(env, base):
     """A prerun, held: the base is frozen until thaw()."""
     env.hook("nbd-prerun", base, check=0)
@@ -91,9 +98,7 @@ def last_history(env):
 
 def test_chain_continues_through_writes_between_and_during_freezes(virt,
                                                                    env):
-    configure(env)
-    dom, base = export_domain(virt, env)
-    path = manifest_path(env, dom)
+    dom, base, path = tracked_domain(virt, env)
     first = cycle(env, base, path, writes=[
         lambda: lab.guest_write(dom, "vda", 0x22, 3 * MiB + 4096, 4096)])
     assert first.kind == "full" and first.generation == 1
@@ -154,9 +159,7 @@ def test_qcow2_base_chain(virt, env):
 
 @pytest.mark.parametrize("how", ["restarted", "managed-saved"])
 def test_qemu_gone_breaks_the_chain(virt, env, how):
-    configure(env)
-    dom, base = export_domain(virt, env)
-    path = manifest_path(env, dom)
+    dom, base, path = tracked_domain(virt, env)
     first = cycle(env, base, path)
     if how == "restarted":
         dom.destroy()
@@ -175,9 +178,7 @@ def test_qemu_gone_breaks_the_chain(virt, env, how):
 
 def test_shut_off_domain_makes_a_full_manifest_and_the_next_one_too(virt,
                                                                     env):
-    configure(env)
-    dom, base = export_domain(virt, env)
-    path = manifest_path(env, dom)
+    dom, base, path = tracked_domain(virt, env)
     cycle(env, base, path)
     dom.destroy()
     offline = cycle(env, base, path)
@@ -190,9 +191,7 @@ def test_shut_off_domain_makes_a_full_manifest_and_the_next_one_too(virt,
 
 
 def test_paused_domain_continues_the_chain(virt, env):
-    configure(env)
-    dom, base = export_domain(virt, env)
-    path = manifest_path(env, dom)
+    dom, base, path = tracked_domain(virt, env)
     cycle(env, base, path)
     lab.guest_write(dom, "vda", 0x77, 9 * MiB, 4096)
     dom.suspend()
@@ -203,9 +202,7 @@ def test_paused_domain_continues_the_chain(virt, env):
 
 
 def test_previous_manifest_deleted_or_damaged_breaks_the_chain(virt, env):
-    configure(env)
-    dom, base = export_domain(virt, env)
-    path = manifest_path(env, dom)
+    dom, base, path = tracked_domain(virt, env)
     first = cycle(env, base, path)
     os.unlink(path)
     second = cycle(env, base, path)
@@ -245,9 +242,7 @@ def test_two_disk_domain_tracks_each_disk(virt, env):
 
 
 def test_chain_survives_a_libvirtd_restart(virt, env):
-    configure(env)
-    dom, base = export_domain(virt, env)
-    path = manifest_path(env, dom)
+    dom, base, path = tracked_domain(virt, env)
     cycle(env, base, path)
     lab.guest_write(dom, "vda", 0x42, 6 * MiB, 4096)
     lab.restart_libvirtd(virt)
@@ -256,9 +251,7 @@ def test_chain_survives_a_libvirtd_restart(virt, env):
 
 
 def test_old_chain_gets_a_full_digest(virt, env):
-    configure(env, digest_full_days=0)
-    dom, base = export_domain(virt, env)
-    path = manifest_path(env, dom)
+    dom, base, path = tracked_domain(virt, env, digest_full_days=0)
     cycle(env, base, path)
     second = cycle(env, base, path)
     assert second.kind == "full"
@@ -291,9 +284,7 @@ def test_writes_during_the_commit_are_in_the_next_manifest(virt, env):
     """The dangerous interleaving on purpose: the postrun is stopped while
     its active commit job runs, and the guest writes then (QEMU mirrors
     them into the base); the next manifest must hold them."""
-    configure(env)
-    dom, base = export_domain(virt, env)
-    path = manifest_path(env, dom)
+    dom, base, path = tracked_domain(virt, env)
     freeze(env, base)
     wait_complete(path)
     lab.guest_write(dom, "vda", 0x5c, 0, 8 * MiB)       # into the overlay
@@ -322,9 +313,7 @@ def test_writes_during_the_commit_are_in_the_next_manifest(virt, env):
 def test_a_disabled_bitmap_never_continues_the_chain(virt, env):
     """What a prerun killed right after its swap leaves: the chain's bitmap
     disabled (it saw no write since).  The next freeze is full."""
-    configure(env)
-    dom, base = export_domain(virt, env)
-    path = manifest_path(env, dom)
+    dom, base, path = tracked_domain(virt, env)
     first = cycle(env, base, path)
     (name,) = bitmaps_of(dom)
     qmp(dom, "block-dirty-bitmap-disable", {"node": "libvirt-1-storage",
@@ -347,9 +336,7 @@ def test_a_disk_shrunk_and_grown_back_is_still_the_full_digest(virt, env):
     smaller size are new (zeros) yet no bitmap marks them (QEMU truncates
     its bitmaps, it does not dirty them).  The next manifest must still be
     the full digest's: on a raw file they are a hole, known zeros."""
-    configure(env)
-    dom, base = export_domain(virt, env)
-    path = manifest_path(env, dom)
+    dom, base, path = tracked_domain(virt, env)
     cycle(env, base, path)
     dom.blockResize("vda", (SIZE // 2) * MiB,
                     libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)

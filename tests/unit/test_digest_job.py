@@ -62,69 +62,60 @@ def test_a_skipped_generation_is_never_built_on(tmp_path):
     assert header(tmp_path).kind == "full"
 
 
-def test_a_digest_the_session_cannot_name_is_never_released(tmp_path,
-                                                             monkeypatch):
-    """If its pid cannot be recorded (procs.holder_of finds nothing), the
-    session cannot wait for it: release() must not let it read."""
+class Pipe:
+    """The digest's stdin, as a real pipe file behaves: what was written,
+    whether closed, and ValueError on a write after close."""
+
+    def __init__(self):
+        self.written = []
+        self.closed = False
+
+    def write(self, data):
+        if self.closed:
+            raise ValueError("write to closed file")
+        self.written.append(data)
+
+    def close(self):
+        self.closed = True
+
+
+def start_held(tmp_path, monkeypatch, holder):
+    """digest.start(hold=True) with a fake child; (info, release, pipe)."""
     from nbdsnap.hooks import config, procs
-
-    written = []
-
-    class Pipe:
-        closed = False
-
-        def write(self, data):
-            written.append(data)
-
-        def close(self):
-            written.append("closed")
+    pipe = Pipe()
 
     class Popen:
         pid = 4242
 
         def __init__(self, *args, **kwargs):
-            self.stdin = Pipe()
+            self.stdin = pipe
 
     image = tmp_path / "base.raw"
     image.write_bytes(b"\x11" * (1 << 20))
     monkeypatch.setattr(digest.subprocess, "Popen", Popen)
-    monkeypatch.setattr(procs, "holder_of", lambda pid: None)
+    monkeypatch.setattr(procs, "holder_of", lambda pid: holder)
     conf = config.Config(manifest_dir=str(tmp_path / "manifests"))
     state = {"id": "s1", "domain": "d", "disk": "vda", "updated": 5.0}
     info, release = digest.start(conf, state, str(image), hold=True)
+    return info, release, pipe
+
+
+def test_a_digest_the_session_cannot_name_is_never_released(tmp_path,
+                                                             monkeypatch):
+    """If its pid cannot be recorded (procs.holder_of finds nothing), the
+    session cannot wait for it: release() must not let it read."""
+    info, release, pipe = start_held(tmp_path, monkeypatch, None)
     assert "pid" not in info
     release()
-    assert digest.GO not in written and written == ["closed"]
+    assert digest.GO not in pipe.written and pipe.written == []
+    assert pipe.closed
 
 
 def test_release_twice_is_harmless(tmp_path, monkeypatch):
     """A second release() (a retry path, a finally) must not raise
     ValueError (write to a closed file) as a traceback out of the hook."""
-    from nbdsnap.hooks import config, procs
-
-    class Pipe:
-        closed = False
-
-        def write(self, data):
-            if self.closed:
-                raise ValueError("write to closed file")
-
-        def close(self):
-            self.closed = True
-
-    class Popen:
-        pid = 4242
-
-        def __init__(self, *args, **kwargs):
-            self.stdin = Pipe()
-
-    image = tmp_path / "base.raw"
-    image.write_bytes(b"\x11" * (1 << 20))
-    monkeypatch.setattr(digest.subprocess, "Popen", Popen)
-    monkeypatch.setattr(procs, "holder_of",
-                        lambda pid: procs.Holder(pid, 1, "b"))
-    conf = config.Config(manifest_dir=str(tmp_path / "manifests"))
-    state = {"id": "s1", "domain": "d", "disk": "vda", "updated": 5.0}
-    info, release = digest.start(conf, state, str(image), hold=True)
+    from nbdsnap.hooks import procs
+    _, release, _ = start_held(tmp_path, monkeypatch,
+                               procs.Holder(4242, 1, "b"))
     release()
     release()
