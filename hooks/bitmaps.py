@@ -223,7 +223,19 @@ def states(dom, node):
     """{name: recording} of the bitmaps on node; BitmapError if there is
     no node.  A chain continues only from a bitmap still recording: one
     that was disabled stopped seeing writes."""
-    found = bitmaps_of(_nodes(dom), node)
+    return _states(dom, _nodes(dom), node)
+
+
+def find(dom, path):
+    """(the file node of path or None, {name: recording} of its bitmaps),
+    from one listing of QEMU's nodes: what a freeze asks first."""
+    nodes = _nodes(dom)
+    node = find_file_node(nodes, _same_disk(path))
+    return node, ({} if node is None else _states(dom, nodes, node))
+
+
+def _states(dom, nodes, node):
+    found = bitmaps_of(nodes, node)
     if found is None:
         raise BitmapError("domain %s has no block node %s"
                           % (_name(dom), node))

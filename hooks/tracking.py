@@ -60,10 +60,9 @@ def online(config, dom, base, previous, size, what, now=None):
         log.warning("%s: cannot look for what an interrupted map read left "
                     "in QEMU: %s", what, e)
     try:
-        node = bitmaps.file_node(dom, base)
+        node, found = bitmaps.find(dom, base)
         if node is None:
             raise Error("QEMU has no block node of %s" % base)
-        found = bitmaps.states(dom, node)
     except Error as e:
         plan = chain.decide(previous, (), True, now, config.digest_full_days,
                             new_chain_id())
