@@ -6,7 +6,6 @@ Argument parsing, output and exit statuses only; the work is in ops.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -14,7 +13,7 @@ import time
 import traceback
 import uuid
 
-from . import blkhash, manifest, manifest2, manifest2_write, ops, sources
+from . import argtypes, blkhash, manifest, manifest2, manifest2_write, ops, sources
 from .errors import ERROR, Error
 
 PROG = "nbd-verify"
@@ -82,44 +81,9 @@ exit status:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, like every other error, exit status 2."""
-
-    def error(self, message):
-        print(f"{PROG}: {message} (see '{self.prog} --help')",
-              file=sys.stderr)
-        sys.exit(ERROR)
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-_count.__name__ = "count"   # argparse says "invalid count value: '-1'"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-_positive.__name__ = "positive count"
-
-
-def _seconds(text: str) -> float:
-    """A duration: finite and not negative (nan would wait for ever)."""
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(text)
-    return value
-
-
-_seconds.__name__ = "seconds"
+_Parser = argtypes.parser_class(PROG)
+_count, _positive, _seconds = argtypes.count, argtypes.positive, \
+    argtypes.seconds
 
 _SIZE = re.compile(r"(\d+)([KMG]?)(?:I?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

@@ -32,6 +32,10 @@ class NbdError(SourceError):
     """An NBD server, the connection to it, or the protocol failed."""
 
 
+class UnknownExport(NbdError):
+    """The server has no export of that name (NBD_REP_ERR_UNKNOWN)."""
+
+
 class ManifestError(Error):
     """A manifest that cannot be read or written, or is damaged, foreign
     or incomplete."""

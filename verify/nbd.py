@@ -10,7 +10,8 @@ doc/proto.md) that digest, compare and check need, and nothing else:
   not), so block_status() can tell holes from data; or, if the caller asks,
   another single context, e.g. "qemu:dirty-bitmap:NAME" for QEMU's dirty
   bitmaps (flag 1 = dirty);
-- NBD_CMD_READ, pipelined: one read_into() of a large buffer sends up to
+- NBD_CMD_READ, pipelined: one read_into() of a large buffer (or one
+  read_many() of scattered pieces) sends up to
   DEPTH requests of REQUEST_SIZE (bounded by the server's maximum block
   size) before it waits, and each reply lands straight in its place in
   the caller's buffer::
@@ -130,6 +131,11 @@ class Client:
     # Properties of the export.
 
     @property
+    def name(self) -> str:
+        """What errors call it: a source's name (readers.SourceReader)."""
+        return self.uri
+
+    @property
     def can_multi_conn(self) -> bool:
         return bool(self.flags & FLAG_CAN_MULTI_CONN)
 
@@ -145,28 +151,36 @@ class Client:
 
     def read_into(self, offset: int, buf) -> None:
         """Fill buf with the export's bytes at offset, many requests at once."""
+        self.read_many([(offset, buf)])
+
+    def read_many(self, pieces) -> None:
+        """Fill each (offset, buf) of pieces, in one pipeline: scattered
+        blocks cost one round trip per DEPTH requests, not one each."""
         self._conn.check_usable()
-        view = memoryview(buf).cast("B")
-        end = offset + len(view)
-        if offset < 0 or end > self.size:
-            raise ValueError(
-                f"read of {len(view)} bytes at {offset} is outside "
-                f"{self.uri} (size {self.size})")
+        todo = []
+        for offset, buf in pieces:
+            view = memoryview(buf).cast("B")
+            if offset < 0 or offset + len(view) > self.size:
+                raise ValueError(
+                    f"read of {len(view)} bytes at {offset} is outside "
+                    f"{self.uri} (size {self.size})")
+            step = self.request_size
+            for start in range(0, len(view), step):
+                todo.append((offset + start, view[start:start + step]))
+        todo.reverse()
         inflight = {}
-        pos = offset
-        step = self.request_size
-        while pos < end or inflight:
-            if pos < end and len(inflight) < DEPTH:
+        while todo or inflight:
+            if todo and len(inflight) < DEPTH:
                 requests = []
-                while pos < end and len(inflight) < DEPTH:
-                    n = min(step, end - pos)
+                first = todo[-1][0]
+                while todo and len(inflight) < DEPTH:
+                    pos, part = todo.pop()
                     handle = self._next_handle()
-                    inflight[handle] = _Read(
-                        pos, view[pos - offset:pos - offset + n])
-                    requests.append(request(CMD_READ, handle, pos, n))
-                    pos += n
+                    inflight[handle] = _Read(pos, part)
+                    requests.append(request(CMD_READ, handle, pos,
+                                            len(part)))
                 self._conn.send(b"".join(requests),
-                                f"while sending reads at offset {offset}")
+                                f"while sending reads at offset {first}")
             self._receive_read(inflight)
 
     def _receive_read(self, inflight: dict) -> None:

@@ -26,14 +26,15 @@ import socket
 import struct
 from typing import Optional
 
-from .errors import NbdError
+from .errors import NbdError, UnknownExport
 from .nbdproto import (BASE_ALLOCATION, CLISERV_MAGIC, FLAG_C_FIXED_NEWSTYLE,
                        FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
                        IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT,
                        MAX_OPTION_REPLY, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO,
                        OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY,
                        OPTION_REPLY, OPTION_REPLY_MAGIC, REP_ACK,
-                       REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, Address,
+                       REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO,
+                       REP_META_CONTEXT, Address,
                        go_data, meta_context_data, option, refusal)
 
 _DURING = "during the handshake"
@@ -240,8 +241,11 @@ def _go(conn: Connection, name: str, export: Export,
         _export_name(conn, name, export, no_zeroes)
         return
     if rtype != REP_ACK:
-        raise conn.fail(f"the server refused export {name!r} "
-                        f"({refusal(rtype, payload)})")
+        error = conn.fail(f"the server refused export {name!r} "
+                          f"({refusal(rtype, payload)})")
+        if rtype == REP_ERR_UNKNOWN:
+            error = UnknownExport(str(error))
+        raise error
     if not have_export:
         raise conn.fail("protocol error: no export size from the server")
 

@@ -55,6 +55,7 @@ REP_INFO = 3
 REP_META_CONTEXT = 4
 REP_ERR = 1 << 31
 REP_ERR_UNSUP = REP_ERR | 1
+REP_ERR_UNKNOWN = REP_ERR | 6
 REP_ERRORS = {
     REP_ERR | 1: "unsupported option",
     REP_ERR | 2: "forbidden by the server's policy",

@@ -215,7 +215,7 @@ class NbdSource:
         clients = [first]
         try:
             if first.can_multi_conn and connections > 1:
-                clients += _connect_more(uri, timeout, connections - 1)
+                clients += connect_more(uri, timeout, connections - 1)
             for c in clients[1:]:
                 if c.size != first.size:
                     raise SourceError(
@@ -291,7 +291,7 @@ class NbdSource:
                 f"connections={self.connections}>")
 
 
-def _connect_more(uri: str, timeout: float, count: int) -> list:
+def connect_more(uri: str, timeout: float, count: int) -> list:
     """count more connections, at once: a server hook may run per connection."""
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
         futures = [pool.submit(nbd.Client, uri, timeout)

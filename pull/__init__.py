@@ -1,0 +1,1 @@
+"""nbd-pull: the clone host's refresh of copies from frozen exports."""

@@ -1,0 +1,276 @@
+"""nbd-pull: refresh copies of frozen exports, moving only what changed.
+
+Argument parsing, what the user sees, exit statuses; the work is in run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import re
+import sys
+import traceback
+
+from nbdsnap.verify import argtypes, nbd
+from nbdsnap.verify.errors import Error as VerifyError
+from nbdsnap.verify.errors import ManifestError, UnknownExport
+
+from . import apply, disk, fetch, run, source, state
+
+PROG = "nbd-pull"
+DONE, NOT_DONE, ERROR = 0, 1, 2
+
+EPILOG = """\
+SOURCE is nbd://HOST[:PORT]/EXPORT, an export that nbd-server serves with
+nbdsnap's hooks and digest = on: its freeze-time manifest is read from
+EXPORT.manifest beside it.  COPY is a file (created if missing) or a block
+device.  Several SOURCE COPY pairs: every export is connected before any
+is read.
+
+exit status:
+  0  every COPY equals the frozen base served now
+  1  not completed: COPY is still its previous complete version, or the
+     next run finishes it (the line says which); run again
+  2  usage, configuration or local error (or a bug: NBD_PULL_DEBUG=1
+     shows its traceback)
+"""
+
+log = logging.getLogger(PROG)
+
+
+class _QuietSyslog(logging.handlers.SysLogHandler):
+    # No syslog daemon (or one that went away) must not print a
+    # "--- Logging error ---" traceback: stderr has the line already.
+    def handleError(self, record):
+        pass
+
+
+_Parser = argtypes.parser_class(PROG)
+
+
+def _rate(text: str) -> float:
+    """100M, 1.5G, 800K, 5000000: bytes per second."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)", text.strip().upper())
+    if not m:
+        raise ValueError(text)
+    value = float(m.group(1)) * 1024 ** " KMG".index(m.group(2) or " ")
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+_rate.__name__ = "rate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Refresh copies of frozen exports, "
+                "moving only what changed, checked, never half-done.",
+                epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pairs", nargs="+", metavar="SOURCE COPY",
+                   help="an export and the copy it refreshes")
+    p.add_argument("-c", "--connections", type=argtypes.positive, default=4,
+                   metavar="N", help="connections per export, when the "
+                   "server allows several (default %(default)s)")
+    p.add_argument("--bwlimit", type=_rate, metavar="RATE",
+                   help="at most RATE bytes of blocks per second, all "
+                   "connections together; K, M, G suffixes (powers of 1024)")
+    p.add_argument("--wait", type=argtypes.seconds, default=1800.0, metavar="SECONDS",
+                   help="wait up to SECONDS for the VM host's manifest to be "
+                   "complete (default %(default)g)")
+    p.add_argument("--rescan", action="store_true",
+                   help="read COPY again instead of trusting its record")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep each COPY's state in DIR (default: beside a "
+                   f"file COPY, {state.DEFAULT_DIR} for a block device)")
+    p.add_argument("--threads", type=argtypes.positive, default=2, metavar="N",
+                   help="threads that hash COPY when it is read again "
+                   "(default %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print the outcome as JSON on stdout")
+    p.add_argument("--progress", choices=("auto", "always", "never"),
+                   default="auto", help="progress on stderr: auto shows it "
+                   "on a terminal (default %(default)s)")
+    p.add_argument("--syslog-socket", default="/dev/log", metavar="PATH",
+                   help="syslog's socket, used when stderr is no terminal "
+                   "(default %(default)s)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if len(args.pairs) % 2:
+        build_parser().error("SOURCE and COPY come in pairs")
+    _logging(args.syslog_socket)
+    opts = run.Options(connections=args.connections, wait=args.wait,
+                       bwlimit=args.bwlimit, state_dir=args.state_dir,
+                       rescan=args.rescan, threads=args.threads)
+    pairs = list(zip(args.pairs[::2], args.pairs[1::2]))
+    show = args.progress == "always" or (args.progress == "auto"
+                                         and sys.stderr.isatty())
+    outcomes = []
+    try:
+        status = _pull_all(pairs, opts, show, outcomes)
+    except Exception as e:      # noqa: BLE001 -- a bug, said in one line
+        log.error("internal error, please report it: %s: %s "
+                  "(NBD_PULL_DEBUG=1 shows where)", type(e).__name__, e)
+        if os.environ.get("NBD_PULL_DEBUG"):
+            traceback.print_exc()
+        status = ERROR
+    if args.json:
+        print(json.dumps({"status": status, "pulls": outcomes}, indent=2))
+    return status
+
+
+def _pull_all(pairs, opts, show, outcomes) -> int:
+    jobs, exports, status = {}, {}, DONE
+    try:
+        for uri, copy in pairs:
+            jobs[uri, copy] = _step(outcomes, uri, copy, run.Job, uri, copy,
+                                    opts)
+            if jobs[uri, copy] is not None:
+                said = _step(outcomes, uri, copy, jobs[uri, copy].recover,
+                             job=jobs[uri, copy])
+                if said:
+                    log.warning("%s: %s", copy, said)
+        # Every export before any read: one freeze holds them all.
+        for uri, copy in pairs:
+            if jobs.get((uri, copy)) is not None:
+                exports[uri, copy] = _step(
+                    outcomes, uri, copy, source.Export, uri, opts.connections)
+        for uri, copy in pairs:
+            job, export = jobs.get((uri, copy)), exports.get((uri, copy))
+            if job is None or export is None:
+                continue
+            bar = _Progress(copy) if show else None
+            result = _step(outcomes, uri, copy, run.pull, job, export,
+                           job=job, say=lambda line: log.info("%s", line),
+                           progress=bar)
+            if bar:
+                bar.end()
+            if result is not None:
+                log.info("%s", _summary(result))
+                outcomes.append(dict(result._asdict(), status=DONE))
+    finally:
+        for export in exports.values():
+            if export is not None:
+                export.close()
+        for job in jobs.values():
+            if job is not None:
+                job.close()
+    for outcome in outcomes:
+        status = max(status, outcome["status"])
+    return status
+
+
+def _step(outcomes, uri, copy, fn, *args, job=None, **kwargs):
+    """fn(*args); on a known failure, its line said and recorded."""
+    try:
+        return fn(*args, **kwargs)
+    except _KNOWN as e:
+        code = _status(e)
+        said = str(e)
+        line = f"{said if said.startswith(copy) else copy + ': ' + said} " \
+               f"({_copy_state(job, e)})"
+        log.error("%s", line)
+        outcomes.append({"source": uri, "copy": copy, "status": code,
+                         "error": str(e)})
+        return None
+
+
+_KNOWN = (VerifyError, state.StateError, disk.DiskError, source.NoManifest,
+          source.Incomplete, fetch.Corrupt, apply.JournalError, OSError)
+
+
+def _status(e) -> int:
+    if isinstance(e, (UnknownExport, source.NoManifest)):
+        return ERROR                # configuration
+    if isinstance(e, (nbd.NbdError, ManifestError, source.Incomplete,
+                      fetch.Corrupt, state.Busy)):
+        return NOT_DONE             # the VM host, the network: run again
+    return ERROR                    # here: COPY, its folder, a bug
+
+
+_STATES = {
+    "unchanged": "the copy is unchanged",
+    "applying": "the copy is being updated: the next run finishes it",
+    "part": "the copy is not made yet: the next run resumes",
+    "direct": "the copy is incomplete: the next run resumes",
+}
+
+
+def _copy_state(job, e) -> str:
+    if isinstance(e, state.Busy):
+        return "this run did not touch the copy"
+    if job is None:
+        return _STATES["unchanged"]
+    if job.phase == "unchanged" and job.kind == "missing":
+        return "no copy was made"
+    return _STATES[job.phase]
+
+
+def _summary(r: run.Result) -> str:
+    return (f"{r.copy}: equal to {r.source} ({r.kind}, digest "
+            f"{r.digest[:16]}), {_mib(r.bytes_read)} read, "
+            f"{r.blocks_changed} of {r.blocks_total} blocks changed "
+            f"({r.blocks_fetched} fetched, {r.blocks_zero} zero, "
+            f"{r.blocks_reused} reused), {r.seconds:.1f} s"
+            + (f"; read the copy again: {r.why_scan}" if r.why_scan else ""))
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+class _Progress:
+    """One line, rewritten: bytes fetched of those to fetch, rate, ETA."""
+
+    def __init__(self, copy: str, clock=None):
+        import time
+        self.copy, self.clock = copy, clock or time.monotonic
+        self.start = self.clock()
+        self.total = None
+
+    def __call__(self, done: int, total: int = None) -> None:
+        if total is not None:
+            self.total = total
+        seconds = max(self.clock() - self.start, 1e-6)
+        rate = done / seconds
+        text = f"{self.copy}: {_mib(done)}"
+        if self.total:
+            left = (self.total - done) / rate if rate else 0
+            text += (f" of {_mib(self.total)} "
+                     f"({100 * done / self.total:.0f}%), ETA {left:.0f} s")
+        print(f"\r{text}, {rate / (1 << 20):.1f} MiB/s\033[K", end="",
+              file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        print(file=sys.stderr, flush=True)
+
+
+def _logging(socket_path: str) -> None:
+    """Lines on stderr; to syslog too when no terminal sees them (cron)."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(logging.Formatter(PROG + ": %(message)s"))
+    log.addHandler(err)
+    if sys.stderr.isatty():
+        return
+    try:
+        handler = _QuietSyslog(
+            address=socket_path,
+            facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        return
+    handler.ident = f"{PROG}[{os.getpid()}]: "
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""One pull: COPY made the frozen base served now, or left as it was.
+
+    recover     a sealed journal a killed run left is applied first,
+                with no network (apply.recover)
+    manifest    the VM host's, complete (source.read_manifest)
+    have        what COPY holds: its record while trusted (state.trust),
+                else a scan of COPY, which becomes its record
+    target      chunk by chunk, the manifest's run where the chunk
+                differs from COPY's, the record's elsewhere; its digest
+                must come out as the manifest's
+    stage       blocks a killed run already staged and checked are
+                reused; the rest are fetched, checked, and journaled;
+                the journal is sealed
+    apply       apply.py: COPY written, the target becomes its record
+
+COPY does not change before the journal is sealed.  Two cases have no
+previous image to keep, and are written in place instead of staged
+(a first full pull staged whole would need the disk's size twice):
+
+    part        COPY does not exist, or is empty: the pull writes a hidden
+                file beside it, renamed to COPY once complete
+    direct      COPY holds only zeros (a new logical volume): written in
+                place, its record removed first, so that a killed run
+                leaves a COPY that the next run reads again
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import NamedTuple, Optional
+
+from nbdsnap.verify import blkhash, manifest2_pack
+from nbdsnap.verify.errors import ManifestError
+from nbdsnap.verify.files import atomic_file, fsync_dir
+
+from . import apply, disk, fetch, journal, local, plan, source, state
+
+# Fetched ranges are merged up to this many bytes.
+RANGE = 2 << 20
+
+
+class Options(NamedTuple):
+    connections: int = 4
+    wait: float = 1800.0
+    bwlimit: Optional[float] = None     # bytes per second
+    state_dir: Optional[str] = None
+    rescan: bool = False
+    threads: int = 2
+
+
+class Result(NamedTuple):
+    source: str
+    copy: str
+    kind: str               # "full" or "incremental"
+    size: int
+    digest: str             # the frozen base's blkhash, hex
+    bytes_read: int         # from the VM host: blocks and manifest
+    blocks_total: int
+    blocks_changed: int     # differed from what COPY held
+    blocks_fetched: int     # read over the network
+    blocks_zero: int        # changed to zeros: written without a read
+    blocks_reused: int      # staged by an interrupted run, not fetched
+    seconds: float
+    why_scan: Optional[str]     # why COPY was read again, if it was
+
+
+class Job:
+    """One SOURCE COPY pair: COPY's state folder, locked."""
+
+    def __init__(self, uri: str, copy: str, opts: Options):
+        self.uri, self.copy, self.opts = uri, copy, opts
+        self.kind = disk.kind(copy)
+        # What a failure leaves COPY as: "unchanged", "applying" (a
+        # sealed journal: the next run finishes it), "part" or "direct"
+        # (written in place: the next run resumes it).
+        self.phase = "unchanged"
+        self.folder = state.Folder(state.folder_for(copy, self.kind,
+                                                    opts.state_dir))
+
+    def recover(self) -> Optional[str]:
+        if self.kind == "missing":
+            return None
+        return apply.recover(self.folder, self.copy)
+
+    def close(self) -> None:
+        self.folder.close()
+
+
+class _Counts:
+    def __init__(self):
+        self.fetch_bytes = self.fetched = self.zero = self.reused = 0
+        self.same = 0
+
+
+def pull(job: Job, export: source.Export, say=None,
+         progress=None, clock=time.monotonic) -> Result:
+    """Pull export into job's COPY (see the module docstring)."""
+    start = clock()
+    manifest = source.read_manifest(export, job.opts.wait, say)
+    try:
+        return _pull(job, export, manifest, progress, start, clock)
+    finally:
+        manifest.close()
+
+
+def _pull(job, export, manifest, progress, start, clock) -> Result:
+    h = manifest.header
+    opts, folder = job.opts, job.folder
+    job.kind = disk.kind(job.copy)       # recover() may have run
+    part = None
+    if job.kind == "missing" or (job.kind == "file"
+                                 and os.path.getsize(job.copy) == 0):
+        part = _part_path(job.copy)
+        mode, why = "part", None
+        have = _scan(part, folder, h, opts) if os.path.exists(part) else None
+    else:
+        with disk.open_disk(job.copy) as d:
+            if d.is_block and d.size != h.size:
+                d.resize(h.size)            # says what is wrong
+            fingerprint = d.fingerprint()
+        why = "--rescan" if opts.rescan else state.trust(
+            folder.read_meta(), local.digest_of(folder.record), job.uri,
+            fingerprint)
+        have = None if why else _record(folder, h)
+        if have is None:
+            why = why or "its record is of other block sizes"
+            have = _rescan(job, folder, h, opts, fingerprint)
+        zeros = local.zeros_digest(h.algorithm, h.block_size,
+                                   have.header.size)
+        mode = "direct" if have.header.digest == zeros else "staged"
+    try:
+        target, counts, differ = _target(folder, manifest, have)
+    except BaseException:
+        if have:
+            have.close()
+        raise
+    try:
+        if mode == "staged":
+            _staged(job, export, target, have, differ, counts, progress)
+        else:
+            _in_place(job, export, target, have, differ, counts, progress,
+                      part, fresh=have is None)
+    finally:
+        target.close()
+        if have:
+            have.close()
+    blocks = -(-h.size // h.block_size)
+    return Result(
+        source=job.uri, copy=job.copy,
+        kind="full" if have is None or mode != "staged" else "incremental",
+        size=h.size, digest=h.digest.hex(),
+        bytes_read=counts.fetched + manifest.bytes_read,
+        blocks_total=blocks, blocks_changed=blocks - counts.same,
+        blocks_fetched=-(-counts.fetched // h.block_size)
+        if counts.fetched else 0, blocks_zero=counts.zero,
+        blocks_reused=counts.reused, seconds=clock() - start, why_scan=why)
+
+
+def _part_path(copy: str) -> str:
+    head, name = os.path.split(os.path.abspath(copy))
+    return os.path.join(head, ".%s.nbd-pull-part" % name)
+
+
+def _record(folder, h) -> Optional[local.Local]:
+    """COPY's record, if it is of the manifest's algorithm and sizes."""
+    try:
+        rec = local.Local(folder.record)
+    except (OSError, ManifestError):
+        return None
+    r = rec.header
+    if (r.algorithm, r.block_size, r.chunk_size) != \
+            (h.algorithm, h.block_size, h.chunk_size):
+        rec.close()
+        return None
+    return rec
+
+
+def _scan(path, folder, h, opts) -> local.Local:
+    local.scan(path, folder.scan, h, opts.threads)
+    return local.Local(folder.scan)
+
+
+def _rescan(job, folder, h, opts, fingerprint) -> local.Local:
+    """Read COPY; what it holds becomes its record (trusted while COPY's
+    fingerprint stays the one taken before the read)."""
+    local.scan(job.copy, folder.scan, h, opts.threads)
+    with disk.open_disk(job.copy) as d:
+        if d.fingerprint() != fingerprint:
+            raise disk.DiskError(f"{job.copy} changed while it was read; "
+                                 f"is something writing it?")
+    folder.forget("meta")
+    os.replace(folder.scan, folder.record)
+    rec = local.Local(folder.record)
+    folder.write_meta({"source": job.uri, "digest": rec.header.digest.hex(),
+                       "fingerprint": fingerprint, "trusted": True,
+                       "pulled": None, "scanned": local.now()})
+    return rec
+
+
+def _target(folder, manifest, have):
+    """Write the target manifest; count the work; the differing chunks."""
+    h = manifest.header
+    differ = plan.differing_chunks(manifest.chunks,
+                                   have.chunks if have else None)
+    todo = set(differ)
+    counts = _Counts()
+    with atomic_file(folder.target) as fd:
+        packer = manifest2_pack.Packer(
+            manifest2_pack.FileOut(fd), h.size, generation=h.generation,
+            kind=h.kind, chain_id=h.chain_id, chain_started=h.chain_started,
+            created=h.created, source=h.source,
+            domain_xml=manifest.domain_xml(), algorithm=h.algorithm,
+            block_size=h.block_size, chunk_size=h.chunk_size)
+        for i in range(h.chunk_count):
+            if i in todo:
+                run = manifest.run(i)
+                b = plan.blocks(h, i, run, have.run(i) if have else None)
+                counts.fetch_bytes += plan.block_lengths(
+                    b.fetch, h.block_size, h.size)
+                counts.same += b.same
+            else:
+                run = have.run(i)
+                counts.same += len(run) // h.digest_size
+            packer.add_digests(run, h.chunk_length(i))
+        made = packer.finish()
+    if (made.digest, made.chunk_table_sha256) != \
+            (h.digest, h.chunk_table_sha256):
+        folder.forget("target")
+        raise ManifestError(
+            f"{manifest.name}: its block digests do not add up to its "
+            f"digest: the manifest is inconsistent")
+    return local.Local(folder.target), counts, differ
+
+
+def _work(target, have, differ, counts, reuse=None, zero=None) -> list:
+    """The ranges to fetch; zero(offset, length) called for the ranges to
+    zero and reuse(index) -> True for a block staged already, here, in
+    this thread, before any fetch begins (the journal has one writer)."""
+    h = target.header
+    out = []
+    for i in differ:
+        b = plan.blocks(h, i, target.run(i), have.run(i) if have else None)
+        for offset, length in plan.ranges(b.zero, h.block_size, h.size,
+                                          1 << 62):
+            if zero:
+                zero(offset, length)
+        counts.zero += len(b.zero)
+        fetch = b.fetch
+        if reuse:
+            fetch = [j for j in b.fetch if not reuse(j)]
+            counts.reused += len(b.fetch) - len(fetch)
+        out += plan.ranges(fetch, h.block_size, h.size, RANGE)
+    return out
+
+
+def _transfer(job, export, target, work, sink, progress) -> int:
+    h = target.header
+    rate = job.opts.bwlimit
+    total = sum(n for _, n in work)
+    if progress:
+        progress(0, total)
+    return fetch.run(
+        export.clients, fetch.batches(work, target.digests), sink,
+        algorithm=h.algorithm, block_size=h.block_size,
+        limiter=fetch.Limiter(rate) if rate else None,
+        progress=progress and (lambda done: progress(done, total)))
+
+
+def _staged(job, export, target, have, differ, counts, progress) -> None:
+    folder, h = job.folder, target.header
+    old = _old_journal(folder, target)
+    _check_space(folder.path, counts.fetch_bytes, job.copy)
+    try:
+        with journal.Writer(folder.journal) as writer:
+            work = _work(target, have, differ, counts,
+                         reuse=lambda j: old.copy(j, writer),
+                         zero=writer.zero)
+            counts.fetched = _transfer(job, export, target, work,
+                                       writer.data, progress)
+            writer.commit(h.size, h.digest)
+    finally:
+        old.close()
+    job.phase = "applying"
+    fd = journal.open_existing(folder.journal)
+    try:
+        with disk.open_disk(job.copy) as d:
+            d.lock()
+            apply.replay(fd, journal.read(fd), d, target)
+            apply.finish(folder, d, job.uri, h.digest)
+    finally:
+        os.close(fd)
+    job.phase = "unchanged"
+
+
+def _in_place(job, export, target, have, differ, counts, progress, part,
+              fresh) -> None:
+    folder, h = job.folder, target.header
+    folder.forget("journal", "meta")
+    job.phase = "part" if part else "direct"
+    dest = part or job.copy
+    with disk.open_disk(dest, create=fresh) as d:
+        d.lock()
+        d.resize(h.size)
+        work = _work(target, have, differ, counts,
+                     zero=None if fresh else d.zero)
+        counts.fetched = _transfer(
+            job, export, target, work,
+            lambda offset, data: d.pwrite(data, offset), progress)
+        d.fsync()
+        if part:
+            os.replace(part, job.copy)
+            fsync_dir(os.path.dirname(os.path.abspath(job.copy)))
+        folder.forget("scan")
+        apply.finish(folder, d, job.uri, h.digest)
+    job.phase = "unchanged"
+
+
+class _OldJournal:
+    """The blocks a killed run staged, checked against this target."""
+
+    def __init__(self, path: Optional[str], target):
+        self.blocks, self.fd = {}, None
+        if path is None:
+            return
+        self.fd = journal.open_existing(path)
+        os.unlink(path)
+        h = target.header
+        for rec in journal.read(self.fd).records:
+            if rec.kind != journal.DATA:
+                continue
+            data = os.pread(self.fd, rec.length, rec.pos)
+            got = blkhash.block_digests(data, h.algorithm,
+                                              h.block_size)
+            want = target.digests(rec.offset, rec.length)
+            md = h.digest_size
+            for k in range(len(got) // md):
+                if got[k * md:(k + 1) * md] == want[k * md:(k + 1) * md]:
+                    index = rec.offset // h.block_size + k
+                    self.blocks[index] = (rec.pos + k * h.block_size,
+                                          min(h.block_size,
+                                              rec.length - k * h.block_size))
+        self.block_size = h.block_size
+
+    def copy(self, index: int, writer) -> bool:
+        where = self.blocks.get(index)
+        if where is None:
+            return False
+        writer.data(index * self.block_size,
+                    os.pread(self.fd, where[1], where[0]))
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _old_journal(folder, target) -> _OldJournal:
+    """A journal left by a run killed while it fetched, moved aside."""
+    if not os.path.exists(folder.journal):
+        return _OldJournal(None, target)
+    aside = folder.journal + ".old"
+    os.replace(folder.journal, aside)
+    return _OldJournal(aside, target)
+
+
+def _check_space(folder: str, need: int, copy: str) -> None:
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    if need + (64 << 20) > free:
+        raise disk.DiskError(
+            f"{folder}: {free >> 20} MiB free, the blocks to stage need "
+            f"{need >> 20} MiB; {copy} is unchanged")

@@ -1,0 +1,146 @@
+"""The VM host's side of a pull, over NBD: a disk's export and its manifest.
+
+    nbd://vmhost/vm1-vda            the export: the first connection
+                                    freezes the disk (nbd-prerun)
+    nbd://vmhost/vm1-vda.manifest   the freeze-time manifest beside it
+                                    (digest = on, written by nbdsnap export)
+
+The connections to the export are opened first and held for the whole
+pull: while one is open the freeze stays, and prerun writes an
+incomplete manifest before it lets a client in, so a complete manifest
+read then is this freeze's.  The manifest is read anew (a new
+connection: nbd-server sizes a file at open) until it is complete.
+Every connection ends with NBD_CMD_DISC (nbd.Client.close): one that
+vanishes leaves the VM host's freeze to a stale-session recovery.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+from nbdsnap.verify import manifest2, nbd, sources
+from nbdsnap.verify.errors import ManifestError, NbdError, UnknownExport
+from nbdsnap.verify.readers import SourceReader
+
+POLL = 2.0
+
+
+class NoManifest(Exception):
+    """The VM host serves no manifest beside the export (configuration)."""
+
+
+class Incomplete(Exception):
+    """The manifest did not complete in time."""
+
+
+def manifest_uri(uri: str) -> str:
+    """The manifest export's URI: the export's name + ".manifest"."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=parts.path + ".manifest"))
+
+
+class Export:
+    """The connections to a disk's export, held while the pull runs."""
+
+    def __init__(self, uri: str, connections: int,
+                 timeout: float = nbd.DEFAULT_TIMEOUT):
+        self.uri = uri
+        self.clients = [nbd.Client(uri, timeout)]
+        try:
+            first = self.clients[0]
+            if first.can_multi_conn and connections > 1:
+                more = sources.connect_more(uri, timeout, connections - 1)
+                self.clients += more
+            for c in self.clients[1:]:
+                if c.size != first.size:
+                    raise NbdError(
+                        f"{uri}: the export changed size between "
+                        f"connections ({first.size}, then {c.size} bytes)")
+        except BaseException:
+            self.close()
+            raise
+        self.size = first.size
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.clients = []
+
+
+class _Reader(SourceReader):
+    """pread() over a manifest export, counting the bytes it reads."""
+
+    def __init__(self, client: nbd.Client):
+        super().__init__(client)
+        self.bytes_read = 0
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.bytes_read += length
+        return super().pread(offset, length)
+
+
+class Manifest:
+    """The frozen base's manifest, complete and checked: its header, its
+    chunk table, and its runs on demand."""
+
+    def __init__(self, client: nbd.Client, reader: _Reader, header,
+                 chunks: list):
+        self.client, self.header, self.chunks = client, header, chunks
+        self.reader = reader
+        self.name = client.uri
+
+    @property
+    def bytes_read(self) -> int:
+        """Of the manifest export, so far."""
+        return self.reader.bytes_read
+
+    def run(self, i: int) -> bytes:
+        return manifest2.read_run(self.reader, self.header, self.chunks, i)
+
+    def domain_xml(self) -> str:
+        return manifest2.read_domain_xml(self.reader, self.header)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def read_manifest(export: Export, wait: float, say=None,
+                  clock=time.monotonic, sleep=time.sleep) -> Manifest:
+    """The export's manifest once complete; waits up to wait seconds,
+    saying so once (say(line))."""
+    uri = manifest_uri(export.uri)
+    deadline = clock() + wait
+    told = False
+    while True:
+        try:
+            client = nbd.Client(uri)
+        except UnknownExport:
+            raise NoManifest(
+                f"{export.uri}: the VM host serves no manifest beside this "
+                f"export ({uri}): set digest = on in its nbdsnap.conf and "
+                f"write its sections again with nbdsnap export") from None
+        try:
+            reader = _Reader(client)
+            header = manifest2.read_header(reader)
+            if header.complete:
+                if header.size != export.size:
+                    raise ManifestError(
+                        f"{uri}: the manifest is of {header.size} bytes, "
+                        f"the export has {export.size}: not this freeze's")
+                chunks = manifest2.read_chunks(reader, header)
+                return Manifest(client, reader, header, chunks)
+        except BaseException:
+            client.close()
+            raise
+        client.close()
+        if clock() >= deadline:
+            raise Incomplete(
+                f"{uri}: the manifest is still incomplete after {wait:g} s "
+                f"(the VM host's digest is still running); run again later, "
+                f"or wait longer (--wait)")
+        if say and not told:
+            say(f"{uri}: the VM host's digest is still running; waiting up "
+                f"to {wait:g} s")
+            told = True
+        sleep(min(POLL, max(0.0, deadline - clock())))
