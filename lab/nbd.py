@@ -7,6 +7,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 
 from .host import VENV_BIN, wait_until
 
@@ -22,9 +23,14 @@ class NbdServer:
 
     exports: {name: (path, extra settings dict)}.  Hooks are the venv's
     entry points, by absolute path, as an operator would write them.
+    wrap: a command prefix for nbd-server, e.g. ShapedLink.argv([]) to
+    run it inside a network namespace (lab/netns.py); the pid it writes
+    is global, so stop() works from outside all the same.  generic: more
+    [generic] settings (e.g. TLS's certfile, keyfile, cacertfile).
     """
 
-    def __init__(self, folder, exports, env, prerun=None, postrun=None):
+    def __init__(self, folder, exports, env, prerun=None, postrun=None,
+                 wrap=None, generic=None):
         self.folder = folder
         self.exports = exports
         self.env = env
@@ -33,11 +39,14 @@ class NbdServer:
         self.pidfile = os.path.join(folder, "nbd-server.pid")
         self.prerun = prerun or os.path.join(VENV_BIN, "nbd-prerun") + " %s"
         self.postrun = postrun or os.path.join(VENV_BIN, "nbd-postrun") + " %s"
+        self.wrap = list(wrap or [])
+        self.generic = dict(generic or {})
         self.pid = None
 
     def write_config(self):
         lines = ["[generic]", "    listenaddr = 127.0.0.1",
                  "    port = %d" % self.port]
+        lines += ["    %s = %s" % kv for kv in self.generic.items()]
         for name, (path, extra) in self.exports.items():
             lines += ["[%s]" % name, "    exportname = %s" % path,
                       "    readonly = true"]
@@ -53,7 +62,8 @@ class NbdServer:
             os.unlink(self.pidfile)
         env = dict(os.environ, **self.env)
         log = open(os.path.join(self.folder, "nbd-server.log"), "ab")
-        subprocess.run(["nbd-server", "-C", self.conf, "-p", self.pidfile],
+        subprocess.run(self.wrap + ["nbd-server", "-C", self.conf,
+                                    "-p", self.pidfile],
                        env=env, check=True, stdout=log, stderr=log)
         wait_until(lambda: os.path.exists(self.pidfile)
                    and open(self.pidfile).read().strip(), 10,
@@ -62,6 +72,11 @@ class NbdServer:
         wait_until(self._accepts, 10, what="nbd-server to listen")
 
     def _accepts(self):
+        if self.wrap:       # its loopback is not ours: knock from inside
+            return subprocess.run(
+                self.wrap + [sys.executable, "-c", _KNOCK, str(self.port)],
+                stdin=subprocess.DEVNULL, capture_output=True,
+                timeout=30).returncode == 0
         try:
             socket.create_connection(("127.0.0.1", self.port), 1).close()
             return True
@@ -84,6 +99,11 @@ class NbdServer:
         with contextlib.suppress(TimeoutError):
             wait_until(lambda: not os.path.exists("/proc/%d" % self.pid), 10)
         self.pid = None
+
+
+_KNOCK = ("import socket, sys; "
+          "socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)"
+          ".close()")
 
 
 def nbdcopy(uri, dest, connections=4, timeout=300):
