@@ -12,6 +12,8 @@ By what they do:
 - images: disk images, loop devices, device nodes, what an image reads
 - domains: domain XML, Lab (a test's domains and servers), guest I/O
 - nbd: nbd-server with our hooks, nbdcopy, a client holding a connection
+- netns: a network namespace whose loopback runs at a real speed
+  (ShapedLink; import it from lab.netns)
 - guest: the small Linux guest with an agent, at run time; guest_build
   builds it from guest_debs (Debian's packages), guest_init holds its
   scripts
