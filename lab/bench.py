@@ -3,6 +3,7 @@
     make bench       (or: .venv/bin/python -m lab.bench [--reps N] [--idle N])
     .venv/bin/python -m lab.bench hooks      (one part: its section only)
     .venv/bin/python -m lab.bench manifest [--size GIB]
+    .venv/bin/python -m lab.bench client [--client-size GIB]
 
 One domain, one nbd-server exporting its base as "ours" (our hooks), "virsh"
 (docs/DESIGN.md's recipe) and "plain" (no hooks); the two recipes alternate in
@@ -21,7 +22,8 @@ import threading
 import time
 
 import lab
-from lab import bench_hooks, bench_manifest, bench_quiesce, bench_verify
+from lab import (bench_client, bench_hooks, bench_manifest, bench_quiesce,
+                 bench_verify)
 
 MiB = 1 << 20
 SIZE = 512          # MiB, the exported raw base
@@ -314,10 +316,14 @@ def main(argv=None):
     p.add_argument("--output", default=OUT, help="the report (BENCHMARKS.md)")
     p.add_argument("--size", type=int, default=bench_manifest.SIZE,
                    help="GiB of the manifest part's disk (%(default)s)")
-    p.add_argument("part", nargs="?", choices=("all", "hooks", "manifest"),
+    p.add_argument("--client-size", type=int, default=bench_client.SIZE,
+                   help="GiB of the client part's export (%(default)s)")
+    p.add_argument("part", nargs="?",
+                   choices=("all", "hooks", "manifest", "client"),
                    default="all", help="all (the default), or one part "
-                   "only (the hook runs by kind, or the freeze-time "
-                   "manifests), rewriting only its section of the report")
+                   "only (the hook runs by kind, the freeze-time "
+                   "manifests, or the NBD clients on a shaped link), "
+                   "rewriting only its section of the report")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))   # clean up too
     lab.ensure_host()
@@ -327,6 +333,9 @@ def main(argv=None):
     if args.part == "manifest":
         return one_part(args.output, bench_manifest.run(args.size),
                         bench_manifest.HEADING)
+    if args.part == "client":
+        return one_part(args.output, bench_client.run(args.client_size),
+                        bench_client.HEADING)
     args.reps = args.reps or 5
     folder = lab.workdir("nbdsnap-bench-")
     virt = lab.Lab()
@@ -364,10 +373,12 @@ def main(argv=None):
         hooks_section = bench_hooks.run(max(args.reps, bench_hooks.REPS))
         print("freeze-time manifests, incremental against full", flush=True)
         manifest_section = bench_manifest.run(args.size)
+        print("NBD clients on a shaped link", flush=True)
+        client_section = bench_client.run(args.client_size)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     text = (report(facts, r, args.reps) + "\n" + verify_section + "\n"
             + quiesce_section + "\n" + hooks_section + "\n"
-            + manifest_section)
+            + manifest_section + "\n" + client_section)
     with open(args.output, "w") as f:
         f.write(text)
     print(text + "\nwritten to %s" % args.output)
