@@ -71,7 +71,7 @@ install: man
 	$(SYSTEM_PYTHON) -m venv --system-site-packages $(INSTALL_VENV)
 	$(INSTALL_VENV)/bin/pip install -q '.[server]'
 	install -d $(BINDIR)
-	for c in nbd-prerun nbd-postrun nbdsnap nbd-verify; do \
+	for c in nbd-prerun nbd-postrun nbdsnap nbd-verify nbd-pull; do \
 	    ln -sf $(INSTALL_VENV)/bin/$$c $(BINDIR)/$$c; done
 	test -e $(SYSCONFDIR)/nbdsnap.conf || \
 	    install -D -m 0644 contrib/nbdsnap.conf $(SYSCONFDIR)/nbdsnap.conf
@@ -88,7 +88,7 @@ install: man
 	@echo "restart libvirtd once: it runs qemu.d hooks only if it saw one at its start"
 
 uninstall:
-	rm -f $(addprefix $(BINDIR)/,nbd-prerun nbd-postrun nbdsnap nbd-verify)
+	rm -f $(addprefix $(BINDIR)/,nbd-prerun nbd-postrun nbdsnap nbd-verify nbd-pull)
 	rm -f $(SYSCONFDIR)/libvirt/hooks/qemu.d/nbdsnap
 	rm -f $(UNITDIR)/nbdsnap-recover.service
 	for m in $(MANPAGES); do s=$${m##*.}; \

@@ -126,59 +126,68 @@ def main(argv=None) -> int:
 
 
 def _pull_all(pairs, opts, show, outcomes) -> int:
-    jobs, exports, status = {}, {}, DONE
+    jobs, exports = {}, {}
+
+    def step(pair, fn, *args, **kwargs):
+        """fn(*args); a known failure said, recorded, and the pair
+        dropped (its job closed)."""
+        value = _step(outcomes, pair, fn, *args, job=jobs.get(pair),
+                      **kwargs)
+        if value is _FAILED and pair in jobs:
+            jobs.pop(pair).close()
+        return value
+
     try:
-        for uri, copy in pairs:
-            jobs[uri, copy] = _step(outcomes, uri, copy, run.Job, uri, copy,
-                                    opts)
-            if jobs[uri, copy] is not None:
-                said = _step(outcomes, uri, copy, jobs[uri, copy].recover,
-                             job=jobs[uri, copy])
-                if said:
-                    log.warning("%s: %s", copy, said)
+        for pair in pairs:
+            job = step(pair, run.Job, *pair, opts)
+            if job is not _FAILED:
+                jobs[pair] = job
+                said = step(pair, job.recover)
+                if said and said is not _FAILED:
+                    log.warning("%s: %s", pair[1], said)
+        # No freeze for a pull that cannot be made.
+        for pair in list(jobs):
+            step(pair, source.check_served, pair[0])
         # Every export before any read: one freeze holds them all.
-        for uri, copy in pairs:
-            if jobs.get((uri, copy)) is not None:
-                exports[uri, copy] = _step(
-                    outcomes, uri, copy, source.Export, uri, opts.connections)
-        for uri, copy in pairs:
-            job, export = jobs.get((uri, copy)), exports.get((uri, copy))
-            if job is None or export is None:
-                continue
-            bar = _Progress(copy) if show else None
-            result = _step(outcomes, uri, copy, run.pull, job, export,
-                           job=job, say=lambda line: log.info("%s", line),
-                           progress=bar)
+        for pair in list(jobs):
+            export = step(pair, source.Export, pair[0], opts.connections)
+            if export is not _FAILED:
+                exports[pair] = export
+        for pair in list(jobs):
+            bar = _Progress(pair[1]) if show else None
+            result = step(pair, run.pull, jobs[pair], exports[pair],
+                          say=lambda line: log.info("%s", line),
+                          progress=bar)
             if bar:
                 bar.end()
-            if result is not None:
+            if result is not _FAILED:
                 log.info("%s", _summary(result))
                 outcomes.append(dict(result._asdict(), status=DONE))
     finally:
         for export in exports.values():
-            if export is not None:
-                export.close()
+            export.close()
         for job in jobs.values():
-            if job is not None:
-                job.close()
-    for outcome in outcomes:
-        status = max(status, outcome["status"])
-    return status
+            job.close()
+    return max([DONE] + [o["status"] for o in outcomes])
 
 
-def _step(outcomes, uri, copy, fn, *args, job=None, **kwargs):
-    """fn(*args); on a known failure, its line said and recorded."""
+_FAILED = object()
+
+
+def _step(outcomes, pair, fn, *args, job=None, **kwargs):
+    """fn(*args); on a known failure, its line said and recorded, and
+    _FAILED returned."""
+    uri, copy = pair
     try:
         return fn(*args, **kwargs)
     except _KNOWN as e:
-        code = _status(e)
         said = str(e)
         line = f"{said if said.startswith(copy) else copy + ': ' + said} " \
                f"({_copy_state(job, e)})"
         log.error("%s", line)
-        outcomes.append({"source": uri, "copy": copy, "status": code,
-                         "error": str(e)})
-        return None
+        outcomes.append({"source": uri, "copy": copy, "status": _status(e),
+                         "error": said})
+        return _FAILED
 
 
 _KNOWN = (VerifyError, state.StateError, disk.DiskError, source.NoManifest,

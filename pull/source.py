@@ -40,6 +40,25 @@ def manifest_uri(uri: str) -> str:
     return urlunsplit(parts._replace(path=parts.path + ".manifest"))
 
 
+def check_served(uri: str) -> None:
+    """NoManifest, before any freeze, when the VM host serves no manifest
+    export beside uri.  A manifest export that cannot be opened yet (no
+    freeze has written its file) is found out later, by read_manifest."""
+    try:
+        nbd.Client(manifest_uri(uri)).close()
+    except UnknownExport:
+        raise _no_manifest(uri) from None
+    except NbdError:
+        pass
+
+
+def _no_manifest(uri: str) -> NoManifest:
+    return NoManifest(
+        f"{uri}: the VM host serves no manifest beside this export "
+        f"({manifest_uri(uri)}): set digest = on in its nbdsnap.conf and "
+        f"write its sections again with nbdsnap export")
+
+
 class Export:
     """The connections to a disk's export, held while the pull runs."""
 
@@ -116,10 +135,7 @@ def read_manifest(export: Export, wait: float, say=None,
         try:
             client = nbd.Client(uri)
         except UnknownExport:
-            raise NoManifest(
-                f"{export.uri}: the VM host serves no manifest beside this "
-                f"export ({uri}): set digest = on in its nbdsnap.conf and "
-                f"write its sections again with nbdsnap export") from None
+            raise _no_manifest(export.uri) from None
         try:
             reader = _Reader(client)
             header = manifest2.read_header(reader)

@@ -17,7 +17,8 @@ def test_make_install_gives_commands_hook_unit_and_config(tmp_path):
         subprocess.run(["make", "-s", "-C", ROOT, "install"]
                        + ["%s=%s" % kv for kv in dirs.items()],
                        check=True, capture_output=True, timeout=300)
-        for command in ("nbd-prerun", "nbd-postrun", "nbdsnap", "nbd-verify"):
+        for command in ("nbd-prerun", "nbd-postrun", "nbdsnap", "nbd-verify",
+                        "nbd-pull"):
             out = subprocess.run([folder + "/usr/bin/" + command, "--help"],
                                  check=True, capture_output=True, text=True)
             assert "usage: %s" % command in out.stdout

@@ -27,6 +27,7 @@ COMMANDS = {
     "nbd-verify.1": [["nbdsnap.verify.cli", "main", "digest"],
                      ["nbdsnap.verify.cli", "main", "compare"],
                      ["nbdsnap.verify.cli", "main", "check"]],
+    "nbd-pull.1": [["nbdsnap.pull.cli", "main"]],
 }
 
 
@@ -137,7 +138,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 
 def test_every_document_the_code_and_docs_cite_is_in_the_repository():
     files = glob.glob(os.path.join(ROOT, "*.md"))
-    for folder in ("docs", "hooks", "verify", "lab", "man", "contrib"):
+    for folder in ("docs", "hooks", "verify", "pull", "lab", "man",
+                   "contrib"):
         files += glob.glob(os.path.join(ROOT, folder, "**", "*.*"),
                            recursive=True)
     cited = {}
@@ -165,3 +167,15 @@ def test_the_docs_say_what_a_manifests_checksum_does_not_prove():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = " ".join(f.read().split())
     assert "not a signature, and `nbd://` is plain TCP without TLS" in readme
+
+
+def test_the_readmes_nbd_pull_lines_are_what_nbd_pull_accepts():
+    from nbdsnap.pull import cli
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        lines = [line.split("nbd-pull ", 1)[1] for line in f
+                 if re.match(r"[\d*]+ .* root nbd-pull ", line)]
+    assert lines, "the README's cron line for nbd-pull is gone"
+    for line in lines:
+        args = cli.build_parser().parse_args(line.split())
+        assert len(args.pairs) % 2 == 0
+        assert all(p.startswith("nbd://") for p in args.pairs[::2])
