@@ -73,7 +73,6 @@ def finish(folder, disk, source: str, digest: bytes,
                        "fingerprint": disk.fingerprint(),
                        "trusted": trusted, "pulled": local.now()})
     folder.forget("journal")
-    fsync_dir(folder.path)
 
 
 def recover(folder, copy: str):

@@ -11,6 +11,7 @@ import logging
 import logging.handlers
 import os
 import re
+import signal
 import sys
 import traceback
 
@@ -100,8 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT: stop, close every connection cleanly."""
+
+    def __init__(self, signum):
+        super().__init__(f"stopped by signal {signum}")
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # A pull stopped by cron's or an operator's signal still ends its
+    # connections with NBD_CMD_DISC (the VM host's freeze ends cleanly).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _interrupt)
     if len(args.pairs) % 2:
         build_parser().error("SOURCE and COPY come in pairs")
     _logging(args.syslog_socket)
@@ -114,6 +130,8 @@ def main(argv=None) -> int:
     outcomes = []
     try:
         status = _pull_all(pairs, opts, show, outcomes)
+    except Interrupted:
+        status = max([NOT_DONE] + [o["status"] for o in outcomes])
     except Exception as e:      # noqa: BLE001 -- a bug, said in one line
         log.error("internal error, please report it: %s: %s "
                   "(NBD_PULL_DEBUG=1 shows where)", type(e).__name__, e)
@@ -187,10 +205,12 @@ def _step(outcomes, pair, fn, *args, job=None, **kwargs):
         log.error("%s", line)
         outcomes.append({"source": uri, "copy": copy, "status": _status(e),
                          "error": said})
+        if isinstance(e, Interrupted):
+            raise
         return _FAILED
 
 
-_KNOWN = (VerifyError, state.StateError, disk.DiskError, source.NoManifest,
+_KNOWN = (Interrupted, VerifyError, state.StateError, disk.DiskError, source.NoManifest,
           source.Incomplete, fetch.Corrupt, apply.JournalError, OSError)
 
 
@@ -198,7 +218,7 @@ def _status(e) -> int:
     if isinstance(e, (UnknownExport, source.NoManifest)):
         return ERROR                # configuration
     if isinstance(e, (nbd.NbdError, ManifestError, source.Incomplete,
-                      fetch.Corrupt, state.Busy)):
+                      fetch.Corrupt, state.Busy, Interrupted)):
         return NOT_DONE             # the VM host, the network: run again
     return ERROR                    # here: COPY, its folder, a bug
 

@@ -162,14 +162,22 @@ def kind(path: str) -> str:
     raise DiskError(f"{path}: not a regular file or a block device")
 
 
-def open_disk(path: str, create: bool = False) -> Disk:
-    """COPY, read-write; create: a new file (never over one, never
-    through a symlink)."""
+def open_disk(path: str, create: bool = False, ours: bool = False) -> Disk:
+    """COPY, read-write.  create: a new file (never over one, never
+    through a symlink).  ours: a file of our own making (the hidden part
+    file of a first pull): no symlink, a regular file, our user's, so
+    that nothing planted beside COPY redirects root's writes."""
     flags = os.O_RDWR | os.O_CLOEXEC
     if create:
-        flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        flags |= os.O_CREAT | os.O_EXCL
+    if create or ours:
+        flags |= os.O_NOFOLLOW
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as e:
         raise DiskError(f"cannot open {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if ours and (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()):
+        os.close(fd)
+        raise DiskError(f"{path}: not a file of ours; remove it")
     return Disk(path, fd)

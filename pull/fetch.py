@@ -101,7 +101,12 @@ def run(clients, work, sink, *, algorithm: str, block_size: int,
     def worker(client):
         try:
             while not stop.is_set():
-                batch = todo.get()
+                try:
+                    # Not a plain get(): a stopped run drains the queue,
+                    # sentinels included.
+                    batch = todo.get(timeout=0.2)
+                except queue.Empty:
+                    continue
                 if batch is None:
                     break
                 if limiter:

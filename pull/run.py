@@ -113,7 +113,10 @@ def _pull(job, export, manifest, progress, start, clock) -> Result:
                                  and os.path.getsize(job.copy) == 0):
         part = _part_path(job.copy)
         mode, why = "part", None
-        have = _scan(part, folder, h, opts) if os.path.exists(part) else None
+        have = None
+        if os.path.lexists(part):
+            disk.open_disk(part, ours=True).close()     # refuse a plant
+            have = _scan(part, folder, h, opts)
     else:
         with disk.open_disk(job.copy) as d:
             if d.is_block and d.size != h.size:
@@ -299,7 +302,7 @@ def _in_place(job, export, target, have, differ, counts, progress, part,
     folder.forget("journal", "meta")
     job.phase = "part" if part else "direct"
     dest = part or job.copy
-    with disk.open_disk(dest, create=fresh) as d:
+    with disk.open_disk(dest, create=fresh, ours=part is not None) as d:
         d.lock()
         d.resize(h.size)
         work = _work(target, have, differ, counts,

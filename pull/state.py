@@ -31,7 +31,7 @@ import os
 import stat
 from typing import Optional
 
-from nbdsnap.verify.files import write_atomic
+from nbdsnap.verify.files import fsync_dir, write_atomic
 
 DEFAULT_DIR = "/var/lib/nbd-pull"
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -132,11 +132,14 @@ class Folder:
                      + "\n")
 
     def forget(self, *names) -> None:
+        """Remove these files, for good (the folder fsynced): a record.json
+        that a power cut brought back would trust a COPY being written."""
         for name in names:
             try:
                 os.unlink(getattr(self, name))
             except FileNotFoundError:
                 pass
+        fsync_dir(self.path)
 
 
 def trust(meta: Optional[dict], record_digest: Optional[bytes],

@@ -78,3 +78,17 @@ def test_our_locks_keep_a_writer_out(tmp_path):
             fcntl.F_WRLCK, os.SEEK_SET, 201, 1, 0))
         os.close(fd)
         assert FLOCK.unpack(got)[0] == fcntl.F_RDLCK
+
+
+def test_a_planted_part_file_is_refused(tmp_path):
+    target = new_copy(tmp_path)
+    part = str(tmp_path / ".c.nbd-pull-part")
+    os.symlink(target, part)
+    with pytest.raises(disk.DiskError, match="cannot open"):
+        disk.open_disk(part, ours=True)
+    os.unlink(part)
+    with open(part, "wb"):
+        pass
+    os.chown(part, 65534, 65534)
+    with pytest.raises(disk.DiskError, match="not a file of ours"):
+        disk.open_disk(part, ours=True)
