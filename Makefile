@@ -46,8 +46,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # The main job end to end on this machine: a throwaway VM, nbd-server on
-# loopback with the hooks, a 4-connection copy while the guest writes, the
-# copy verified, the commit shown, everything cleaned up.
+# loopback with the hooks, nbd-pull's 4-connection pull while the guest
+# writes, the copy verified, the commit shown, a refresh that moves only
+# what the guest wrote, everything cleaned up.
 demo: host venv
 	$(PY) -m lab.demo
 

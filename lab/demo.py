@@ -3,15 +3,18 @@
     make demo        (or: .venv/bin/python -m lab.demo)
 
 1. a domain is defined and started (software emulation, no OS needed);
-2. nbd-server serves its disk on loopback with prerun/postrun = our hooks;
-3. the guest writes without pause while a client copies the disk over
-   4 NBD connections (nbdcopy), which share one freeze;
-4. nbd-verify proves the copy equals the frozen base;
+2. nbd-server serves its disk on loopback with prerun/postrun = our hooks,
+   and the freeze-time manifest beside it (digest = on);
+3. the guest writes without pause while nbd-pull copies the disk over
+   4 NBD connections, which share one freeze, every block checked;
+4. nbd-verify proves the copy equals the frozen base, on its own;
 5. the last connection ends: the overlay is committed back, and every guest
    write made during the copy is in the base;
-6. everything is removed.
+6. the guest writes a little; a refresh moves only those blocks;
+7. everything is removed.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -106,7 +109,7 @@ def main():
         virt.close()
         syslog.close()
         lab.cleanup_folder(folder)
-    say(9, "Cleaned up: domain undefined, nbd-server stopped, files removed "
+    say(10, "Cleaned up: domain undefined, nbd-server stopped, files removed "
         "(%.1f s in all)" % (time.monotonic() - t0))
 
 
@@ -119,13 +122,17 @@ def run(virt, folder, syslog):
     dom = virt.define(name, [lab.disk_xml(base, "vda")])
     show("domain %s running, disk vda = %s (%d MiB)" % (name, base, SIZE))
 
-    say(2, "nbd-server on loopback, with our hooks")
+    say(2, "nbd-server on loopback, with our hooks and the manifest export")
     config = lab.write_config(os.path.join(folder, "nbdsnap.conf"),
                               os.path.join(folder, "state"),
                               os.path.join(folder, "overlays"),
                               quiesce="try")
     env = {"NBDSNAP_CONFIG": config, "LIBVIRT_DEFAULT_URI": lab.URI}
-    server = virt.nbd_server(folder, {"vm": (base, None)}, env)
+    manifest = os.path.join(folder, "state", "manifests",
+                            "%s-vda.manifest" % name)
+    server = virt.nbd_server(folder, {
+        "vm": (base, None),
+        "vm.manifest": (manifest, {"prerun": "", "postrun": ""})}, env)
     show(open(config).read())
     show(open(server.conf).read())
 
@@ -139,29 +146,36 @@ def run(virt, folder, syslog):
                             capture_output=True, text=True,
                             check=True).stdout.split()[0]
 
-    say(4, "The guest writes without pause while nbdcopy copies over "
+    say(4, "The guest writes without pause while nbd-pull copies over "
         "4 connections")
     writer = GuestWriter(dom)
     writer.start()
-    copy = os.path.join(folder, "copy.raw")
+    copy = os.path.join(folder, "clone", "demo-vda.img")
+    os.makedirs(os.path.dirname(copy))
     start = time.monotonic()
-    lab.nbdcopy(server.uri("vm"), copy, connections=4)
+    first = pull(server, copy)
     took = time.monotonic() - start
     writer.done.set()
     writer.join()
-    show("copied %d MiB in %.2f s; the guest made %d writes meanwhile"
-         % (SIZE, took, len(writer.writes)))
+    show("pulled %d MiB (%d MiB read, %d zero blocks not read) in %.2f s; "
+         "the guest made %d writes meanwhile"
+         % (SIZE, first["bytes_read"] >> 20, first["blocks_zero"], took,
+            len(writer.writes)))
 
-    say(5, "nbd-verify: the copy equals the frozen base")
+    say(5, "nbd-verify, on its own: the copy equals the frozen base")
     cmp = subprocess.run([os.path.join(BIN, "nbd-verify"), "compare", base,
                           copy], capture_output=True, text=True)
-    digest = subprocess.run([os.path.join(BIN, "nbd-verify"), "digest",
-                             copy], capture_output=True, text=True).stdout
+    check = subprocess.run([os.path.join(BIN, "nbd-verify"), "check",
+                            server.uri("vm.manifest"), copy],
+                           capture_output=True, text=True)
     show("$ nbd-verify compare %s %s\nexit status %d%s" % (
         base, copy, cmp.returncode, cmp.stdout and "\n" + cmp.stdout))
-    show("$ nbd-verify digest %s\n%s" % (copy, digest))
+    show("$ nbd-verify check %s %s\nexit status %d" % (
+        server.uri("vm.manifest"), copy, check.returncode))
     show("frozen base digest, taken at the freeze: %s" % frozen)
-    assert cmp.returncode == 0 and digest.split()[0] == frozen
+    show("nbd-pull's digest of the copy:           %s" % first["digest"])
+    assert cmp.returncode == 0 and check.returncode == 0
+    assert first["digest"] == frozen
 
     say(6, "The last connection ends: postrun commits the overlay")
     held.close()
@@ -172,22 +186,54 @@ def run(virt, folder, syslog):
     show("session ended %.2f s after the last disconnect" %
          (time.monotonic() - start))
 
-    say(7, "What the hooks told syslog")
+    say(7, "The guest writes 3 scattered 4 KiB pieces; a refresh moves only "
+        "the blocks written since the last pull")
+    mine = (5 * MiB, 100 * MiB + 4096, 200 * MiB)
+    for i, offset in enumerate(mine):
+        lab.guest_write(dom, "vda", 0x61 + i, offset, 4096)
+    # These, and what the guest wrote during the first pull (committed
+    # into the base after it).
+    written = {o // 65536 for o in mine} | {o // 65536
+                                           for o, _ in writer.writes}
+    again = pull(server, copy)
+    lab.wait_until(lambda: not os.listdir(os.path.join(folder, "state",
+                                                       "sessions")), 120,
+                   what="the commit")
+    show("refresh: %d of %d blocks changed, %d fetched, %.1f KiB read "
+         "(blocks and manifest), %.2f s" % (
+             again["blocks_changed"], again["blocks_total"],
+             again["blocks_fetched"], again["bytes_read"] / 1024,
+             again["seconds"]))
+    assert lab.sha256(copy) == lab.sha256(base)
+    assert again["blocks_fetched"] == len(written)
+
+    say(8, "What the hooks and nbd-pull told syslog")
     records = syslog.take()
     show("\n".join(records) if records else
          "(a syslog daemon runs here: see its log, tags nbd-prerun and "
          "nbd-postrun)")
 
-    say(8, "Nothing lost, nothing left")
+    say(9, "Nothing lost, nothing left")
     source = lab.disk_source(dom, "vda")
     lost = [(o, p) for o, p in writer.writes
             if lab.read_range(base, o, 65536) != bytes([p]) * 65536]
     show("domain disk vda is back on %s: %s" % (source, source == base))
     show("overlays left: %d" % len(os.listdir(os.path.join(folder,
                                                            "overlays"))))
-    show("guest writes made during the copy found in the base: %d of %d"
+    show("guest writes made during the pull found in the base: %d of %d"
          % (len(writer.writes) - len(lost), len(writer.writes)))
     assert source == base and not lost
+
+
+def pull(server, copy):
+    """nbd-pull, as cron runs it (no terminal: its line goes to syslog)."""
+    proc = subprocess.run(
+        [os.path.join(BIN, "nbd-pull"), "--json", server.uri("vm"), copy],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    show("$ nbd-pull %s %s\n%sexit status %d" % (
+        server.uri("vm"), copy, proc.stderr, proc.returncode))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["pulls"][0]
 
 
 if __name__ == "__main__":

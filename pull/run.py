@@ -70,6 +70,7 @@ class Job:
 
     def __init__(self, uri: str, copy: str, opts: Options):
         self.uri, self.copy, self.opts = uri, copy, opts
+        self.started = time.monotonic()     # a pair's seconds count from here
         self.kind = disk.kind(copy)
         # What a failure leaves COPY as: "unchanged", "applying" (a
         # sealed journal: the next run finishes it), "part" or "direct"
@@ -96,7 +97,7 @@ class _Counts:
 def pull(job: Job, export: source.Export, say=None,
          progress=None, clock=time.monotonic) -> Result:
     """Pull export into job's COPY (see the module docstring)."""
-    start = clock()
+    start = job.started
     manifest = source.read_manifest(export, job.opts.wait, say)
     try:
         return _pull(job, export, manifest, progress, start, clock)
