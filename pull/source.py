@@ -17,7 +17,6 @@ vanishes leaves the VM host's freeze to a stale-session recovery.
 from __future__ import annotations
 
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 from nbdsnap.verify import manifest2, nbd, sources
 from nbdsnap.verify.errors import ManifestError, NbdError, UnknownExport
@@ -35,9 +34,10 @@ class Incomplete(Exception):
 
 
 def manifest_uri(uri: str) -> str:
-    """The manifest export's URI: the export's name + ".manifest"."""
-    parts = urlsplit(uri)
-    return urlunsplit(parts._replace(path=parts.path + ".manifest"))
+    """The manifest export's URI: the export's name + ".manifest", the
+    query (nbd+unix's socket=) kept."""
+    head, sep, query = uri.partition("?")
+    return head + ".manifest" + sep + query
 
 
 def check_served(uri: str) -> None:
