@@ -150,3 +150,35 @@ def test_without_a_manifest_it_says_what_to_change_and_freezes_nothing(
     # Found before any connection to the export: no freeze at all.
     assert history.read(Config(state_dir=env.state_dir)) == []
     assert_clean(env, dom, base)
+
+
+def test_two_disks_of_a_domain_in_one_run(virt, env):
+    configure(env)
+    second = lab.make_image(env.path("vdb.raw"), 16, fill=0x33)
+    dom, base = export_domain(virt, env,
+                              disks=[lab.disk_xml(second, "vdb")])
+    manifests = env.path("manifests")
+    server = virt.nbd_server(env.folder, {
+        "vda": (base, None),
+        "vda.manifest": (os.path.join(manifests, "%s-vda.manifest"
+                                      % dom.name()),
+                         {"prerun": "", "postrun": ""}),
+        "vdb": (second, None),
+        "vdb.manifest": (os.path.join(manifests, "%s-vdb.manifest"
+                                      % dom.name()),
+                         {"prerun": "", "postrun": ""}),
+    }, env.vars)
+    copies = [env.path("vda.img"), env.path("vdb.img")]
+    cmd = [os.path.join(lab.VENV_BIN, "nbd-pull"), "--json",
+           "--syslog-socket", env.path("syslog"),
+           server.uri("vda"), copies[0], server.uri("vdb"), copies[1]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    pulls = json.loads(proc.stdout)["pulls"]
+    assert [p["copy"] for p in pulls] == copies
+    assert len(proc.stderr.strip().splitlines()) == 2
+    env.wait_clean()
+    assert lab.sha256(copies[0]) == lab.sha256(base)
+    assert lab.sha256(copies[1]) == lab.sha256(second)
+    assert env.overlays() == []
