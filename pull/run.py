@@ -122,6 +122,10 @@ def _pull(job, export, manifest, progress, start, clock) -> Result:
         with disk.open_disk(job.copy) as d:
             if d.is_block and d.size != h.size:
                 d.resize(h.size)            # says what is wrong
+            # A QEMU running from COPY is refused now, before any
+            # transfer, not once the journal is sealed (the locks go
+            # with d; the apply takes them again).
+            d.lock()
             fingerprint = d.fingerprint()
         why = "--rescan" if opts.rescan else state.trust(
             folder.read_meta(), local.digest_of(folder.record), job.uri,
