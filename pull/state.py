@@ -82,6 +82,7 @@ class Folder:
         self.path = path
         prepare(path)
         self._lock = self._take_lock()
+        self._sweep()
 
     def __getattr__(self, name):
         # folder.record, folder.target ... are paths in it.
@@ -107,6 +108,18 @@ class Folder:
         os.ftruncate(fd, 0)
         os.pwrite(fd, b"%d\n" % os.getpid(), 0)
         return fd
+
+    def _sweep(self) -> None:
+        """Remove the temporary files (atomic_file's .NAME.*.tmp) of a
+        run killed while it wrote one: nothing else would, and a target
+        or a scan is 512 MiB per TiB of COPY.  None is in use: this
+        process holds the lock."""
+        for name in os.listdir(self.path):
+            if name.startswith(".") and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(self.path, name))
+                except FileNotFoundError:
+                    pass
 
     def close(self) -> None:
         if self._lock is not None:
