@@ -304,7 +304,7 @@ def _staged(job, export, target, have, differ, counts, progress) -> None:
 def _in_place(job, export, target, have, differ, counts, progress, part,
               fresh) -> None:
     folder, h = job.folder, target.header
-    folder.forget("journal", "meta")
+    folder.forget("journal", "journal_old", "meta")
     job.phase = "part" if part else "direct"
     dest = part or job.copy
     with disk.open_disk(dest, create=fresh, ours=part is not None) as d:
@@ -365,11 +365,13 @@ class _OldJournal:
 
 
 def _old_journal(folder, target) -> _OldJournal:
-    """A journal left by a run killed while it fetched, moved aside."""
-    if not os.path.exists(folder.journal):
+    """A journal left by a run killed while it fetched, moved aside (or
+    one a run killed just after moving it aside left there)."""
+    aside = folder.journal_old
+    if os.path.exists(folder.journal):
+        os.replace(folder.journal, aside)
+    elif not os.path.exists(aside):
         return _OldJournal(None, target)
-    aside = folder.journal + ".old"
-    os.replace(folder.journal, aside)
     return _OldJournal(aside, target)
 
 

@@ -13,6 +13,7 @@
         target       v2 manifest of what this pull makes COPY: the frozen
                      base's, whole (its runs from the source or the record)
         journal      the blocks fetched, until applied (journal.py)
+        journal.old  a killed run's journal, its blocks reused, then removed
         scan         a manifest of COPY being made by reading it
 
 The record is trusted only while record.json says it is this record, of
@@ -88,6 +89,8 @@ class Folder:
         # folder.record, folder.target ... are paths in it.
         if name in ("record", "target", "journal", "scan"):
             return os.path.join(self.path, name)
+        if name == "journal_old":
+            return os.path.join(self.path, "journal.old")
         if name == "meta":
             return os.path.join(self.path, "record.json")
         raise AttributeError(name)
