@@ -42,8 +42,10 @@ class Local:
 
     def digests(self, offset: int, length: int) -> bytes:
         """The block digests of [offset, offset + length), block-aligned,
-        within one chunk or across several."""
+        within one chunk or across several, cut at the image's end (a
+        killed run's journal may reach past a source that shrank since)."""
         h = self.header
+        length = min(length, h.size - offset)
         out = []
         while length > 0:
             i, start = divmod(offset, h.chunk_size)
