@@ -145,7 +145,8 @@ def _pull(job, export, manifest, progress, start, clock) -> Result:
         raise
     try:
         if mode == "staged":
-            _staged(job, export, target, have, differ, counts, progress)
+            _staged(job, export, target, have, differ, counts, progress,
+                    fingerprint)
         else:
             _in_place(job, export, target, have, differ, counts, progress,
                       part, fresh=have is None)
@@ -275,7 +276,8 @@ def _transfer(job, export, target, work, sink, progress) -> int:
         progress=progress and (lambda done: progress(done, total)))
 
 
-def _staged(job, export, target, have, differ, counts, progress) -> None:
+def _staged(job, export, target, have, differ, counts, progress,
+            fingerprint) -> None:
     folder, h = job.folder, target.header
     old = _old_journal(folder, target)
     _check_space(folder.path, counts.fetch_bytes, job.copy)
@@ -286,19 +288,44 @@ def _staged(job, export, target, have, differ, counts, progress) -> None:
                          zero=writer.zero)
             counts.fetched = _transfer(job, export, target, work,
                                        writer.data, progress)
-            writer.commit(h.size, h.digest)
+            d = _still_as_read(job.copy, fingerprint)
+            try:
+                writer.commit(h.size, h.digest)
+            except BaseException:
+                d.close()
+                raise
     finally:
         old.close()
     job.phase = "applying"
     fd = journal.open_existing(folder.journal)
     try:
-        with disk.open_disk(job.copy) as d:
-            d.lock()
+        with d:
             apply.replay(fd, journal.read(fd), d, target)
             apply.finish(folder, d, job.uri, h.digest)
     finally:
         os.close(fd)
     job.phase = "unchanged"
+
+
+def _still_as_read(copy: str, fingerprint: dict) -> disk.Disk:
+    """COPY, locked before the journal is sealed, and still what its
+    record (have) says: COPY is not locked during the transfer (a standby
+    may be booted from it then), and a journal applied over what that
+    standby wrote would leave a mixed COPY trusted as the target.
+    Refused, the journal stays unsealed: the next run reads COPY again
+    and reuses the blocks."""
+    d = disk.open_disk(copy)
+    try:
+        d.lock()
+        if d.fingerprint() != fingerprint:
+            raise disk.DiskError(
+                f"{copy} was written while the pull fetched (a standby "
+                f"booted from it?); not applied: the next run reads it "
+                f"again")
+    except BaseException:
+        d.close()
+        raise
+    return d
 
 
 def _in_place(job, export, target, have, differ, counts, progress, part,

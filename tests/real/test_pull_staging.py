@@ -116,3 +116,25 @@ def test_a_killed_pull_then_a_shrunk_source(served, tmp_path):
     assert lab.sha256(copy) == lab.sha256(served.image)
     assert got["blocks_reused"] == 0
 
+
+def test_a_copy_written_during_the_transfer_is_not_trusted(served, tmp_path):
+    write_image(served.image, 64 * MiB, 1)
+    served.start()
+    copy = str(tmp_path / "copy")
+    pull(served.uri, copy)
+    served.stop()
+    write_image(served.image, 64 * MiB, 3, end=32 * MiB)
+    served.start()
+    proc = start_slow_pull(served.uri, copy)
+    # A standby booted from the copy, meanwhile, writes it.
+    with open(copy, "r+b") as f:
+        f.seek(60 * MiB)
+        f.write(b"standby!" * 512)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert "changed" in err and "unchanged" in err
+    # The next run reads the copy again, reuses what was staged, and
+    # makes it the source's.
+    got, _ = pull(served.uri, copy)
+    assert "changed" in got["why_scan"] and got["blocks_reused"] > 0
+    assert lab.sha256(copy) == lab.sha256(served.image)
