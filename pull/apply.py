@@ -35,32 +35,47 @@ class JournalError(Exception):
 
 def replay(fd: int, contents: journal.Contents, disk,
            target: local.Local) -> int:
-    """Write the journal's records into disk, each checked; the bytes
-    written."""
-    h = target.header
+    """Write the journal's records into disk; the bytes written.  Every
+    record is checked before the first write (a record gone bad on disk
+    leaves COPY as it was: JournalError) and again as it is written."""
+    for rec in contents.records:
+        _checked(fd, rec, target)
     disk.resize(contents.size)
     written = 0
     for rec in contents.records:
-        want = target.digests(rec.offset, rec.length)
+        data = _checked(fd, rec, target)
         if rec.kind == journal.DATA:
-            data = os.pread(fd, rec.length, rec.pos)
-            if blkhash.block_digests(data, h.algorithm,
-                                     h.block_size) != want:
-                raise JournalError(
-                    f"the staged block at offset {rec.offset} does not match "
-                    f"its manifest: not applied")
             disk.pwrite(data, rec.offset)
         else:
-            zeros = blkhash.block_digests(bytes(rec.length), h.algorithm,
-                                          h.block_size)
-            if zeros != want:
-                raise JournalError(
-                    f"the staged zeros at offset {rec.offset} are not zeros "
-                    f"in the manifest: not applied")
             disk.zero(rec.offset, rec.length)
         written += rec.length
     disk.fsync()
     return written
+
+
+def _checked(fd: int, rec: journal.Record, target: local.Local):
+    """A DATA record's bytes, or None for ZERO, checked against the
+    target's block digests."""
+    h = target.header
+    want = target.digests(rec.offset, rec.length)
+    if rec.kind == journal.DATA:
+        data = os.pread(fd, rec.length, rec.pos)
+        if blkhash.block_digests(data, h.algorithm, h.block_size) != want:
+            raise JournalError(
+                f"the staged block at offset {rec.offset} does not match "
+                f"its manifest: not applied")
+        return data
+    # Zeros by block, not by byte: a ZERO record may span a whole chunk.
+    full, tail = divmod(rec.length, h.block_size)
+    zeros = h.zero_digest * full
+    if tail:
+        zeros += blkhash.block_digests(bytes(tail), h.algorithm,
+                                       h.block_size)
+    if zeros != want:
+        raise JournalError(
+            f"the staged zeros at offset {rec.offset} are not zeros "
+            f"in the manifest: not applied")
+    return None
 
 
 def finish(folder, disk, source: str, digest: bytes,
@@ -97,7 +112,15 @@ def recover(folder, copy: str):
         try:
             with open_disk(copy) as disk:
                 disk.lock()
-                replay(fd, contents, disk, target)
+                try:
+                    replay(fd, contents, disk, target)
+                except JournalError as e:
+                    # Kept, it would fail every run to come; the killed
+                    # apply may have written part of it.
+                    folder.forget("journal", "meta")
+                    return (f"an interrupted pull left a journal that "
+                            f"cannot be applied ({e}): discarded; the copy "
+                            f"may be mixed: it will be read again")
                 target.close()
                 finish(folder, disk, (folder.read_meta() or {}).get(
                     "source", ""), contents.digest, trusted=False)
