@@ -4,6 +4,7 @@
     .venv/bin/python -m lab.bench hooks      (one part: its section only)
     .venv/bin/python -m lab.bench manifest [--size GIB]
     .venv/bin/python -m lab.bench client [--client-size GIB]
+    .venv/bin/python -m lab.bench pull [--pull-size GIB]
 
 One domain, one nbd-server exporting its base as "ours" (our hooks), "virsh"
 (docs/DESIGN.md's recipe) and "plain" (no hooks); the two recipes alternate in
@@ -22,8 +23,8 @@ import threading
 import time
 
 import lab
-from lab import (bench_client, bench_hooks, bench_manifest, bench_quiesce,
-                 bench_verify)
+from lab import (bench_client, bench_hooks, bench_manifest, bench_pull,
+                 bench_quiesce, bench_verify)
 
 MiB = 1 << 20
 SIZE = 512          # MiB, the exported raw base
@@ -318,11 +319,14 @@ def main(argv=None):
                    help="GiB of the manifest part's disk (%(default)s)")
     p.add_argument("--client-size", type=int, default=bench_client.SIZE,
                    help="GiB of the client part's export (%(default)s)")
+    p.add_argument("--pull-size", type=int, default=bench_pull.SIZE,
+                   help="GiB of the pull part's image (%(default)s)")
     p.add_argument("part", nargs="?",
-                   choices=("all", "hooks", "manifest", "client"),
+                   choices=("all", "hooks", "manifest", "client", "pull"),
                    default="all", help="all (the default), or one part "
                    "only (the hook runs by kind, the freeze-time "
-                   "manifests, or the NBD clients on a shaped link), "
+                   "manifests, the NBD clients on a shaped link, or "
+                   "nbd-pull against nbdcopy and rsync), "
                    "rewriting only its section of the report")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))   # clean up too
@@ -336,6 +340,9 @@ def main(argv=None):
     if args.part == "client":
         return one_part(args.output, bench_client.run(args.client_size),
                         bench_client.HEADING)
+    if args.part == "pull":
+        return one_part(args.output, bench_pull.run(args.pull_size),
+                        bench_pull.HEADING)
     args.reps = args.reps or 5
     folder = lab.workdir("nbdsnap-bench-")
     virt = lab.Lab()
@@ -375,10 +382,13 @@ def main(argv=None):
         manifest_section = bench_manifest.run(args.size)
         print("NBD clients on a shaped link", flush=True)
         client_section = bench_client.run(args.client_size)
+        print("nbd-pull against nbdcopy and rsync", flush=True)
+        pull_section = bench_pull.run(args.pull_size)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     text = (report(facts, r, args.reps) + "\n" + verify_section + "\n"
             + quiesce_section + "\n" + hooks_section + "\n"
-            + manifest_section + "\n" + client_section)
+            + manifest_section + "\n" + client_section + "\n"
+            + pull_section)
     with open(args.output, "w") as f:
         f.write(text)
     print(text + "\nwritten to %s" % args.output)
