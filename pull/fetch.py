@@ -72,13 +72,17 @@ def _batch(group, digests_of) -> Batch:
 
 
 def run(clients, work, sink, *, algorithm: str, block_size: int,
-        limiter=None, progress=None) -> int:
+        limiter=None, progress=None, sink_anywhere: bool = False) -> int:
     """Fetch every batch of work with clients (one thread each), check
-    it, and call sink(offset, data) for each range in this thread;
-    progress(bytes) after each batch.  Returns the bytes fetched."""
+    it, and call sink(offset, data) for each range in this thread, or,
+    sink_anywhere, in the worker's (pwrite into COPY needs no order; a
+    journal does); progress(bytes) after each batch.  Returns the bytes
+    fetched."""
     md = blkhash.digest_size(algorithm)
     todo = queue.Queue(maxsize=2 * len(clients))
-    done = queue.Queue(maxsize=len(clients))
+    # Two batches per connection may wait for the sink: a slow write
+    # (measured: the page cache at 200 MiB/s) must not stall the reads.
+    done = queue.Queue(maxsize=2 * len(clients))
     stop = threading.Event()
 
     def feed():
@@ -111,8 +115,14 @@ def run(clients, work, sink, *, algorithm: str, block_size: int,
                     break
                 if limiter:
                     limiter.take(sum(n for _, n in batch.ranges))
-                done.put(("data", _read_checked(client, batch, algorithm,
-                                                block_size, md)))
+                items = _read_checked(client, batch, algorithm, block_size,
+                                      md)
+                if sink_anywhere:
+                    for offset, data in items:
+                        sink(offset, data)
+                    done.put(("sunk", sum(len(d) for _, d in items)))
+                else:
+                    done.put(("data", items))
         except BaseException as e:
             done.put(("error", e))
         finally:
@@ -133,9 +143,12 @@ def run(clients, work, sink, *, algorithm: str, block_size: int,
                 error = error or value
                 stop.set()
             elif error is None:
-                for offset, data in value:
-                    sink(offset, data)
-                    fetched += len(data)
+                if what == "sunk":
+                    fetched += value
+                else:
+                    for offset, data in value:
+                        sink(offset, data)
+                        fetched += len(data)
                 if progress:
                     progress(fetched)
     except BaseException as e:

@@ -221,9 +221,10 @@ def _target(folder, manifest, have):
             created=h.created, source=h.source,
             domain_xml=manifest.domain_xml(), algorithm=h.algorithm,
             block_size=h.block_size, chunk_size=h.chunk_size)
+        runs = manifest.runs(differ)
         for i in range(h.chunk_count):
             if i in todo:
-                run = manifest.run(i)
+                _, run = next(runs)         # differ is in order
                 b = plan.blocks(h, i, run, have.run(i) if have else None)
                 counts.fetch_bytes += plan.block_lengths(
                     b.fetch, h.block_size, h.size)
@@ -263,7 +264,8 @@ def _work(target, have, differ, counts, reuse=None, zero=None) -> list:
     return out
 
 
-def _transfer(job, export, target, work, sink, progress) -> int:
+def _transfer(job, export, target, work, sink, progress,
+              sink_anywhere=False) -> int:
     h = target.header
     rate = job.opts.bwlimit
     total = sum(n for _, n in work)
@@ -273,7 +275,8 @@ def _transfer(job, export, target, work, sink, progress) -> int:
         export.clients, fetch.batches(work, target.digests), sink,
         algorithm=h.algorithm, block_size=h.block_size,
         limiter=fetch.Limiter(rate) if rate else None,
-        progress=progress and (lambda done: progress(done, total)))
+        progress=progress and (lambda done: progress(done, total)),
+        sink_anywhere=sink_anywhere)
 
 
 def _staged(job, export, target, have, differ, counts, progress,
@@ -341,7 +344,8 @@ def _in_place(job, export, target, have, differ, counts, progress, part,
                      zero=None if fresh else d.zero)
         counts.fetched = _transfer(
             job, export, target, work,
-            lambda offset, data: d.pwrite(data, offset), progress)
+            lambda offset, data: d.pwrite(data, offset), progress,
+            sink_anywhere=True)
         d.fsync()
         if part:
             os.replace(part, job.copy)

@@ -23,6 +23,8 @@ from nbdsnap.verify.errors import ManifestError, NbdError, UnknownExport
 from nbdsnap.verify.readers import SourceReader
 
 POLL = 2.0
+# Bytes of block digests read in one pipeline.
+RUNS_AT_ONCE = 16 << 20
 
 
 class NoManifest(Exception):
@@ -99,6 +101,16 @@ class _Reader(SourceReader):
         return super().pread(offset, length)
 
 
+class _Fetched:
+    """pread() of the parts read ahead (manifest2's reader interface)."""
+
+    def __init__(self, name: str, parts: dict):
+        self.name, self.parts = name, parts
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return bytes(self.parts[offset, length])
+
+
 class Manifest:
     """The frozen base's manifest, complete and checked: its header, its
     chunk table, and its runs on demand."""
@@ -116,6 +128,28 @@ class Manifest:
 
     def run(self, i: int) -> bytes:
         return manifest2.read_run(self.reader, self.header, self.chunks, i)
+
+    def runs(self, indices):
+        """(i, run) of each chunk index, in order, each checked; read up to
+        RUNS_AT_ONCE bytes in one pipeline (read_many): a 1 TiB disk whose
+        chunks all changed has 65536 runs, a round trip each otherwise."""
+        h = self.header
+        group, size = [], 0
+        for i in list(indices) + [None]:
+            length = h.run(i)[1] if i is not None else 0
+            if group and (i is None or size + length > RUNS_AT_ONCE):
+                parts = [h.run(j) for j in group]
+                bufs = [bytearray(n) for _, n in parts]
+                self.client.read_many(
+                    [(o, b) for (o, _), b in zip(parts, bufs)])
+                self.reader.bytes_read += sum(map(len, bufs))
+                fetched = _Fetched(self.name, dict(zip(parts, bufs)))
+                for j in group:
+                    yield j, manifest2.read_run(fetched, h, self.chunks, j)
+                group, size = [], 0
+            if i is not None:
+                group.append(i)
+                size += length
 
     def domain_xml(self) -> str:
         return manifest2.read_domain_xml(self.reader, self.header)

@@ -80,3 +80,19 @@ def test_the_limiter_spaces_callers_by_rate():
         limiter.take(500)
     assert slept == [0.5, 0.5]
     assert now[0] == 1.0
+
+
+def test_a_sink_that_needs_no_order_runs_in_the_workers():
+    import threading
+    img = image()
+    ranges = [(i * BS, BS) for i in range(16)]
+    threads, got = set(), {}
+
+    def sink(offset, data):
+        threads.add(threading.current_thread().name)
+        got[offset] = bytes(data)
+    fetched = fetch.run([FakeClient(img), FakeClient(img)], work(img, ranges),
+                        sink, algorithm="sha256", block_size=BS,
+                        sink_anywhere=True)
+    assert fetched == 16 * BS and len(got) == 16
+    assert threading.current_thread().name not in threads
