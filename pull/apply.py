@@ -34,11 +34,15 @@ class JournalError(Exception):
 
 
 def replay(fd: int, contents: journal.Contents, disk,
-           target: local.Local) -> int:
+           target: local.Local, precheck: bool = True) -> int:
     """Write the journal's records into disk; the bytes written.  Every
-    record is checked before the first write (a record gone bad on disk
-    leaves COPY as it was: JournalError) and again as it is written."""
-    for rec in contents.records:
+    record is checked as it is written and, precheck, before the first
+    write too, so that a record gone bad on disk leaves COPY as it was
+    (JournalError).  A pull applying the journal it has just written and
+    fsynced, every block checked on arrival, skips that first pass (it
+    would hash the whole journal twice); a recovery after a crash does
+    not."""
+    for rec in contents.records if precheck else ():
         _checked(fd, rec, target)
     disk.resize(contents.size)
     written = 0

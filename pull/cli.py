@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bwlimit", type=_rate, metavar="RATE",
                    help="at most RATE bytes of blocks per second, all "
                    "connections together; K, M, G suffixes (powers of 1024)")
-    p.add_argument("--wait", type=argtypes.seconds, default=1800.0, metavar="SECONDS",
+    p.add_argument("--wait", type=argtypes.seconds, default=1800.0,
+                   metavar="SECONDS",
                    help="wait up to SECONDS for the VM host's manifest to be "
                    "complete (default %(default)g)")
     p.add_argument("--rescan", action="store_true",
@@ -130,7 +131,10 @@ def main(argv=None) -> int:
     outcomes = []
     try:
         status = _pull_all(pairs, opts, show, outcomes)
-    except Interrupted:
+    except Interrupted as e:
+        if not any(o.get("error") == str(e) for o in outcomes):
+            log.error("%s, between two steps: every copy is as the line "
+                      "of its own says, or unchanged", e)
         status = max([NOT_DONE] + [o["status"] for o in outcomes])
     except Exception as e:      # noqa: BLE001 -- a bug, said in one line
         log.error("internal error, please report it: %s: %s "
@@ -182,6 +186,9 @@ def _pull_all(pairs, opts, show, outcomes) -> int:
                 log.info("%s", _summary(result))
                 outcomes.append(dict(result._asdict(), status=DONE))
     finally:
+        # A second signal must not cut the goodbyes short.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         for export in exports.values():
             export.close()
         for job in jobs.values():
@@ -210,8 +217,9 @@ def _step(outcomes, pair, fn, *args, job=None, **kwargs):
         return _FAILED
 
 
-_KNOWN = (Interrupted, VerifyError, state.StateError, disk.DiskError, source.NoManifest,
-          source.Incomplete, fetch.Corrupt, apply.JournalError, OSError)
+_KNOWN = (Interrupted, VerifyError, state.StateError, disk.DiskError,
+          source.NoManifest, source.Incomplete, fetch.Corrupt,
+          apply.JournalError, OSError)
 
 
 def _status(e) -> int:

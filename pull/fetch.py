@@ -1,13 +1,16 @@
 """The transfer: blocks read from the export over every connection at once,
-each checked against the manifest as it arrives, handed on in one thread.
+each checked against the manifest as it arrives, then written: by the
+worker into COPY (no order needed), or in the caller's thread into the
+journal (one writer).
 
     batches (ranges + their expected block digests)
         │  feeder thread, from the plan, never far ahead
         ▼
-    worker per connection:  read_many (pipelined) ─► block digests ─► equal?
+    worker per connection:  read_many (pipelined) ─► digests ─► equal?
         │                                             no: read again once,
         ▼                                             then Corrupt
-    the caller's thread:  sink(offset, data)  (the journal, or COPY)
+    sink(offset, data):  the worker (COPY), or the caller's thread
+                         (the journal)
 
 A block that does not match its digest twice is never handed on: the
 pull stops with Corrupt and nothing of it reaches COPY.  --bwlimit is a

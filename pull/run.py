@@ -76,8 +76,9 @@ class Job:
         # sealed journal: the next run finishes it), "part" or "direct"
         # (written in place: the next run resumes it).
         self.phase = "unchanged"
-        self.folder = state.Folder(state.folder_for(copy, self.kind,
-                                                    opts.state_dir))
+        self.folder = state.Folder(
+            state.folder_for(copy, self.kind, opts.state_dir),
+            make_parent=self.kind == "block" or opts.state_dir is not None)
 
     def recover(self) -> Optional[str]:
         if self.kind == "missing":
@@ -303,7 +304,7 @@ def _staged(job, export, target, have, differ, counts, progress,
     fd = journal.open_existing(folder.journal)
     try:
         with d:
-            apply.replay(fd, journal.read(fd), d, target)
+            apply.replay(fd, journal.read(fd), d, target, precheck=False)
             apply.finish(folder, d, job.uri, h.digest)
     finally:
         os.close(fd)

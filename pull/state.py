@@ -4,8 +4,8 @@
     /srv/clones/.vm1-vda.raw.nbd-pull/        its state, beside it (same
                                               file system, moves with it)
     /dev/vg/vm1-vda                           COPY, a block device
-    /var/lib/nbd-pull/dev-vg-vm1--vda/        its state (--state-dir DIR:
-                                              DIR/dev-vg-vm1--vda/)
+    /var/lib/nbd-pull/dev-vg-vm1\\x2dvda/      its state (--state-dir DIR:
+                                              DIR/dev-vg-vm1\\x2dvda/)
 
         lock         one pull of COPY at a time (flock; holds the pid)
         record       v2 manifest of COPY as the last complete pull left it
@@ -52,17 +52,19 @@ def folder_for(copy: str, kind: str, state_dir: Optional[str]) -> str:
     if state_dir is None and kind != "block":
         head, name = os.path.split(path)
         return os.path.join(head, ".%s.nbd-pull" % name)
-    # systemd-escape's way: "/" becomes "-", a "-" becomes "--".
-    name = path.strip("/").replace("-", "--").replace("/", "-")
+    # systemd-escape's way, which no two paths share: "-" becomes
+    # "\x2d", then "/" becomes "-".
+    name = path.strip("/").replace("-", "\\x2d").replace("/", "-")
     return os.path.join(state_dir or DEFAULT_DIR, name)
 
 
-def prepare(folder: str) -> None:
+def prepare(folder: str, make_parent: bool = False) -> None:
     """Create folder (0700) or check it: a folder, not a symlink, ours,
-    not writable by others."""
-    parent = os.path.dirname(folder)
+    not writable by others.  make_parent: create the folder it is in too
+    (a state_dir), never a mistyped COPY's folder."""
     try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
+        if make_parent:
+            os.makedirs(os.path.dirname(folder), mode=0o755, exist_ok=True)
         os.mkdir(folder, 0o700)
     except FileExistsError:
         pass
@@ -79,9 +81,9 @@ def prepare(folder: str) -> None:
 class Folder:
     """One COPY's state folder, locked for this process."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, make_parent: bool = False):
         self.path = path
-        prepare(path)
+        prepare(path, make_parent)
         self._lock = self._take_lock()
         self._sweep()
 

@@ -13,7 +13,8 @@ import time
 import traceback
 import uuid
 
-from . import argtypes, blkhash, manifest, manifest2, manifest2_write, ops, sources
+from . import (argtypes, blkhash, manifest, manifest2, manifest2_write, ops,
+               sources)
 from .errors import ERROR, Error
 
 PROG = "nbd-verify"

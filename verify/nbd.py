@@ -150,7 +150,8 @@ class Client:
     # Reads.
 
     def read_into(self, offset: int, buf) -> None:
-        """Fill buf with the export's bytes at offset, many requests at once."""
+        """Fill buf with the export's bytes at offset, many requests at
+        once."""
         self.read_many([(offset, buf)])
 
     def read_many(self, pieces) -> None:

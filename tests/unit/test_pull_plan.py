@@ -16,7 +16,8 @@ def header_of(image: bytes):
     reader = BytesReader(data)
     h = manifest2.read_header(reader)
     chunks = manifest2.read_chunks(reader, h)
-    runs = [manifest2.read_run(reader, h, chunks, i) for i in range(len(chunks))]
+    runs = [manifest2.read_run(reader, h, chunks, i)
+            for i in range(len(chunks))]
     return h, chunks, runs
 
 

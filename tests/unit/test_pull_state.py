@@ -16,12 +16,21 @@ def test_folders_beside_files_and_escaped_for_devices():
     assert state.folder_for("/srv/c/vm-1.raw", "missing", None) == \
         "/srv/c/.vm-1.raw.nbd-pull"
     assert state.folder_for("/dev/vg/vm1-vda", "block", None) == \
-        "/var/lib/nbd-pull/dev-vg-vm1--vda"
+        "/var/lib/nbd-pull/dev-vg-vm1\\x2dvda"
     assert state.folder_for("/dev/vg/vm1-vda", "block", "/s") == \
-        "/s/dev-vg-vm1--vda"
+        "/s/dev-vg-vm1\\x2dvda"
     # Different paths never share a folder.
     assert state.folder_for("/a-b/c", "block", "/s") != \
         state.folder_for("/a/b-c", "block", "/s")
+    assert state.folder_for("/a-/b", "block", "/s") != \
+        state.folder_for("/a/-b", "block", "/s")
+
+
+def test_a_mistyped_copys_folder_is_not_created(tmp_path):
+    with pytest.raises(state.StateError, match="cannot create"):
+        state.Folder(str(tmp_path / "no-such" / ".c.nbd-pull"))
+    assert not (tmp_path / "no-such").exists()
+    state.Folder(str(tmp_path / "sd" / "x"), make_parent=True).close()
 
 
 def meta(**more):
