@@ -162,6 +162,8 @@ def measure_link(folder, image, rate, offsets, py_nbd, certs):
                                                         for o in offsets]
             cases += [("ours, scattered, one at a time", 1, plain,
                        ours + scatter),
+                      ("ours, scattered, read_many (nbd-pull's)", 1, plain,
+                       ours + ["scattered-many"] + scatter[1:]),
                       ("libnbd, scattered, many in flight", 1, plain,
                        libnbd and libnbd + scatter)]
             for label, conns, server, cmd in cases:
@@ -207,7 +209,9 @@ MiB requests in flight); 4 connections are 4 threads, each its own Client
 and quarter. *libnbd*: python3-libnbd (run by %(python)s), aio_pread of 2
 MiB with 32 in flight per connection, buffers reused. *nbdcopy*:
 `--connections=4 --threads=4 URI null:`. *Scattered*: %(blocks)d of the 64
-KiB blocks (1 %%), seeded, in offset order, one block per request. *TLS*:
+KiB blocks (1 %%), seeded, in offset order, one block per request: ours
+one at a time (read_into) and all in one read_many() (16 in flight, as
+nbd-pull reads), libnbd with many in flight. *TLS*:
 nbds:// with certificates made by openssl for the run, force_tls on the
 export. Wall and client CPU (user + sys, all threads) are measured in the
 reader around the read (nbdcopy's: its whole process); *server CPU*:
@@ -245,13 +249,15 @@ def section(r):
                   "|" + " --- |" * 8]
         lines += ["| " + " | ".join(_row(label, conns, x, r["size"])) + " |"
                   for label, conns, x in rows]
-        scattered = [x for label, _, x in rows if "scattered" in label]
-        if all(scattered):
-            lines += ["", "Scattered, %s: %.2f ms a block one at a time, "
-                      "%.2f ms with many in flight." % (
-                          rate or "unshaped",
-                          1000 * scattered[0]["wall"] / r["blocks"],
-                          1000 * scattered[1]["wall"] / r["blocks"])]
+        scattered = [(label.split(", ", 2)[0] + ", "
+                      + label.split(", ", 2)[2], x)
+                     for label, _, x in rows if "scattered" in label]
+        if all(x for _, x in scattered):
+            each = ["%s %.2f ms a block" % (name,
+                                            1000 * x["wall"] / r["blocks"])
+                    for name, x in scattered]
+            lines += ["", "Scattered, %s: %s." % (rate or "unshaped",
+                                                  "; ".join(each))]
         lines.append("")
     return "\n".join(lines)
 

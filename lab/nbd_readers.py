@@ -7,6 +7,7 @@ an interpreter:
 
     python nbd_readers.py ours|libnbd whole URI CONNECTIONS
     python nbd_readers.py ours|libnbd scattered URI BLOCK OFFSET...
+    python nbd_readers.py ours scattered-many URI BLOCK OFFSET...
 
 It prints one JSON line: bytes read, wall seconds and CPU seconds (user +
 sys) of the read alone, the interpreter's start-up left out.  The bytes
@@ -153,8 +154,18 @@ def whole(client, uri, connections):
     return size
 
 
-def scattered(client, uri, block, offsets):
-    if client == "ours":
+def ours_many(uri, block, offsets):
+    """Every block in one read_many(): 16 requests in flight, as nbd-pull
+    reads them."""
+    from nbdsnap.verify.nbd import Client
+    with Client(uri) as c:
+        c.read_many([(o, bytearray(block)) for o in offsets])
+
+
+def scattered(client, uri, block, offsets, many=False):
+    if client == "ours" and many:
+        ours_many(uri, block, offsets)
+    elif client == "ours":
         ours_scattered(uri, block, offsets)
     else:
         libnbd_reads(uri, [(o, block) for o in offsets])
@@ -168,7 +179,8 @@ def main(argv):
         read = whole(client, uri, int(argv[3]))
     else:
         read = scattered(client, uri, int(argv[3]),
-                         [int(x) for x in argv[4:]])
+                         [int(x) for x in argv[4:]],
+                         many=kind == "scattered-many")
     wall = time.monotonic() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)

@@ -47,7 +47,8 @@ def test_section_rows_and_rates():
     assert "| ours | 1 | 8.00 s | 128 | 2.00 | 1.00 | 1028 MiB | 1.004 |" \
         in text
     assert "| link 1gbit |" in text and "| unshaped loopback |" in text
-    assert "10.00 ms a block one at a time, 5.00 ms with many" in text
+    assert "ours, one at a time 10.00 ms a block; libnbd, many in flight " \
+        "5.00 ms a block" in text
 
 
 def test_section_says_when_libnbd_is_missing():
