@@ -19,7 +19,7 @@ from nbdsnap.verify import argtypes, nbd
 from nbdsnap.verify.errors import Error as VerifyError
 from nbdsnap.verify.errors import ManifestError, UnknownExport
 
-from . import apply, disk, fetch, run, source, state
+from . import apply, disk, fetch, run, source, standby, standby_xml, state
 
 PROG = "nbd-pull"
 DONE, NOT_DONE, ERROR = 0, 1, 2
@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=argtypes.positive, default=2, metavar="N",
                    help="threads that hash COPY when it is read again "
                    "(default %(default)s)")
+    p.add_argument("--define", metavar="NAME",
+                   help="after every pull completed, create or update the "
+                   "shut-off standby domain NAME from the frozen domain's "
+                   "definition, its disks on the COPYs")
+    p.add_argument("--connect", default="qemu:///system", metavar="URI",
+                   help="the libvirt of --define (default %(default)s)")
     p.add_argument("--json", action="store_true",
                    help="print the outcome as JSON on stdout")
     p.add_argument("--progress", choices=("auto", "always", "never"),
@@ -129,8 +135,9 @@ def main(argv=None) -> int:
     show = args.progress == "always" or (args.progress == "auto"
                                          and sys.stderr.isatty())
     outcomes = []
+    standby = (args.define, args.connect) if args.define else None
     try:
-        status = _pull_all(pairs, opts, show, outcomes)
+        status = _pull_all(pairs, opts, show, outcomes, standby)
     except Interrupted as e:
         if not any(o.get("error") == str(e) for o in outcomes):
             log.error("%s, between two steps: every copy is as the line "
@@ -143,11 +150,16 @@ def main(argv=None) -> int:
             traceback.print_exc()
         status = ERROR
     if args.json:
-        print(json.dumps({"status": status, "pulls": outcomes}, indent=2))
+        report = {"status": status,
+                  "pulls": [o for o in outcomes if "copy" in o]}
+        if standby:
+            report["standby"] = next(
+                (o for o in outcomes if "standby" in o), None)
+        print(json.dumps(report, indent=2))
     return status
 
 
-def _pull_all(pairs, opts, show, outcomes) -> int:
+def _pull_all(pairs, opts, show, outcomes, standby=None) -> int:
     jobs, exports = {}, {}
 
     def step(pair, fn, *args, **kwargs):
@@ -185,6 +197,8 @@ def _pull_all(pairs, opts, show, outcomes) -> int:
             if result is not _FAILED:
                 log.info("%s", _summary(result))
                 outcomes.append(dict(result._asdict(), status=DONE))
+        if standby:
+            outcomes.append(_define(*standby, jobs, outcomes))
     finally:
         # A second signal must not cut the goodbyes short.
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -197,6 +211,40 @@ def _pull_all(pairs, opts, show, outcomes) -> int:
 
 
 _FAILED = object()
+
+
+def _define(name, uri, jobs, outcomes) -> dict:
+    """The standby, once every pull completed, from their records."""
+    out = {"standby": name, "status": DONE, "notes": []}
+    if not jobs or any(o["status"] != DONE for o in outcomes):
+        out.update(status=NOT_DONE, error="not every pull completed")
+        log.error("standby %s not updated: not every pull completed", name)
+        return out
+    try:
+        copies, xml, origins = [], None, set()
+        for job in jobs.values():
+            xml, base = standby.frozen_definition(job.folder.record)
+            origins.add(standby_xml.origin(xml))
+            copies.append(standby_xml.Copy(
+                base, os.path.abspath(job.copy),
+                "block" if disk.kind(job.copy) == "block" else "file"))
+        if len(origins) != 1:
+            raise standby_xml.StandbyError(
+                "the disks come from different domains: %s" % ", ".join(
+                    sorted(n for n, _ in origins)))
+        out["notes"] = standby.define(uri, name, xml, copies)
+    except (standby.Running, standby_xml.StandbyError, VerifyError,
+            OSError) as e:
+        out.update(status=NOT_DONE if isinstance(e, standby.Running)
+                   else ERROR, error=str(e))
+        log.error("standby %s: %s", name, e)
+        return out
+    for note in out["notes"]:
+        log.warning("standby %s: %s", name, note)
+    log.info("standby %s defined from %s (shut off, autostart off): "
+             "failover is 'virsh -c %s start %s'", name,
+             origins.pop()[0], uri, name)
+    return out
 
 
 def _step(outcomes, pair, fn, *args, job=None, **kwargs):
@@ -226,7 +274,7 @@ def _status(e) -> int:
     if isinstance(e, (UnknownExport, source.NoManifest)):
         return ERROR                # configuration
     if isinstance(e, (nbd.NbdError, ManifestError, source.Incomplete,
-                      fetch.Corrupt, state.Busy, Interrupted)):
+                      fetch.Corrupt, state.Busy, Interrupted, disk.InUse)):
         return NOT_DONE             # the VM host, the network: run again
     return ERROR                    # here: COPY, its folder, a bug
 

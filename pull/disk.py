@@ -47,6 +47,10 @@ class DiskError(Exception):
     """COPY cannot be used: one line, said to the user as it is."""
 
 
+class InUse(DiskError):
+    """Another process (a QEMU) holds COPY's image locks: try later."""
+
+
 class Disk:
     """COPY, open read-write."""
 
@@ -116,7 +120,7 @@ class Disk:
         for base in (_PERM_BASE, _SHARED_BASE):
             for i, perm in enumerate(_PERMS):
                 if _held_by_other(self.fd, base + i):
-                    raise DiskError(
+                    raise InUse(
                         f"{self.path} is in use: another process holds "
                         f"its {perm} image lock (a running QEMU, e.g. a "
                         f"standby started from it?)")

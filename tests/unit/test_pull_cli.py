@@ -2,7 +2,7 @@
 
 import pytest
 
-from nbdsnap.pull import cli, fetch, source, state
+from nbdsnap.pull import cli, disk, fetch, source, state
 from nbdsnap.verify.errors import NbdError, UnknownExport
 
 
@@ -22,7 +22,7 @@ def test_bad_rates(text):
 @pytest.mark.parametrize("error, status", [
     (NbdError("gone"), 1), (source.Incomplete("x"), 1),
     (fetch.Corrupt("x"), 1), (state.Busy("x"), 1),
-    (cli.Interrupted(15), 1),
+    (cli.Interrupted(15), 1), (disk.InUse("x"), 1),
     (UnknownExport("x"), 2), (source.NoManifest("x"), 2),
     (state.StateError("x"), 2), (OSError(28, "No space left"), 2)])
 def test_statuses(error, status):

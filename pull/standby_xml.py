@@ -1,0 +1,194 @@
+"""The standby's definition, made from the frozen domain's: pure XML.
+
+The manifest carries the domain's inactive definition as it was at the
+freeze (libvirt's, without secrets).  The standby is that domain, with:
+
+    <name>            NAME
+    <uuid>            a new one (or the standby's own, when updated)
+    <metadata>        <nbdsnap:standby origin-name= origin-uuid=/>: ours,
+                      the only domains nbd-pull ever redefines
+    each pulled disk  its source pointed at its COPY (type file or block),
+                      format and target kept, backing chain dropped
+    everything else   as the original: MAC addresses too, so that after a
+                      failover the standby answers at the original's
+                      addresses (change them when both may run at once)
+
+What the clone host cannot give it is said in one line each and left
+out when the domain can boot without it (a host device, a vTPM, a
+network or bridge this host lacks, a CD-ROM's medium, the NVRAM file);
+a disk with data that was not pulled refuses the definition: a standby
+without it would boot into a different machine.  ElementTree, not lxml:
+the clone host's side needs nothing outside the standard library and
+libvirt's binding.
+"""
+
+from __future__ import annotations
+
+import uuid as uuid_mod
+import xml.etree.ElementTree as ET
+from typing import NamedTuple, Optional
+
+NS = "https://nbdsnap.invalid/xmlns/standby/1"
+ET.register_namespace("nbdsnap", NS)
+_MARK = "{%s}standby" % NS
+
+
+class StandbyError(Exception):
+    """The standby cannot be defined (one line: why)."""
+
+
+class Copy(NamedTuple):
+    base: str           # the frozen disk's path on the VM host
+    path: str           # its COPY here
+    kind: str           # "file" or "block"
+
+
+class Host(NamedTuple):
+    """What the clone host has, asked for by the caller (libvirt, sysfs)."""
+    networks: frozenset     # libvirt network names
+    bridges: frozenset      # bridge device names
+
+
+def origin(xml: str) -> tuple:
+    """(name, uuid) of the frozen domain."""
+    root = _parse(xml)
+    return root.findtext("name", ""), root.findtext("uuid", "")
+
+
+def mark_of(xml: str) -> Optional[dict]:
+    """Our <metadata> mark of a domain's XML, or None: not a standby of
+    ours."""
+    mark = _parse(xml).find("metadata/" + _MARK)
+    return dict(mark.attrib) if mark is not None else None
+
+
+def standby(xml: str, name: str, copies: list, host: Host,
+            uuid: Optional[str] = None) -> tuple:
+    """(the standby's XML, [one line per thing left out])."""
+    root = _parse(xml)
+    origin_name = root.findtext("name", "")
+    origin_uuid = root.findtext("uuid", "")
+    notes = []
+    _set(root, "name", name)
+    _set(root, "uuid", uuid or str(uuid_mod.uuid4()))
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(root, "metadata")
+    for old in metadata.findall(_MARK):
+        metadata.remove(old)
+    ET.SubElement(metadata, _MARK, {"origin-name": origin_name,
+                                    "origin-uuid": origin_uuid})
+    devices = root.find("devices")
+    if devices is None:
+        raise StandbyError("the frozen domain's definition has no devices")
+    left = {c.base: c for c in copies}
+    for disk in devices.findall("disk"):
+        _disk(devices, disk, left, notes)
+    if left:
+        raise StandbyError(
+            "no disk of %s is %s: was it pulled from another domain?"
+            % (origin_name, ", ".join(sorted(left))))
+    for dev in devices.findall("hostdev"):
+        devices.remove(dev)
+        notes.append("host device %s left out: this host has not got it"
+                     % _describe_hostdev(dev))
+    for dev in devices.findall("tpm"):
+        devices.remove(dev)
+        notes.append("vTPM left out: its state stays on the VM host")
+    for dev in devices.findall("interface"):
+        why = _missing_network(dev, host)
+        if why:
+            devices.remove(dev)
+            notes.append("interface %s left out: %s" % (
+                _mac(dev), why))
+    nvram = root.find("os/nvram")
+    if nvram is not None and (nvram.text or nvram.get("template")):
+        root.find("os").remove(nvram)
+        notes.append("NVRAM file not carried over: UEFI variables start "
+                     "from the firmware's template")
+    return ET.tostring(root, encoding="unicode"), notes
+
+
+def _disk(devices, disk, left: dict, notes: list) -> None:
+    target = disk.find("target")
+    dev = target.get("dev") if target is not None else "?"
+    source = disk.find("source")
+    path = None
+    if source is not None:
+        path = source.get("file") or source.get("dev")
+    if path in left:
+        copy = left.pop(path)
+        disk.set("type", copy.kind)
+        for old in disk.findall("source"):
+            disk.remove(old)
+        for old in disk.findall("backingStore"):
+            disk.remove(old)
+        new = ET.Element("source",
+                         {"file" if copy.kind == "file" else "dev":
+                          copy.path})
+        disk.insert(_after_driver(disk), new)
+        return
+    if disk.get("device") in ("cdrom", "floppy"):
+        if source is not None:
+            disk.remove(source)
+            notes.append("%s %s left empty: its medium stays on the VM "
+                         "host" % (disk.get("device"), dev))
+        return
+    if path is None:
+        return              # an empty drive: nothing to carry
+    raise StandbyError(
+        "disk %s (%s) was not pulled: pull it too (one more SOURCE COPY "
+        "pair), or the standby would boot without it"
+        % (dev, path or disk.get("type", "?")))
+
+
+def _after_driver(disk) -> int:
+    """Where <source> goes: after <driver>, as libvirt writes it."""
+    for i, child in enumerate(list(disk)):
+        if child.tag == "driver":
+            return i + 1
+    return 0
+
+
+def _missing_network(dev, host: Host) -> Optional[str]:
+    source = dev.find("source")
+    kind = dev.get("type")
+    if kind == "network" and source is not None:
+        net = source.get("network")
+        if net not in host.networks:
+            return "this host has no libvirt network %r" % net
+    if kind == "bridge" and source is not None:
+        bridge = source.get("bridge")
+        if bridge not in host.bridges:
+            return "this host has no bridge %r" % bridge
+    if kind in ("direct", "hostdev", "vdpa"):
+        return "it uses a host device (%s)" % kind
+    return None
+
+
+def _mac(dev) -> str:
+    mac = dev.find("mac")
+    return mac.get("address") if mac is not None else "(no MAC)"
+
+
+def _describe_hostdev(dev) -> str:
+    address = dev.find("source/address")
+    if address is None:
+        return dev.get("type", "?")
+    return "%s %s" % (dev.get("type", "?"), " ".join(
+        "%s=%s" % kv for kv in sorted(address.attrib.items())))
+
+
+def _set(root, tag: str, text: str) -> None:
+    el = root.find(tag)
+    if el is None:
+        el = ET.SubElement(root, tag)
+    el.text = text
+
+
+def _parse(xml: str):
+    try:
+        return ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise StandbyError("the frozen domain's definition is not XML: %s"
+                           % e) from None

@@ -1,0 +1,129 @@
+"""The standby's definition from the frozen domain's: fixed cases."""
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from nbdsnap.pull import standby_xml as sx
+
+FROZEN = """\
+<domain type='kvm'>
+  <name>db1</name>
+  <uuid>11111111-2222-3333-4444-555555555555</uuid>
+  <memory unit='KiB'>1048576</memory>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>
+    <nvram>/var/lib/libvirt/qemu/nvram/db1_VARS.fd</nvram>
+  </os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/var/lib/libvirt/images/db1-vda.raw'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source dev='/dev/vg/db1-vdb'/>
+      <backingStore/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <source file='/isos/install.iso'/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+    </disk>
+    <interface type='network'>
+      <mac address='52:54:00:aa:bb:cc'/>
+      <source network='default'/>
+    </interface>
+    <interface type='bridge'>
+      <mac address='52:54:00:aa:bb:dd'/>
+      <source bridge='br-storage'/>
+    </interface>
+    <hostdev mode='subsystem' type='pci' managed='yes'>
+      <source>
+        <address domain='0x0000' bus='0x03' slot='0x00' function='0x0'/>
+      </source>
+    </hostdev>
+    <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>
+  </devices>
+</domain>
+"""
+
+COPIES = [sx.Copy("/var/lib/libvirt/images/db1-vda.raw",
+                  "/srv/clones/db1-vda.img", "file"),
+          sx.Copy("/dev/vg/db1-vdb", "/dev/vg2/db1-vdb", "block")]
+HOST = sx.Host(networks=frozenset({"default"}), bridges=frozenset())
+
+
+def disks(xml):
+    root = ET.fromstring(xml)
+    return {d.find("target").get("dev"): d for d in root.iter("disk")}
+
+
+def test_the_standby_is_the_domain_on_its_copies():
+    xml, notes = sx.standby(FROZEN, "db1-standby", COPIES, HOST)
+    root = ET.fromstring(xml)
+    assert root.findtext("name") == "db1-standby"
+    assert root.findtext("uuid") != "11111111-2222-3333-4444-555555555555"
+    d = disks(xml)
+    assert d["vda"].get("type") == "file"
+    assert d["vda"].find("source").get("file") == "/srv/clones/db1-vda.img"
+    assert d["vda"].find("driver").get("type") == "raw"
+    assert d["vdb"].get("type") == "block"
+    assert d["vdb"].find("source").get("dev") == "/dev/vg2/db1-vdb"
+    assert d["vdb"].find("driver").get("type") == "qcow2"
+    assert d["vdb"].find("backingStore") is None
+    # The source follows the driver, as libvirt writes it.
+    assert [c.tag for c in d["vda"]][:2] == ["driver", "source"]
+    assert d["sda"].find("source") is None
+    # The MAC of what stays is the original's.
+    macs = [m.get("address") for m in root.iter("mac")]
+    assert macs == ["52:54:00:aa:bb:cc"]
+    assert sx.mark_of(xml) == {"origin-name": "db1", "origin-uuid":
+                               "11111111-2222-3333-4444-555555555555"}
+    assert root.find("os/nvram") is None
+    assert root.find("devices/hostdev") is None
+    assert root.find("devices/tpm") is None
+    assert len(notes) == 5
+    assert any("br-storage" in n for n in notes)
+    assert any("cdrom sda" in n for n in notes)
+    assert any("host device pci" in n for n in notes)
+
+
+def test_an_update_keeps_the_standbys_uuid():
+    xml, _ = sx.standby(FROZEN, "s", COPIES, HOST, uuid="abc")
+    assert ET.fromstring(xml).findtext("uuid") == "abc"
+    # And it carries one mark, not two, when made from a standby's XML.
+    again, _ = sx.standby(xml, "s", [
+        sx.Copy("/srv/clones/db1-vda.img", "/x", "file"),
+        sx.Copy("/dev/vg2/db1-vdb", "/y", "block")], HOST, uuid="abc")
+    assert len(ET.fromstring(again).findall("metadata/" + sx._MARK)) == 1
+
+
+def test_a_disk_not_pulled_refuses_the_definition():
+    with pytest.raises(sx.StandbyError, match="disk vdb .* was not pulled"):
+        sx.standby(FROZEN, "s", COPIES[:1], HOST)
+
+
+def test_a_copy_of_another_domains_disk_is_refused():
+    with pytest.raises(sx.StandbyError, match="no disk of db1 is /other"):
+        sx.standby(FROZEN, "s", COPIES + [sx.Copy("/other", "/c", "file")],
+                   HOST)
+
+
+def test_a_missing_network_leaves_the_interface_out():
+    xml, notes = sx.standby(FROZEN, "s", COPIES,
+                            sx.Host(frozenset(), frozenset({"br-storage"})))
+    assert [m.get("address") for m in ET.fromstring(xml).iter("mac")] == \
+        ["52:54:00:aa:bb:dd"]
+    assert any("no libvirt network 'default'" in n for n in notes)
+
+
+def test_not_ours_and_not_xml():
+    assert sx.mark_of(FROZEN) is None
+    assert sx.origin(FROZEN) == ("db1",
+                                 "11111111-2222-3333-4444-555555555555")
+    with pytest.raises(sx.StandbyError, match="not XML"):
+        sx.origin("<domain")
