@@ -134,12 +134,22 @@ def _disk(devices, disk, left: dict, notes: list) -> None:
             notes.append("%s %s left empty: its medium stays on the VM "
                          "host" % (disk.get("device"), dev))
         return
-    if path is None:
+    if source is None or not (source.attrib or len(source)):
         return              # an empty drive: nothing to carry
+    # Not only a path: kept as it is, a network or pool disk would be the
+    # original's RBD image (two machines writing one disk) or whatever
+    # this host's pool of that name holds.
     raise StandbyError(
         "disk %s (%s) was not pulled: pull it too (one more SOURCE COPY "
         "pair), or the standby would boot without it"
-        % (dev, path or disk.get("type", "?")))
+        % (dev, _describe_source(disk, source)))
+
+
+def _describe_source(disk, source) -> str:
+    """'file /path', 'network rbd pool/image', 'volume POOL VOLUME'..."""
+    return " ".join([disk.get("type", "file")] + [
+        source.get(a) for a in ("protocol", "file", "dev", "dir", "pool",
+                                "volume", "name", "path") if source.get(a)])
 
 
 def _after_driver(disk) -> int:

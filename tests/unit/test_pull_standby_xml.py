@@ -127,3 +127,44 @@ def test_not_ours_and_not_xml():
                                  "11111111-2222-3333-4444-555555555555")
     with pytest.raises(sx.StandbyError, match="not XML"):
         sx.origin("<domain")
+
+
+def frozen_with(disk_xml):
+    """FROZEN with one more disk, before its interfaces."""
+    return FROZEN.replace("    <interface type='network'>",
+                          disk_xml + "    <interface type='network'>", 1)
+
+
+@pytest.mark.parametrize("extra, what", [
+    ("""<disk type='network' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source protocol='rbd' name='pool/db1-vdc'>
+        <host name='ceph1' port='6789'/>
+      </source>
+      <target dev='vdc' bus='virtio'/>
+    </disk>""", "rbd"),
+    ("""<disk type='volume' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source pool='data' volume='db1-vdc'/>
+      <target dev='vdc' bus='virtio'/>
+    </disk>""", "volume"),
+    ("""<disk type='dir' device='disk'>
+      <driver name='qemu' type='fat'/>
+      <source dir='/srv/share'/>
+      <target dev='vdc' bus='virtio'/>
+    </disk>""", "dir"),
+])
+def test_a_disk_not_on_a_local_path_and_not_pulled_refuses(extra, what):
+    # Kept as it is, the standby would write the original's RBD image
+    # (two machines on one disk) or whatever this host's pool holds.
+    with pytest.raises(sx.StandbyError, match="disk vdc .*%s.* was not "
+                       "pulled" % what):
+        sx.standby(frozen_with(extra), "s", COPIES, HOST)
+
+
+def test_an_empty_drive_stays_as_it_is():
+    xml, _ = sx.standby(frozen_with("""<disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <target dev='vdc' bus='virtio'/>
+    </disk>"""), "s", COPIES, HOST)
+    assert disks(xml)["vdc"].find("source") is None
