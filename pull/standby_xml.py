@@ -119,14 +119,13 @@ def _disk(devices, disk, left: dict, notes: list) -> None:
     if path in left:
         copy = left.pop(path)
         disk.set("type", copy.kind)
-        for old in disk.findall("source"):
-            disk.remove(old)
         for old in disk.findall("backingStore"):
             disk.remove(old)
-        new = ET.Element("source",
-                         {"file" if copy.kind == "file" else "dev":
-                          copy.path})
-        disk.insert(_after_driver(disk), new)
+        # Only the path changes: what <source> says beside it (a LUKS
+        # disk's <encryption>, a <seclabel>, startupPolicy) stays.
+        for attr in _PATH_ATTRS:
+            source.attrib.pop(attr, None)
+        source.set("file" if copy.kind == "file" else "dev", copy.path)
         return
     if disk.get("device") in ("cdrom", "floppy"):
         if source is not None:
@@ -152,12 +151,8 @@ def _describe_source(disk, source) -> str:
                                 "volume", "name", "path") if source.get(a)])
 
 
-def _after_driver(disk) -> int:
-    """Where <source> goes: after <driver>, as libvirt writes it."""
-    for i, child in enumerate(list(disk)):
-        if child.tag == "driver":
-            return i + 1
-    return 0
+# A local disk's path, and its place in a live chain (index).
+_PATH_ATTRS = ("file", "dev", "index")
 
 
 def _missing_network(dev, host: Host) -> Optional[str]:

@@ -168,3 +168,31 @@ def test_an_empty_drive_stays_as_it_is():
       <target dev='vdc' bus='virtio'/>
     </disk>"""), "s", COPIES, HOST)
     assert disks(xml)["vdc"].find("source") is None
+
+
+def test_a_pulled_disks_source_keeps_what_it_says_beside_the_path():
+    # A LUKS disk without its <encryption> would not open (qcow2) or show
+    # the guest its ciphertext (raw); a seclabel says how to label it.
+    frozen = FROZEN.replace(
+        "<source file='/var/lib/libvirt/images/db1-vda.raw'/>",
+        "<source file='/var/lib/libvirt/images/db1-vda.raw' "
+        "startupPolicy='optional' index='1'>"
+        "<seclabel model='dac' relabel='no'/>"
+        "<encryption format='luks'><secret type='passphrase' "
+        "uuid='0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f'/></encryption>"
+        "</source>")
+    xml, _ = sx.standby(frozen, "s", COPIES, HOST)
+    source = disks(xml)["vda"].find("source")
+    assert source.attrib == {"file": "/srv/clones/db1-vda.img",
+                             "startupPolicy": "optional"}
+    assert [c.tag for c in source] == ["seclabel", "encryption"]
+    assert source.find("encryption/secret").get("uuid") == \
+        "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"
+    # A file's source becomes a block device's: no file attribute left.
+    xml, _ = sx.standby(frozen, "s", [
+        sx.Copy(COPIES[0].base, "/dev/vg2/db1-vda", "block"), COPIES[1]],
+        HOST)
+    vda = disks(xml)["vda"]
+    assert vda.get("type") == "block"
+    assert vda.find("source").attrib == {"dev": "/dev/vg2/db1-vda",
+                                         "startupPolicy": "optional"}
