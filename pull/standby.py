@@ -5,8 +5,8 @@ complete pull, never anything else.
         every pull complete ──► the frozen definition (in COPY's record)
         ──► standby_xml.standby() ──► defineXML, autostart off
 
-A domain NAME that nbd-pull did not make (no mark in its <metadata>) is
-never touched; a standby that runs is not updated (it keeps what it
+A domain NAME that nbd-pull did not make (no mark in its <metadata>), or
+its standby of another domain, is never touched; a standby that runs is not updated (it keeps what it
 booted from; exit 1).  Failover is ``virsh start NAME``.
 
 libvirt's binding is imported here only: a clone host that never defines
@@ -64,12 +64,8 @@ def define(uri: str, name: str, xml: str, copies: list) -> list:
         except libvirt.libvirtError:
             dom = None
         if dom is not None:
-            mine = standby_xml.mark_of(
-                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            if mine is None:
-                raise StandbyError(
-                    "domain %s exists and nbd-pull did not make it: not "
-                    "touched; choose another --define NAME" % name)
+            standby_xml.check_update(
+                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), xml, name)
             if dom.isActive():
                 raise Running("standby %s is running: not updated (it keeps "
                               "the copy it booted from)" % name)

@@ -62,6 +62,25 @@ def mark_of(xml: str) -> Optional[dict]:
     return dict(mark.attrib) if mark is not None else None
 
 
+def check_update(existing: str, frozen: str, name: str) -> None:
+    """StandbyError unless the domain NAME (its inactive XML, existing) is
+    our standby of the frozen domain: nbd-pull never touches a domain it
+    did not make, nor repoints another domain's standby (a cron line with
+    the wrong exports) at these copies."""
+    mine = mark_of(existing)
+    if mine is None:
+        raise StandbyError("domain %s exists and nbd-pull did not make it: "
+                           "not touched; choose another --define NAME"
+                           % name)
+    origin_name, origin_uuid = origin(frozen)
+    if mine.get("origin-uuid") != origin_uuid:
+        raise StandbyError(
+            "standby %s is %s's (%s), not %s's (%s): not touched; choose "
+            "another --define NAME, or undefine it first"
+            % (name, mine.get("origin-name"), mine.get("origin-uuid"),
+               origin_name, origin_uuid))
+
+
 def standby(xml: str, name: str, copies: list, host: Host,
             uuid: Optional[str] = None) -> tuple:
     """(the standby's XML, [one line per thing left out])."""

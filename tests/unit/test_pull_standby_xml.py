@@ -196,3 +196,17 @@ def test_a_pulled_disks_source_keeps_what_it_says_beside_the_path():
     assert vda.get("type") == "block"
     assert vda.find("source").attrib == {"dev": "/dev/vg2/db1-vda",
                                          "startupPolicy": "optional"}
+
+
+def test_only_a_standby_of_the_same_domain_is_updated():
+    ours, _ = sx.standby(FROZEN, "s", COPIES, HOST)
+    sx.check_update(ours, FROZEN, "s")
+    other = FROZEN.replace("<name>db1</name>", "<name>web1</name>").replace(
+        "11111111-2222-3333-4444-555555555555",
+        "99999999-2222-3333-4444-555555555555")
+    # A cron line with another domain's exports must not repoint db1's
+    # standby at web1's copies.
+    with pytest.raises(sx.StandbyError, match="standby s is db1's.*web1"):
+        sx.check_update(ours, other, "s")
+    with pytest.raises(sx.StandbyError, match="nbd-pull did not make it"):
+        sx.check_update(FROZEN, FROZEN, "db1")
