@@ -58,31 +58,43 @@ def define(uri: str, name: str, xml: str, copies: list) -> list:
         raise StandbyError("cannot connect to %s: %s"
                            % (uri, e.get_error_message())) from None
     try:
-        uuid = None
-        try:
-            dom = conn.lookupByName(name)
-        except libvirt.libvirtError:
-            dom = None
-        if dom is not None:
-            standby_xml.check_update(
-                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), xml, name)
-            if dom.isActive():
-                raise Running("standby %s is running: not updated (it keeps "
-                              "the copy it booted from)" % name)
-            uuid = dom.UUIDString()
-        host = standby_xml.Host(
-            networks=frozenset(conn.listNetworks()
-                               + conn.listDefinedNetworks()),
-            bridges=frozenset(_bridges()))
-        new_xml, notes = standby_xml.standby(xml, name, copies, host, uuid)
-        try:
-            conn.defineXML(new_xml).setAutostart(0)
-        except libvirt.libvirtError as e:
-            raise StandbyError("libvirt refused the standby %s: %s"
-                               % (name, e.get_error_message())) from None
-        return notes
+        return _define(libvirt, conn, name, xml, copies)
+    except libvirt.libvirtError as e:
+        raise StandbyError("libvirt on %s failed: %s"
+                           % (uri, e.get_error_message())) from None
     finally:
         conn.close()
+
+
+def _define(libvirt, conn, name: str, xml: str, copies: list) -> list:
+    uuid = None
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError as e:
+        # Only "no such domain" is: any other failure (libvirtd gone, no
+        # right to read it) must not lead to a define over a domain not
+        # looked at.
+        if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        dom = None
+    if dom is not None:
+        standby_xml.check_update(
+            dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), xml, name)
+        if dom.isActive():
+            raise Running("standby %s is running: not updated (it keeps "
+                          "the copy it booted from)" % name)
+        uuid = dom.UUIDString()
+    host = standby_xml.Host(
+        networks=frozenset(conn.listNetworks()
+                           + conn.listDefinedNetworks()),
+        bridges=frozenset(_bridges()))
+    new_xml, notes = standby_xml.standby(xml, name, copies, host, uuid)
+    try:
+        conn.defineXML(new_xml).setAutostart(0)
+    except libvirt.libvirtError as e:
+        raise StandbyError("libvirt refused the standby %s: %s"
+                           % (name, e.get_error_message())) from None
+    return notes
 
 
 def _bridges() -> list:
