@@ -100,7 +100,12 @@ def standby(xml: str, name: str, copies: list, host: Host,
     devices = root.find("devices")
     if devices is None:
         raise StandbyError("the frozen domain's definition has no devices")
-    left = {c.base: c for c in copies}
+    left = {}
+    for c in copies:
+        if c.base in left:
+            raise StandbyError("two COPYs of %s: %s and %s; pull each disk "
+                               "once" % (c.base, left[c.base].path, c.path))
+        left[c.base] = c
     for disk in devices.findall("disk"):
         _disk(devices, disk, left, notes)
     if left:

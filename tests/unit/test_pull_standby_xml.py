@@ -210,3 +210,11 @@ def test_only_a_standby_of_the_same_domain_is_updated():
         sx.check_update(ours, other, "s")
     with pytest.raises(sx.StandbyError, match="nbd-pull did not make it"):
         sx.check_update(FROZEN, FROZEN, "db1")
+
+
+def test_two_copies_of_one_disk_are_refused():
+    # One of them would be left out without a word: which one boots?
+    with pytest.raises(sx.StandbyError, match="two COPYs of "
+                       "/dev/vg/db1-vdb: /dev/vg2/db1-vdb and /z"):
+        sx.standby(FROZEN, "s", COPIES + [
+            sx.Copy("/dev/vg/db1-vdb", "/z", "block")], HOST)
