@@ -126,10 +126,8 @@ def standby(xml: str, name: str, copies: list, host: Host,
             notes.append("interface %s left out: %s" % (
                 _mac(dev), why))
     nvram = root.find("os/nvram")
-    if nvram is not None and (nvram.text or nvram.get("template")):
-        root.find("os").remove(nvram)
-        notes.append("NVRAM file not carried over: UEFI variables start "
-                     "from the firmware's template")
+    if nvram is not None:
+        _nvram(root.find("os"), nvram, notes)
     return ET.tostring(root, encoding="unicode"), notes
 
 
@@ -177,6 +175,24 @@ def _describe_source(disk, source) -> str:
 
 # A local disk's path, and its place in a live chain (index).
 _PATH_ATTRS = ("file", "dev", "index")
+
+
+def _nvram(os_el, nvram, notes: list) -> None:
+    """The NVRAM file's path (text, or <source> with type=) is the
+    original's: left out, libvirt makes the standby's own.  Its template
+    stays: without it libvirt guesses one from the loader, or refuses a
+    loader it does not know."""
+    if (nvram.text or "").strip() or len(nvram):
+        notes.append("NVRAM file not carried over: UEFI variables start "
+                     "from the firmware's template")
+    nvram.text = None
+    for child in list(nvram):
+        nvram.remove(child)
+    for attr in list(nvram.attrib):
+        if attr not in ("template", "templateFormat", "format"):
+            del nvram.attrib[attr]
+    if not nvram.attrib:
+        os_el.remove(nvram)
 
 
 def _missing_network(dev, host: Host) -> Optional[str]:

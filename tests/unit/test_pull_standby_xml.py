@@ -218,3 +218,20 @@ def test_two_copies_of_one_disk_are_refused():
                        "/dev/vg/db1-vdb: /dev/vg2/db1-vdb and /z"):
         sx.standby(FROZEN, "s", COPIES + [
             sx.Copy("/dev/vg/db1-vdb", "/z", "block")], HOST)
+
+
+@pytest.mark.parametrize("nvram", [
+    "<nvram template='/usr/share/OVMF/OVMF_VARS.ms.fd'>"
+    "/var/lib/libvirt/qemu/nvram/db1_VARS.fd</nvram>",
+    "<nvram template='/usr/share/OVMF/OVMF_VARS.ms.fd' type='file'>"
+    "<source file='/var/lib/libvirt/qemu/nvram/db1_VARS.fd'/></nvram>"])
+def test_the_nvram_file_is_left_out_its_template_kept(nvram):
+    # Without the template libvirt must guess one from the loader (the
+    # Secure Boot one here: it would not), or refuse a custom loader.
+    frozen = FROZEN.replace(
+        "<nvram>/var/lib/libvirt/qemu/nvram/db1_VARS.fd</nvram>", nvram)
+    xml, notes = sx.standby(frozen, "s", COPIES, HOST)
+    new = ET.fromstring(xml).find("os/nvram")
+    assert new.attrib == {"template": "/usr/share/OVMF/OVMF_VARS.ms.fd"}
+    assert not (new.text or "").strip() and len(new) == 0
+    assert any("NVRAM file not carried over" in n for n in notes)
