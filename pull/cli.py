@@ -234,7 +234,7 @@ def _define(name, uri, jobs, outcomes) -> dict:
                     sorted(n for n, _ in origins)))
         out["notes"] = standby.define(uri, name, xml, copies)
     except (standby.Running, standby_xml.StandbyError, VerifyError,
-            OSError) as e:
+            disk.DiskError, OSError) as e:
         out.update(status=NOT_DONE if isinstance(e, standby.Running)
                    else ERROR, error=str(e))
         log.error("standby %s: %s", name, e)

@@ -52,3 +52,52 @@ def test_the_manifest_is_the_export_beside():
         "nbd://h:10809/vm-vda.manifest"
     assert source.manifest_uri("nbd+unix:///e?socket=/run/s") == \
         "nbd+unix:///e.manifest?socket=/run/s"
+
+
+def define_jobs(monkeypatch, records, kinds=None):
+    """_define over jobs whose records hold these (xml, base), the copies
+    of kinds (a DiskError instance raises); standby.define recorded."""
+    from types import SimpleNamespace
+
+    from nbdsnap.pull import standby
+    monkeypatch.setattr(standby, "frozen_definition", lambda r: records[r])
+    kinds = kinds or {}
+
+    def kind(path):
+        if isinstance(kinds.get(path), Exception):
+            raise kinds[path]
+        return kinds.get(path, "file")
+    monkeypatch.setattr(disk, "kind", kind)
+    defined = []
+    monkeypatch.setattr(standby, "define",
+                        lambda *a: defined.append(a) or [])
+    jobs = {("nbd://h/" + r, "/c/" + r): SimpleNamespace(
+        folder=SimpleNamespace(record=r), copy="/c/" + r) for r in records}
+    return jobs, defined
+
+
+DOM = "<domain><name>%s</name><uuid>%s</uuid><devices/></domain>"
+
+
+def test_define_refuses_disks_of_two_domains(monkeypatch):
+    jobs, defined = define_jobs(monkeypatch, {
+        "a": (DOM % ("db1", "u1"), "/b/a"), "b": (DOM % ("web1", "u2"),
+                                                  "/b/b")})
+    out = cli._define("s", "test:///", jobs, [{"status": 0}] * 2)
+    assert out["status"] == 2 and "different domains: db1, web1" in \
+        out["error"]
+    assert defined == []
+
+
+def test_define_waits_for_every_pull(monkeypatch):
+    jobs, defined = define_jobs(monkeypatch, {"a": (DOM % ("d", "u"), "/b")})
+    out = cli._define("s", "test:///", jobs, [{"status": 0}, {"status": 2}])
+    assert out["status"] == 1 and defined == []
+
+
+def test_define_says_a_copy_it_cannot_use_in_one_line(monkeypatch):
+    jobs, defined = define_jobs(
+        monkeypatch, {"a": (DOM % ("d", "u"), "/b")},
+        {"/c/a": disk.DiskError("/c/a: not a file or block device")})
+    out = cli._define("s", "test:///", jobs, [{"status": 0}])
+    assert out["status"] == 2 and "not a file" in out["error"]
