@@ -83,11 +83,19 @@ def _define(libvirt, conn, name: str, xml: str, copies: list) -> list:
         if dom.isActive():
             raise Running("standby %s is running: not updated (it keeps "
                           "the copy it booted from)" % name)
+        if dom.hasManagedSaveImage(0):
+            # virsh start would restore its saved memory over disks
+            # rewritten since: a guest corrupting its own file systems.
+            raise Running("standby %s has a saved state (virsh "
+                          "managedsave): not updated; remove it with virsh "
+                          "managedsave-remove, or start the standby" % name)
         uuid = dom.UUIDString()
     host = standby_xml.Host(
         networks=frozenset(conn.listNetworks()
                            + conn.listDefinedNetworks()),
-        bridges=frozenset(_bridges()))
+        bridges=frozenset(_bridges()),
+        files=frozenset(p for p in standby_xml.needs(xml)
+                        if os.path.exists(p)))
     new_xml, notes = standby_xml.standby(xml, name, copies, host, uuid)
     try:
         conn.defineXML(new_xml).setAutostart(0)

@@ -47,6 +47,17 @@ class Host(NamedTuple):
     """What the clone host has, asked for by the caller (libvirt, sysfs)."""
     networks: frozenset     # libvirt network names
     bridges: frozenset      # bridge device names
+    files: frozenset = frozenset()      # of the paths asked for (needs())
+    #                                     those that exist here
+
+
+def needs(xml: str) -> list:
+    """The host files the frozen domain boots from (kernel, initrd, a
+    firmware loader): the caller says which exist here (Host.files)."""
+    root = _parse(xml)
+    return [el.text.strip() for tag in ("os/kernel", "os/initrd",
+                                        "os/loader")
+            for el in root.findall(tag) if el.text and el.text.strip()]
 
 
 def origin(xml: str) -> tuple:
@@ -125,6 +136,15 @@ def standby(xml: str, name: str, copies: list, host: Host,
             devices.remove(dev)
             notes.append("interface %s left out: %s" % (
                 _mac(dev), why))
+    for path in needs(xml):
+        if path not in host.files:
+            notes.append("%s is not on this host: the standby will not "
+                         "start until it is" % path)
+    for dev in devices.findall("filesystem"):
+        devices.remove(dev)
+        source = dev.find("source")
+        notes.append("shared folder %s left out: it is the VM host's" % (
+            source.get("dir") if source is not None else "?"))
     nvram = root.find("os/nvram")
     if nvram is not None:
         _nvram(root.find("os"), nvram, notes)

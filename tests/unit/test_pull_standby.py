@@ -78,3 +78,38 @@ def test_libvirt_failing_later_is_one_line(libvirt):
     libvirt.conn = Conn(networks=LibvirtError("connection closed"))
     with pytest.raises(standby_xml.StandbyError, match="connection closed"):
         standby.define("test:///", "s", FROZEN, COPIES)
+
+
+class Dom:
+    def __init__(self, xml, saved=False):
+        self.xml, self.saved = xml, saved
+
+    def XMLDesc(self, flags):
+        return self.xml
+
+    def isActive(self):
+        return False
+
+    def hasManagedSaveImage(self, flags):
+        return self.saved
+
+    def UUIDString(self):
+        return "abc"
+
+
+def test_a_standby_with_a_saved_state_is_not_updated(libvirt):
+    # virsh start would restore its memory over the rewritten disks.
+    made, _ = standby_xml.standby(FROZEN, "s", COPIES, standby_xml.Host(
+        frozenset(), frozenset()))
+
+    class Found(Conn):
+        def lookupByName(self, name):
+            return Dom(made, saved=True)
+    libvirt.conn = Found()
+    with pytest.raises(standby.Running, match="managedsave-remove"):
+        standby.define("test:///", "s", FROZEN, COPIES)
+    assert libvirt.conn.defined == []
+    libvirt.conn = type("Unsaved", (Conn,), {
+        "lookupByName": lambda self, name: Dom(made)})()
+    standby.define("test:///", "s", FROZEN, COPIES)
+    assert libvirt.conn.defined

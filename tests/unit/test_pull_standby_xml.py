@@ -54,7 +54,8 @@ FROZEN = """\
 COPIES = [sx.Copy("/var/lib/libvirt/images/db1-vda.raw",
                   "/srv/clones/db1-vda.img", "file"),
           sx.Copy("/dev/vg/db1-vdb", "/dev/vg2/db1-vdb", "block")]
-HOST = sx.Host(networks=frozenset({"default"}), bridges=frozenset())
+HOST = sx.Host(networks=frozenset({"default"}), bridges=frozenset(),
+               files=frozenset({"/usr/share/OVMF/OVMF_CODE.fd"}))
 
 
 def disks(xml):
@@ -235,3 +236,17 @@ def test_the_nvram_file_is_left_out_its_template_kept(nvram):
     assert new.attrib == {"template": "/usr/share/OVMF/OVMF_VARS.ms.fd"}
     assert not (new.text or "").strip() and len(new) == 0
     assert any("NVRAM file not carried over" in n for n in notes)
+
+
+def test_what_the_domain_boots_from_and_shares_is_named_when_missing():
+    frozen = FROZEN.replace(
+        "</os>", "<kernel>/boot/vmlinuz-db1</kernel></os>").replace(
+        "</devices>", "<filesystem type='mount'><source dir='/srv/share'/>"
+        "<target dir='share'/></filesystem></devices>")
+    assert sx.needs(frozen) == ["/boot/vmlinuz-db1",
+                                "/usr/share/OVMF/OVMF_CODE.fd"]
+    xml, notes = sx.standby(frozen, "s", COPIES, HOST)
+    assert any("/boot/vmlinuz-db1 is not on this host" in n for n in notes)
+    assert not any("OVMF_CODE" in n for n in notes)
+    assert any("shared folder /srv/share left out" in n for n in notes)
+    assert ET.fromstring(xml).find("devices/filesystem") is None
