@@ -48,7 +48,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # The main job end to end on this machine: a throwaway VM, nbd-server on
 # loopback with the hooks, nbd-pull's 4-connection pull while the guest
 # writes, the copy verified, the commit shown, a refresh that moves only
-# what the guest wrote, everything cleaned up.
+# what the guest wrote; then the failover: a small Debian guest pulled with
+# --define, the original stopped, the standby booted from the copy and its
+# files read back through its agent; everything cleaned up.
 demo: host venv
 	$(PY) -m lab.demo
 

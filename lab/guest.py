@@ -147,8 +147,8 @@ def agent_answers(dom):
         return False
 
 
-def agent_read_file(dom, path, timeout=10):
-    """A file of the guest, read through the agent."""
+def agent_read_bytes(dom, path, timeout=10):
+    """A file of the guest, read through the agent, as bytes."""
     import base64
     handle = agent_command(dom, "guest-file-open", timeout, path=path,
                            mode="r")
@@ -159,9 +159,14 @@ def agent_read_file(dom, path, timeout=10):
                               count=65536)
             data += base64.b64decode(r["buf-b64"])
             if r["eof"]:
-                return data.decode(errors="replace")
+                return data
     finally:
         agent_command(dom, "guest-file-close", timeout, handle=handle)
+
+
+def agent_read_file(dom, path, timeout=10):
+    """A text file of the guest, read through the agent."""
+    return agent_read_bytes(dom, path, timeout).decode(errors="replace")
 
 
 def _channel_path(dom, port):
