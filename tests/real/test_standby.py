@@ -8,7 +8,6 @@ reads back through the agent are those the copy holds, each matching its
 name; the copy's file system is clean (the freeze was quiesced).
 """
 
-import base64
 import hashlib
 import json
 import os
@@ -22,21 +21,6 @@ from lab import guest as lab_guest
 from test_quiesce import assert_files_intact, guest  # noqa: F401 (fixture)
 
 from nbdsnap.pull import standby_xml
-
-
-def agent_read_bytes(dom, path):
-    handle = lab_guest.agent_command(dom, "guest-file-open", path=path,
-                                     mode="r")
-    data = b""
-    try:
-        while True:
-            r = lab_guest.agent_command(dom, "guest-file-read",
-                                        handle=handle, count=65536)
-            data += base64.b64decode(r["buf-b64"])
-            if r["eof"]:
-                return data
-    finally:
-        lab_guest.agent_command(dom, "guest-file-close", handle=handle)
 
 
 def pull(env, server, copy, name, check=0):
@@ -94,7 +78,8 @@ def test_the_standby_boots_and_holds_what_the_guest_wrote(virt, env, guest):
         # 300 behind it: read the highest-numbered ones first.
         names = sorted(files, key=lambda n: -int(n.split("-")[0]))[:8]
         for fname in names:
-            data = agent_read_bytes(standby, "/data/files/" + fname)
+            data = lab_guest.agent_read_bytes(standby,
+                                              "/data/files/" + fname)
             assert hashlib.sha256(data).hexdigest() == fname.split("-", 1)[1]
 
         # Running, neither its copy nor itself is updated: exit 1 (try
