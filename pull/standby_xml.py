@@ -161,6 +161,14 @@ def _disk(devices, disk, left: dict, notes: list) -> None:
     if path in left:
         copy = left.pop(path)
         disk.set("type", copy.kind)
+        backing = disk.find("backingStore/source")
+        if backing is not None and (backing.get("file") or
+                                    backing.get("dev")):
+            # The copy is the qcow2 file as it is: it names that path.
+            notes.append(
+                "disk %s is a qcow2 over %s: the standby starts only where "
+                "that file is, at that path (copy the template once)"
+                % (dev, backing.get("file") or backing.get("dev")))
         for old in disk.findall("backingStore"):
             disk.remove(old)
         # Only the path changes: what <source> says beside it (a LUKS

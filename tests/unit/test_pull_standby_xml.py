@@ -250,3 +250,14 @@ def test_what_the_domain_boots_from_and_shares_is_named_when_missing():
     assert not any("OVMF_CODE" in n for n in notes)
     assert any("shared folder /srv/share left out" in n for n in notes)
     assert ET.fromstring(xml).find("devices/filesystem") is None
+
+
+def test_a_qcow2_over_a_backing_file_names_it():
+    frozen = FROZEN.replace(
+        "<backingStore/>", "<backingStore type='file'><format type='raw'/>"
+        "<source file='/var/lib/libvirt/images/template.raw'/>"
+        "</backingStore>")
+    xml, notes = sx.standby(frozen, "s", COPIES, HOST)
+    assert any("vdb is a qcow2 over /var/lib/libvirt/images/template.raw"
+               in n for n in notes)
+    assert disks(xml)["vdb"].find("backingStore") is None
