@@ -121,10 +121,6 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    # A pull stopped by cron's or an operator's signal still ends its
-    # connections with NBD_CMD_DISC (the VM host's freeze ends cleanly).
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _interrupt)
     if len(args.pairs) % 2:
         build_parser().error("SOURCE and COPY come in pairs")
     _logging(args.syslog_socket)
@@ -136,7 +132,13 @@ def main(argv=None) -> int:
                                          and sys.stderr.isatty())
     outcomes = []
     standby = (args.define, args.connect) if args.define else None
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        # A pull stopped by cron's or an operator's signal still ends its
+        # connections with NBD_CMD_DISC (the VM host's freeze ends
+        # cleanly); from here on, where it is caught.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _interrupt)
         status = _pull_all(pairs, opts, show, outcomes, standby)
     except Interrupted as e:
         if not any(o.get("error") == str(e) for o in outcomes):
@@ -149,6 +151,9 @@ def main(argv=None) -> int:
         if os.environ.get("NBD_PULL_DEBUG"):
             traceback.print_exc()
         status = ERROR
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
     if args.json:
         report = {"status": status,
                   "pulls": [o for o in outcomes if "copy" in o]}

@@ -118,6 +118,8 @@ def run(clients, work, sink, *, algorithm: str, block_size: int,
                     break
                 if limiter:
                     limiter.take(sum(n for _, n in batch.ranges))
+                    if stop.is_set():       # stopped while it waited
+                        break
                 items = _read_checked(client, batch, algorithm, block_size,
                                       md)
                 if sink_anywhere:
