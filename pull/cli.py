@@ -15,7 +15,7 @@ import signal
 import sys
 import traceback
 
-from nbdsnap.verify import argtypes, nbd
+from nbdsnap.verify import argtypes, nbd, sources
 from nbdsnap.verify.errors import Error as VerifyError
 from nbdsnap.verify.errors import ManifestError, UnknownExport
 
@@ -189,7 +189,7 @@ def _pull_all(pairs, opts, show, outcomes, standby=None) -> int:
             step(pair, source.check_served, pair[0])
         # Every export before any read: one freeze holds them all.
         for pair in list(jobs):
-            export = step(pair, source.Export, pair[0], opts.connections)
+            export = step(pair, sources.NbdSource, pair[0], opts.connections)
             if export is not _FAILED:
                 exports[pair] = export
         for pair in list(jobs):

@@ -33,7 +33,7 @@ import os
 import time
 from typing import NamedTuple, Optional
 
-from nbdsnap.verify import manifest2_pack
+from nbdsnap.verify import manifest2_pack, sources
 from nbdsnap.verify.errors import ManifestError
 from nbdsnap.verify.files import atomic_file
 
@@ -88,7 +88,7 @@ class Job:
         self.folder.close()
 
 
-def pull(job: Job, export: source.Export, say=None,
+def pull(job: Job, export: sources.NbdSource, say=None,
          progress=None, clock=time.monotonic) -> Result:
     """Pull export into job's COPY (see the module docstring)."""
     start = job.started

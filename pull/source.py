@@ -5,8 +5,8 @@
     nbd://vmhost/vm1-vda.manifest   the freeze-time manifest beside it
                                     (digest = on, written by nbdsnap export)
 
-The connections to the export are opened first and held for the whole
-pull: while one is open the freeze stays, and prerun writes an
+The connections to the export (verify's sources.NbdSource, one per
+worker of the transfer) are opened first and held for the whole pull: while one is open the freeze stays, and prerun writes an
 incomplete manifest before it lets a client in, so a complete manifest
 read then is this freeze's.  The manifest is read anew (a new
 connection: nbd-server sizes a file at open) until it is complete.
@@ -59,34 +59,6 @@ def _no_manifest(uri: str) -> NoManifest:
         f"{uri}: the VM host serves no manifest beside this export "
         f"({manifest_uri(uri)}): set digest = on in its nbdsnap.conf and "
         f"write its sections again with nbdsnap export")
-
-
-class Export:
-    """The connections to a disk's export, held while the pull runs."""
-
-    def __init__(self, uri: str, connections: int,
-                 timeout: float = nbd.DEFAULT_TIMEOUT):
-        self.uri = uri
-        self.clients = [nbd.Client(uri, timeout)]
-        try:
-            first = self.clients[0]
-            if first.can_multi_conn and connections > 1:
-                more = sources.connect_more(uri, timeout, connections - 1)
-                self.clients += more
-            for c in self.clients[1:]:
-                if c.size != first.size:
-                    raise NbdError(
-                        f"{uri}: the export changed size between "
-                        f"connections ({first.size}, then {c.size} bytes)")
-        except BaseException:
-            self.close()
-            raise
-        self.size = first.size
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.close()
-        self.clients = []
 
 
 class _Reader(SourceReader):
@@ -158,18 +130,18 @@ class Manifest:
         self.client.close()
 
 
-def read_manifest(export: Export, wait: float, say=None,
+def read_manifest(export: sources.NbdSource, wait: float, say=None,
                   clock=time.monotonic, sleep=time.sleep) -> Manifest:
     """The export's manifest once complete; waits up to wait seconds,
     saying so once (say(line))."""
-    uri = manifest_uri(export.uri)
+    uri = manifest_uri(export.name)
     deadline = clock() + wait
     told = False
     while True:
         try:
             client = nbd.Client(uri)
         except UnknownExport:
-            raise _no_manifest(export.uri) from None
+            raise _no_manifest(export.name) from None
         try:
             reader = _Reader(client)
             header = manifest2.read_header(reader)

@@ -218,7 +218,7 @@ class NbdSource:
                 clients += connect_more(uri, timeout, connections - 1)
             for c in clients[1:]:
                 if c.size != first.size:
-                    raise SourceError(
+                    raise nbd.NbdError(
                         f"{uri}: the export changed size between "
                         f"connections ({first.size}, then {c.size} bytes)")
         except BaseException:
@@ -230,7 +230,9 @@ class NbdSource:
         # A worker reads as much as one connection keeps in flight.
         self.read_size = first.request_size * nbd.DEPTH
         self._first = first
-        self._clients = clients
+        # Each used by one thread at a time: read_into() takes an idle
+        # one; nbd-pull's transfer gives each to a worker of its own.
+        self.clients = clients
         self._idle = queue.SimpleQueue()
         for c in clients:
             self._idle.put(c)
@@ -277,7 +279,7 @@ class NbdSource:
             yield Extent(*run)
 
     def close(self) -> None:
-        for c in self._clients:
+        for c in self.clients:
             c.close()
 
     def __enter__(self):
