@@ -15,46 +15,22 @@ from nbdsnap.verify import blkhash, manifest2, manifest2_write, sources
 from nbdsnap.verify.readers import FileReader
 
 
-class Local:
-    """A complete local manifest, open: header, chunks, runs."""
+class Local(manifest2.Runs):
+    """A complete local manifest, open: header, chunks, and its block
+    digests by chunk (run) or by image range (digests)."""
 
     def __init__(self, path: str):
         self.path = path
-        self.reader = FileReader(path)
+        reader = FileReader(path)
         try:
-            self.header = manifest2.read_header(self.reader)
-            if not self.header.complete:
+            header = manifest2.read_header(reader)
+            if not header.complete:
                 raise manifest2.ManifestError(f"{path}: incomplete")
-            self.chunks = manifest2.read_chunks(self.reader, self.header)
+            chunks = manifest2.read_chunks(reader, header)
         except BaseException:
-            self.reader.close()
+            reader.close()
             raise
-        self._i, self._run = None, b""
-
-    def run(self, i: int) -> bytes:
-        if i >= len(self.chunks):
-            return b""
-        if i != self._i:
-            self._run = manifest2.read_run(self.reader, self.header,
-                                           self.chunks, i)
-            self._i = i
-        return self._run
-
-    def digests(self, offset: int, length: int) -> bytes:
-        """The block digests of [offset, offset + length), block-aligned,
-        within one chunk or across several, cut at the image's end (a
-        killed run's journal may reach past a source that shrank since)."""
-        h = self.header
-        length = min(length, h.size - offset)
-        out = []
-        while length > 0:
-            i, start = divmod(offset, h.chunk_size)
-            n = min(length, h.chunk_length(i) - start)
-            first = start // h.block_size * h.digest_size
-            out.append(self.run(i)[first:first
-                                   + -(-n // h.block_size) * h.digest_size])
-            offset, length = offset + n, length - n
-        return b"".join(out)
+        super().__init__(reader, header, chunks)
 
     def close(self) -> None:
         self.reader.close()

@@ -296,6 +296,39 @@ def read_run(reader, header: Header, chunks: list, i: int) -> bytes:
     return run
 
 
+class Runs:
+    """A manifest's block digests by image range, one checked run held
+    at a time (ranges asked for in order read each run once)."""
+
+    def __init__(self, reader, header: Header, chunks: list):
+        self.reader, self.header, self.chunks = reader, header, chunks
+        self._i, self._run = None, b""
+
+    def run(self, i: int) -> bytes:
+        """Chunk i's block digests, checked; b"" past the chunk table."""
+        if i >= len(self.chunks):
+            return b""
+        if i != self._i:
+            self._run = read_run(self.reader, self.header, self.chunks, i)
+            self._i = i
+        return self._run
+
+    def digests(self, offset: int, length: int) -> bytes:
+        """The block digests of [offset, offset + length), block-aligned,
+        within one chunk or across several, cut at the image's end."""
+        h = self.header
+        length = min(length, h.size - offset)
+        out = []
+        while length > 0:
+            i, start = divmod(offset, h.chunk_size)
+            n = min(length, h.chunk_length(i) - start)
+            first = start // h.block_size * h.digest_size
+            out.append(self.run(i)[first:first
+                                   + -(-n // h.block_size) * h.digest_size])
+            offset, length = offset + n, length - n
+        return b"".join(out)
+
+
 def _read_part(reader, part: tuple, sha256: bytes, what: str) -> bytes:
     """The bytes of part (offset, length), checked against sha256."""
     data = _pread(reader, *part)

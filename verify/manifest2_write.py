@@ -95,7 +95,7 @@ def write_incremental(path: str, previous, source, dirty, *,
             f"{previous.name}: the previous manifest is of {old.algorithm} "
             f"in blocks of {old.block_size} and chunks of "
             f"{old.chunk_size}, not {algorithm}, {block_size}, {chunk_size}")
-    runs = _Runs(counted, old, manifest2.read_chunks(counted, old))
+    runs = manifest2.Runs(counted, old, manifest2.read_chunks(counted, old))
     ranges = plan.rehash(dirty, old.size, source.size, block_size)
     segment = ops.segment_size(block_size, source)
     pieces = plan.plan_incremental(source.extents(), ranges, source.size,
@@ -183,25 +183,6 @@ def _feed(packer: Packer, source, pieces, keep, threads: int) -> tuple:
             read += piece.length
             hashed += blocks
     return read, hashed, zero, copied
-
-
-class _Runs:
-    """The previous manifest's block digests, one checked run at a time
-    (Keep pieces come in order and never cross a chunk)."""
-
-    def __init__(self, reader, header: manifest2.Header, chunks: list):
-        self.reader, self.header, self.chunks = reader, header, chunks
-        self._i, self._run = None, b""
-
-    def digests(self, offset: int, length: int) -> bytes:
-        h = self.header
-        i, start = divmod(offset, h.chunk_size)
-        if i != self._i:
-            self._run = manifest2.read_run(self.reader, h, self.chunks, i)
-            self._i = i
-        first = start // h.block_size * h.digest_size
-        return self._run[first:first + length // h.block_size *
-                         h.digest_size]
 
 
 class _Counted:
