@@ -669,3 +669,54 @@ def test_standby_running_from_copy(env, sources, pulls):
         finally:
             end(proc)
         assert not qemu_locked(dev)         # the locks went with nbd-pull
+
+
+def test_killed_pull_then_a_shrunk_source(env, sources, pulls):
+    src = sources()
+    old = image(1, 64 * MiB)
+    # Changes in the upper half only: what the killed run stages lies
+    # there, past the end of the source once it shrinks.
+    new = image(2, 64 * MiB, old, pieces=0, zeros=0,
+                spans=((32 * MiB, 16 * MiB),))
+    src.publish(old)
+    src.start()
+    copy = env.path("copy.img")
+    done(pull(pulls, src, copy), src, copy)
+
+    src.publish(new)
+    jpath = os.path.join(state_folder(copy), "journal")
+    proc = pulls(src, copy, *SLOW)
+    wait_for(lambda: staged(jpath) > MiB, "blocks staged")
+    killed(proc)
+    # The source shrinks below what that journal holds: the next run must
+    # neither hang on it nor reuse any of it.
+    src.publish(new[:16 * MiB])
+    got = done(pull(pulls, src, copy), src, copy)
+    assert got["blocks_reused"] == 0
+
+
+def test_copy_written_during_the_transfer_is_not_trusted(env, sources,
+                                                          pulls):
+    src = sources()
+    old = image(1, SIZE)
+    new = image(2, SIZE, old, pieces=0, zeros=0, spans=((0, 16 * MiB),))
+    src.publish(old)
+    src.start()
+    copy = env.path("copy.img")
+    done(pull(pulls, src, copy), src, copy)
+
+    src.publish(new)
+    jpath = os.path.join(state_folder(copy), "journal")
+    proc = pulls(src, copy, *SLOW)
+    wait_for(lambda: staged(jpath) > MiB, "blocks staged")
+    # A standby booted from the copy, meanwhile, writes it.
+    with open(copy, "r+b") as f:
+        f.seek(SIZE - MiB)
+        f.write(b"standby!" * 512)
+    failed(finish(proc), 2, "written while the pull fetched",
+           "the copy is unchanged")
+    assert not sealed(jpath)
+    # The next run reads the copy again, reuses what was staged, and
+    # makes it the source's.
+    got = done(pull(pulls, src, copy), src, copy)
+    assert "changed" in got["why_scan"] and got["blocks_reused"] > 0
