@@ -270,6 +270,16 @@ def wait_for(pred, what, timeout=60):
     return lab.wait_until(pred, timeout, 0.002, what)
 
 
+def pulled(env, sources, pulls, old):
+    """A source serving old, and copy.img made of it by a first pull."""
+    src = sources()
+    src.publish(old)
+    src.start()
+    copy = env.path("copy.img")
+    done(pull(pulls, src, copy), src, copy)
+    return src, copy
+
+
 def seal_then_kill(start, src, copy, old, new, *options):
     """A pull of new into copy (now old) killed right after its seal; may
     take a few tries, each a pull that completed (and is then undone by
@@ -302,12 +312,8 @@ def old_and_new(size=SIZE, spans=((4 * MiB, 16 * MiB),)):
 
 
 def test_kill_during_transfer(env, sources, pulls):
-    src = sources()
     old, new = old_and_new()
-    src.publish(old)
-    src.start()
-    copy = env.path("copy.img")
-    done(pull(pulls, src, copy), src, copy)
+    src, copy = pulled(env, sources, pulls, old)
 
     src.publish(new)
     jpath = os.path.join(state_folder(copy), "journal")
@@ -329,12 +335,8 @@ def test_kill_during_transfer(env, sources, pulls):
 
 
 def test_kill_at_random_points(env, sources, pulls):
-    src = sources()
     old, new = old_and_new(spans=((2 * MiB, 12 * MiB),))
-    src.publish(old)
-    src.start()
-    copy = env.path("copy.img")
-    done(pull(pulls, src, copy), src, copy)
+    src, copy = pulled(env, sources, pulls, old)
     jpath = os.path.join(state_folder(copy), "journal")
 
     def started(proc):
@@ -382,12 +384,8 @@ def test_kill_at_random_points(env, sources, pulls):
 
 
 def test_partly_applied_journal(env, sources, pulls):
-    src = sources()
     old, new = old_and_new()
-    src.publish(old)
-    src.start()
-    copy = env.path("copy.img")
-    done(pull(pulls, src, copy), src, copy)
+    src, copy = pulled(env, sources, pulls, old)
 
     src.publish(new)
     jpath = seal_then_kill(pulls, src, copy, old, new)
@@ -459,12 +457,8 @@ def test_corrupt_block_at_source(env, sources, pulls):
 
 
 def test_copy_changed_behind_its_back(env, sources, pulls):
-    src = sources()
     old, _ = old_and_new()
-    src.publish(old)
-    src.start()
-    copy = env.path("copy.img")
-    done(pull(pulls, src, copy), src, copy)
+    src, copy = pulled(env, sources, pulls, old)
     with open(copy, "r+b") as f:
         f.seek(5 * MiB + 100)
         f.write(b"garbage" * 1000)
@@ -477,12 +471,8 @@ def test_copy_changed_behind_its_back(env, sources, pulls):
 
 
 def test_source_grows_and_shrinks(env, sources, pulls):
-    src = sources()
     small = image(1, SIZE)
-    src.publish(small)
-    src.start()
-    copy = env.path("copy.img")
-    done(pull(pulls, src, copy), src, copy)
+    src, copy = pulled(env, sources, pulls, small)
     # The same server: each connection opens the image anew.
     grown = image(2, 40 * MiB, small, spans=((30 * MiB, 3 * MiB),))
     src.publish(grown)
@@ -495,12 +485,8 @@ def test_source_grows_and_shrinks(env, sources, pulls):
 
 
 def test_server_gone_midway(env, sources, pulls):
-    src = sources()
     old, new = old_and_new()
-    src.publish(old)
-    src.start()
-    copy = env.path("copy.img")
-    done(pull(pulls, src, copy), src, copy)
+    src, copy = pulled(env, sources, pulls, old)
 
     src.publish(new)
     jpath = os.path.join(state_folder(copy), "journal")
@@ -594,12 +580,8 @@ def test_state_disk_full(env, sources, pulls):
 
 
 def test_two_at_once(env, sources, pulls):
-    src = sources()
     old, new = old_and_new()
-    src.publish(old)
-    src.start()
-    copy = env.path("copy.img")
-    done(pull(pulls, src, copy), src, copy)
+    src, copy = pulled(env, sources, pulls, old)
 
     src.publish(new)
     first = pulls(src, copy, *SLOW)
@@ -626,12 +608,8 @@ def qemu_locked(path):
 
 
 def test_standby_running_from_copy(env, sources, pulls):
-    src = sources()
     old, new = old_and_new()
-    src.publish(old)
-    src.start()
-    copy = env.path("copy.img")
-    done(pull(pulls, src, copy), src, copy)
+    src, copy = pulled(env, sources, pulls, old)
 
     # A QEMU serving the copy, as a standby booted from it would hold it.
     src.publish(new)
@@ -672,16 +650,12 @@ def test_standby_running_from_copy(env, sources, pulls):
 
 
 def test_killed_pull_then_a_shrunk_source(env, sources, pulls):
-    src = sources()
     old = image(1, 64 * MiB)
     # Changes in the upper half only: what the killed run stages lies
     # there, past the end of the source once it shrinks.
     new = image(2, 64 * MiB, old, pieces=0, zeros=0,
                 spans=((32 * MiB, 16 * MiB),))
-    src.publish(old)
-    src.start()
-    copy = env.path("copy.img")
-    done(pull(pulls, src, copy), src, copy)
+    src, copy = pulled(env, sources, pulls, old)
 
     src.publish(new)
     jpath = os.path.join(state_folder(copy), "journal")
@@ -697,13 +671,9 @@ def test_killed_pull_then_a_shrunk_source(env, sources, pulls):
 
 def test_copy_written_during_the_transfer_is_not_trusted(env, sources,
                                                           pulls):
-    src = sources()
     old = image(1, SIZE)
     new = image(2, SIZE, old, pieces=0, zeros=0, spans=((0, 16 * MiB),))
-    src.publish(old)
-    src.start()
-    copy = env.path("copy.img")
-    done(pull(pulls, src, copy), src, copy)
+    src, copy = pulled(env, sources, pulls, old)
 
     src.publish(new)
     jpath = os.path.join(state_folder(copy), "journal")
