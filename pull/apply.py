@@ -25,7 +25,7 @@ import os
 from nbdsnap.verify import blkhash
 from nbdsnap.verify.files import fsync_dir
 
-from . import journal, local
+from . import journal, local, plan
 from .disk import open_disk
 
 
@@ -73,8 +73,7 @@ def _checked(fd: int, rec: journal.Record, target: local.Local):
     full, tail = divmod(rec.length, h.block_size)
     zeros = h.zero_digest * full
     if tail:
-        zeros += blkhash.block_digests(bytes(tail), h.algorithm,
-                                       h.block_size)
+        zeros += plan.zero_digest(h.algorithm, h.block_size, tail)
     if zeros != want:
         raise JournalError(
             f"the staged zeros at offset {rec.offset} are not zeros "
