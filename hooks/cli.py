@@ -92,18 +92,28 @@ def prerun_main(argv=None):
                    "(still checked against EXPORT)")
     p.add_argument("--disk", metavar="TARGET",
                    help="skip the search: the disk's target, e.g. vda")
+    p.add_argument("--group", metavar="TARGET,TARGET...",
+                   help="freeze these disks of the domain at one instant "
+                   "with --disk (one atomic snapshot), --disk among them; "
+                   "a connection to any of them holds them all, and the "
+                   "last one to end commits them all")
     p.add_argument("--quiesce", choices=config_mod.QUIESCE_POLICIES,
                    help="override the configuration's quiesce policy")
     args = p.parse_args(argv)
     if bool(args.domain) != bool(args.disk):
         p.error("--domain and --disk go together")
+    group = [t for t in (args.group or "").split(",") if t]
+    if args.group is not None and not (args.disk and args.disk in group):
+        p.error("--group needs --domain and --disk, and names --disk "
+                "among its disks")
 
     def run():
         from .freeze import Freezer
         config = _load_config()
         watchdog.arm("nbd-prerun", watchdog.seconds(config, "nbd-prerun"))
         Freezer(config).prerun(args.export, quiesce=args.quiesce,
-                               domain=args.domain, disk=args.disk)
+                               domain=args.domain, disk=args.disk,
+                               group=group)
         return 0
     return _run("nbd-prerun", run, args.verbose)
 
@@ -119,11 +129,11 @@ def postrun_main(argv=None):
     args = p.parse_args(argv)
 
     def run():
-        from .freeze import Freezer
+        from .release import Releaser
         config = _load_config()
         watchdog.arm("nbd-postrun", watchdog.seconds(config,
                                                      "nbd-postrun"))
-        Freezer(config).postrun(args.export)
+        Releaser(config).postrun(args.export)
         return 0
     # 0 or 1 only (docs/DESIGN.md): a configuration error also leaves the
     # session for recovery.

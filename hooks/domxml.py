@@ -94,8 +94,9 @@ def _disk(elem):
     )
 
 
-def snapshot_xml(domain, target, overlay, description=""):
-    """An external disk-only snapshot of one disk, every other disk left out.
+def snapshot_xml(domain, overlays, description=""):
+    """An external disk-only snapshot of the disks {target: overlay}, every
+    other disk left out; one snapshot, so one instant for all of them.
 
     Every other disk is listed with snapshot='no': without it libvirt would
     give each of them an overlay too, and nothing would ever commit them.
@@ -105,11 +106,11 @@ def snapshot_xml(domain, target, overlay, description=""):
         etree.SubElement(root, "description").text = description
     disks = etree.SubElement(root, "disks")
     for disk in domain.disks:
-        if disk.target == target:
-            d = etree.SubElement(disks, "disk", name=target,
+        if disk.target in overlays:
+            d = etree.SubElement(disks, "disk", name=disk.target,
                                  snapshot="external", type="file")
             etree.SubElement(d, "driver", type="qcow2")
-            etree.SubElement(d, "source", file=overlay)
+            etree.SubElement(d, "source", file=overlays[disk.target])
         else:
             etree.SubElement(disks, "disk", name=disk.target, snapshot="no")
     return etree.tostring(root, encoding="unicode")

@@ -1,30 +1,32 @@
-"""What nbd-prerun and nbd-postrun do: freeze a base disk, release it.
+"""What nbd-prerun does: freeze a base disk, or the disks of a group at
+one instant, for a connection, or join the freeze already there.
 
-Everything here runs under the base disk's lock, held across the
-read-modify-write of the session state and the libvirt calls, so that the
-4 connections of one nbdcopy, in any interleaving, make one freeze.
+Everything here runs under the base disk's lock (and the locks of the
+disks of its group), held across the read-modify-write of the session
+state and the libvirt calls, so that the 4 connections of one nbdcopy, in
+any interleaving, make one freeze.  Its end is release.py's.
 
 What it leans on, each one way: quiesce takes a running domain's snapshot,
-settle ends a stale session first (stale = recover), plan and commit put
-the disk back on its base, the Session (sessions) describes itself and
-makes its transitions, the store saves it, history records its end.
+settle ends a stale session first (stale = recover), tracking and digest
+make the freeze's manifest, the Session (sessions) describes itself and
+makes its transitions, the store saves it.
 """
 
+import contextlib
+import dataclasses
 import logging
 import os
-import stat
-import time
 
-from . import digest, history, lazy, procs, sessions
-from .errors import (CommitFailed, CorruptState, Error, NotFound, Stale,
+from . import digest, lazy, procs, sessions
+from .errors import (ConfigError, CorruptState, Error, NotFound, Stale,
                      Unsupported, VirtError)
 from .sessions import FROZEN, OFFLINE, ONLINE
 
-# Loaded when first used: a join and a postrun that is not the last need
-# neither libvirt nor lxml (lazy.py).
-commit = lazy.module("commit")
+# Loaded when first used: a join needs neither libvirt nor lxml (lazy.py).
+domxml = lazy.module("domxml")
 locate = lazy.module("locate")
 quiesce_mod = lazy.module("quiesce")
+served = lazy.module("served")
 settle = lazy.module("settle")
 tracking = lazy.module("tracking")
 virt = lazy.module("virt")
@@ -32,11 +34,16 @@ virt = lazy.module("virt")
 log = logging.getLogger(__name__)
 
 
-def disk_key(export):
-    try:
-        return sessions.disk_key(os.stat(export))
-    except OSError as e:
-        raise NotFound("cannot open export %s: %s" % (export, e.strerror))
+@dataclasses.dataclass
+class Member:
+    """A disk to freeze: the connection's own, or one frozen with it."""
+    match: object          # locate.Match
+    export: str
+    key: str
+
+    @property
+    def target(self):
+        return self.match.disk.target
 
 
 class Freezer:
@@ -49,30 +56,89 @@ class Freezer:
     # -- prerun ------------------------------------------------------------
 
     def prerun(self, export, quiesce=None, domain=None, disk=None,
-               holder=None):
-        """Freeze export's base for this connection; return the session."""
+               holder=None, group=()):
+        """Freeze export's base for this connection; return the session.
+
+        group: the disks (targets) of domain to freeze at one instant with
+        disk, disk among them; a connection to any of them holds them all.
+        """
+        group = tuple(dict.fromkeys(group or ()))
+        if group and not (domain and disk and disk in group):
+            raise ConfigError("--group needs --domain and --disk, and "
+                              "names --disk among its disks")
+        if len(group) == 1:
+            group = ()
         self.store.prepare()
-        key = disk_key(export)
+        key = sessions.export_key(export)
         holder = holder or procs.connection_holder()
-        with self.store.lock(key):
+        conn = members = None
+        try:
+            if group and not self._joinable(key, group):
+                # The first freeze of the group: its disks' locks are
+                # known only from the domain.
+                conn = virt.connect()
+                members = self._members(conn, domain, group, export, key)[1]
             try:
-                state = self.store.load(key)
+                with self.store.group_lock(
+                        key, [m.key for m in members or ()]) as state:
+                    return self._prerun_locked(
+                        conn, state, export, key, holder, domain, disk,
+                        group, quiesce or self.config.quiesce)
             except CorruptState as e:
                 raise CorruptState("%s; refusing until 'nbdsnap recover %s' "
                                    "has run" % (e, export))
-            conn = None
-            try:
-                if state is not None:
-                    if state.assess(procs.is_alive) == sessions.LIVE:
-                        return self._join(state, holder)
-                    conn = virt.connect()
-                    self._stale(conn, state, export)
-                conn = conn or virt.connect()
-                return self._freeze(conn, export, key, holder, domain, disk,
-                                    quiesce or self.config.quiesce)
-            finally:
-                if conn is not None:
-                    conn.close()
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _joinable(self, key, group):
+        """Is key frozen with every disk of group already (no libvirt)?"""
+        try:
+            state = self.store.load(key)
+        except Error:
+            return False
+        return state is not None and set(group) <= set(state.group_disks())
+
+    def _prerun_locked(self, conn, state, export, key, holder, domain, disk,
+                       group, quiesce):
+        peers = self.store.peers(state) if state is not None else []
+        if state is not None and (state.assess(procs.is_alive, peers)
+                                  == sessions.LIVE):
+            if not set(group) <= set(state.group_disks()):
+                raise Unsupported(
+                    "%s: the disks %s are to be copied at one instant, but "
+                    "this one is frozen without %s; refused until that "
+                    "freeze ends" % (state.describe(), ", ".join(group),
+                                     ", ".join(sorted(
+                                         set(group)
+                                         - set(state.group_disks())))))
+            return self._join(state, holder)
+        with contextlib.ExitStack() as stack:
+            if conn is None:
+                conn = virt.connect()
+                stack.callback(conn.close)
+            dom, members = (self._members(conn, domain, group, export, key)
+                            if group else (None, None))
+            stale = [s for s in [state] + peers if s is not None]
+            for m in members or ():
+                other = self.store.load(m.key) if m.key != key else None
+                if other is None or other["key"] in [s["key"] for s in stale]:
+                    continue
+                if self.store.assess(other, procs.is_alive) == sessions.LIVE:
+                    raise Unsupported(
+                        "disk %s of domain %s is frozen by %s, without %s; "
+                        "the disks %s cannot be frozen at one instant until "
+                        "it ends" % (m.target, domain, other.describe(),
+                                     disk, ", ".join(group)))
+                stale.append(other)
+            for s in stale:
+                self._stale(conn, s, s["export"])
+            if group and stale:
+                # Read again: the recovery put the disks back on their bases.
+                dom, members = self._members(conn, domain, group, export, key)
+            elif dom is None:
+                dom, members = self._locate(conn, export, key, domain, disk)
+            return self._freeze(dom, members, holder, quiesce)
 
     def _join(self, state, holder):
         state = state.join(holder)
@@ -102,127 +168,172 @@ class Freezer:
                         "'nbdsnap status'" % state.describe())
 
     def _locate(self, conn, export, key, domain, disk):
+        """(dom, [the export's Member])."""
         if domain or disk:
             if not (domain and disk):
                 raise NotFound("--domain and --disk go together")
-            found = virt.lookup(conn, name=domain)
-            if found is None:
-                raise NotFound("no libvirt domain is named %s" % domain)
-            dom, parsed = found
-            return dom, locate.check_named(parsed, disk, export, key,
-                                           locate.key_of, self.store.is_ours)
+            return self._members(conn, domain, (disk,), export, key)
         doms = virt.all_domains(conn)
         found = locate.matches([p for _, p in doms], key, locate.key_of,
                                self.store.is_ours)
         match = locate.choose(found, export, len(doms))
         dom = next(d for d, p in doms if p is match.domain)
-        return dom, match
+        return dom, [Member(match, export, key)]
 
-    def _freeze(self, conn, export, key, holder, domain, disk, quiesce):
-        dom, match = self._locate(conn, export, key, domain, disk)
-        where = "domain %s disk %s export %s" % (match.domain.name,
-                                                  match.disk.target, export)
-        if match.how == locate.FROZEN:
-            raise Stale("%s runs on overlay %s from an earlier freeze that "
-                        "has no session; refusing until 'nbdsnap recover "
-                        "%s' has run" % (where, match.disk.top.path, export))
+    def _members(self, conn, domain, targets, export, key):
+        """(dom, [Member]) of domain's disks targets, the export's first
+        (targets[0] or the one whose key it is)."""
+        found = virt.lookup(conn, name=domain)
+        if found is None:
+            raise NotFound("no libvirt domain is named %s" % domain)
+        dom, parsed = found
+        members = []
+        for target in targets:
+            disk = domxml.find_disk(parsed, target)
+            path = export
+            if disk is not None and disk.top.path and locate.relation(
+                    disk, key, locate.key_of, self.store.is_ours) is None:
+                path = served.base_path(disk, self.store.is_ours)
+            mkey = key if path == export else locate.key_of(path)
+            if mkey is None:
+                raise NotFound("disk %s of domain %s: %s does not exist"
+                               % (target, domain, path))
+            match = locate.check_named(parsed, target, path, mkey,
+                                       locate.key_of, self.store.is_ours)
+            members.append(Member(match, path, mkey))
+        members.sort(key=lambda m: m.key != key)
+        if members[0].key != key:
+            raise NotFound("%s is none of the disks %s of domain %s"
+                           % (export, ", ".join(targets), domain))
+        return dom, members
+
+    def _freeze(self, dom, members, holder, quiesce):
+        """Freeze members (the connection's first) at one instant."""
+        for m in members:
+            if m.match.how == locate.FROZEN:
+                raise Stale("domain %s disk %s export %s runs on overlay %s "
+                            "from an earlier freeze that has no session; "
+                            "refusing until 'nbdsnap recover %s' has run"
+                            % (m.match.domain.name, m.target, m.export,
+                               m.match.disk.top.path, m.export))
+        held = set(self.store.held_keys())
+        if not {m.key for m in members} <= held:
+            raise Unsupported("the disks of domain %s changed while this "
+                              "prerun took their locks; try again"
+                              % members[0].match.domain.name)
+        group = None
+        if len(members) > 1:
+            group = sessions.new_group([(m.key, m.target, m.export)
+                                        for m in members])
+        domain = members[0].match.domain
         dstate = virt.state(dom)
-        base = match.disk.top.path
         if dstate == virt.SHUTOFF:
-            with self.store.domain_lock(match.domain.uuid,
-                                        match.domain.name):
-                state = self._freeze_offline(dom, match, export, key, holder,
-                                             base)
-                xml = self._definition(dom, state)
-            return self._start_digest(state, None, xml)
-        if dstate not in (virt.RUNNING, virt.PAUSED):
-            raise Unsupported("%s: domain is %s; it can be frozen only when "
-                              "running, paused or shut off" % (where, dstate))
-        return self._snapshot(dom, match, export, key, holder, base, quiesce)
+            with self.store.domain_lock(domain.uuid, domain.name):
+                states = self._freeze_offline(dom, members, holder, group)
+                xml = self._definition(dom, states[0])
+            tracked = [None] * len(states)
+        elif dstate not in (virt.RUNNING, virt.PAUSED):
+            raise Unsupported("domain %s disk %s export %s: domain is %s; "
+                              "it can be frozen only when running, paused "
+                              "or shut off" % (domain.name, members[0].target,
+                                               members[0].export, dstate))
+        else:
+            # One snapshot of a domain at a time, and none during a commit
+            # of another of its disks: each rewrites the whole persistent
+            # definition (two at once can revert the other's disk), and
+            # the agent's response timeout is the domain's, not the disk's.
+            with self.store.domain_lock(domain.uuid, domain.name):
+                states, tracked, xml = self._snapshot_locked(
+                    dom, members, holder, group, quiesce)
+        states = [self._start_digest(s, t, xml)
+                  for s, t in zip(states, tracked)]
+        return states[0]
 
-    def _freeze_offline(self, dom, match, export, key, holder, base):
-        state = sessions.new_session(
-            key, export, match.domain.name, match.domain.uuid,
-            match.disk.target, base, OFFLINE, holder,
-            base_type=match.disk.top.type, base_format=match.disk.top.format)
-        self.store.save(state)
-        # The libvirt hook refuses a start once this session is saved; a
+    def _new(self, members, holder, mode, group):
+        """The members' sessions, the connection's holding its disk."""
+        domain = members[0].match.domain
+        return [sessions.new_session(
+            m.key, m.export, domain.name, domain.uuid, m.target,
+            m.match.disk.top.path, mode, holder if i == 0 else None,
+            base_type=m.match.disk.top.type,
+            base_format=m.match.disk.top.format, group=group)
+            for i, m in enumerate(members)]
+
+    def _freeze_offline(self, dom, members, holder, group):
+        states = self._new(members, holder, OFFLINE, group)
+        for state in states:
+            self.store.save(state)
+        # The libvirt hook refuses a start once these sessions are saved; a
         # start that got past the hook before is seen here: libvirt marks
         # the domain "paused, starting up" before it runs the hook
         # (qemuProcessInit), and reading the state waits while a hook runs
         # (measured: the domain object stays locked meanwhile).
         now = virt.state(dom)
         if now != virt.SHUTOFF:
-            self.store.delete(key)
+            for state in states:
+                self.store.delete(state["key"])
             raise Unsupported("%s: the domain was started (it is %s) while "
                               "this prerun prepared a copy of it shut off; "
                               "refused, the next connection freezes it "
-                              "running" % (state.describe(), now))
-        from .served import what_clients_copy
-        log.info("%s: domain is shut off, nothing to snapshot; frozen "
-                 "for pid %d; clients copy %s", state.describe(),
-                 holder.pid, what_clients_copy(match.disk,
-                                               self.store.is_ours))
-        return state
+                              "running" % (states[0].describe(), now))
+        for m, state in zip(members, states):
+            log.info("%s: domain is shut off, nothing to snapshot; frozen "
+                     "for pid %d; clients copy %s", state.describe(),
+                     holder.pid, served.what_clients_copy(
+                         m.match.disk, self.store.is_ours))
+        return states
 
-    def _overlay_path(self, match, session_id):
+    def _overlay_path(self, member, session_id):
+        domain = member.match.domain
         return os.path.join(self.config.snapshot_dir, "%s%s-%s-%s.qcow2" % (
-            sessions.OVERLAY_PREFIX, match.domain.uuid, match.disk.target,
-            session_id))
+            sessions.OVERLAY_PREFIX, domain.uuid, member.target, session_id))
 
-    def _snapshot(self, dom, match, export, key, holder, base, quiesce):
-        # One snapshot of a domain at a time, and none during a commit of
-        # another of its disks: each rewrites the whole persistent
-        # definition (two at once can revert the other's disk), and the
-        # agent's response timeout is the domain's, not the disk's.
-        with self.store.domain_lock(match.domain.uuid,
-                                    match.domain.name):
-            state, tracked, xml = self._snapshot_locked(
-                dom, match, export, key, holder, base, quiesce)
-        return self._start_digest(state, tracked, xml)
-
-    def _snapshot_locked(self, dom, match, export, key, holder, base,
-                         quiesce):
+    def _snapshot_locked(self, dom, members, holder, group, quiesce):
+        domain = members[0].match.domain
         dstate = virt.state(dom)    # it may have changed while we waited
         if dstate not in (virt.RUNNING, virt.PAUSED):
             raise Unsupported("domain %s became %s while this prerun waited "
                               "for its lock; try again"
-                              % (match.domain.name, dstate))
-        state = sessions.new_session(key, export, match.domain.name,
-                                     match.domain.uuid, match.disk.target,
-                                     base, ONLINE, holder,
-                                     base_type=match.disk.top.type,
-                                     base_format=match.disk.top.format)
-        overlay = self._overlay_path(match, state["id"])
-        state["overlay"] = overlay
-        # Never over an existing path or a planted symlink.  snapshot_dir is
-        # root's and closed to others (SessionStore.prepare), so nothing can
-        # appear there between this check and libvirt's create.
-        if os.path.lexists(overlay):
-            raise Unsupported("overlay path %s already exists" % overlay)
-        from .served import what_clients_copy
-        copied = what_clients_copy(match.disk, self.store.is_ours)
-        self.store.save(state)          # intent: before the snapshot call
-        # The definition the base belongs to, before the snapshot points
-        # it at the overlay.
-        xml = self._definition(dom, state)
-        log.info("%s: snapshot into %s (quiesce %s); clients copy %s",
-                 state.describe(), overlay, quiesce, copied)
+                              % (domain.name, dstate))
+        states = self._new(members, holder, ONLINE, group)
+        overlays = {}
+        for m, state in zip(members, states):
+            state["overlay"] = overlays[m.target] = self._overlay_path(
+                m, state["id"])
+            # Never over an existing path or a planted symlink.
+            # snapshot_dir is root's and closed to others
+            # (SessionStore.prepare), so nothing can appear there between
+            # this check and libvirt's create.
+            if os.path.lexists(state["overlay"]):
+                raise Unsupported("overlay path %s already exists"
+                                  % state["overlay"])
+        for state in states:
+            self.store.save(state)      # intent: before the snapshot call
+        # The definition the bases belong to, before the snapshot points
+        # it at the overlays.
+        xml = self._definition(dom, states[0])
+        for m, state in zip(members, states):
+            log.info("%s: snapshot into %s (quiesce %s); clients copy %s",
+                     state.describe(), state["overlay"], quiesce,
+                     served.what_clients_copy(m.match.disk,
+                                              self.store.is_ours))
         try:
-            taken = quiesce_mod.take(dom, match.domain, match.disk.target,
-                                     overlay, quiesce,
-                                     self.config.quiesce_timeout, state)
+            taken = quiesce_mod.take(dom, domain, overlays, quiesce,
+                                     self.config.quiesce_timeout, states[0])
         except BaseException:
-            self._undo_intent(dom, match.disk.target, overlay, state)
+            self._undo_intent(dom, overlays, states)
             raise
-        state = state.with_phase(FROZEN, consistency=taken.consistency,
-                                 warning=taken.warning)
-        if taken.watcher is not None:
-            state["agent_watcher"] = taken.watcher.to_json()
-        self.store.save(state)
-        log.info("%s: frozen (%s) for pid %d", state.describe(),
+        frozen = []
+        for state in states:
+            state = state.with_phase(FROZEN, consistency=taken.consistency,
+                                     warning=taken.warning)
+            if taken.watcher is not None:
+                state["agent_watcher"] = taken.watcher.to_json()
+            self.store.save(state)
+            frozen.append(state)
+        log.info("%s: frozen (%s) for pid %d", frozen[0].describe(),
                  taken.consistency, holder.pid)
-        return state, self._track(dom, state), xml
+        return frozen, [self._track(dom, s) for s in frozen], xml
 
     def _definition(self, dom, state):
         """digest = on: the domain's definition, for the manifest."""
@@ -275,133 +386,13 @@ class Freezer:
         release()
         return state
 
-    def _undo_intent(self, dom, target, overlay, state):
+    def _undo_intent(self, dom, overlays, states):
         try:
-            quiesce_mod.remove_unused(dom, target, overlay)
+            for target, overlay in overlays.items():
+                quiesce_mod.remove_unused(dom, target, overlay)
         except Exception as e:   # keep the intent: recovery will see it
             log.error("%s: snapshot failed and the intent is kept for "
-                      "recovery: %s", state.describe(), e)
+                      "recovery: %s", states[0].describe(), e)
             return
-        self.store.delete(state["key"])
-
-    # -- postrun -----------------------------------------------------------
-
-    def postrun(self, export, holder=None):
-        """Release this connection; the last live holder commits.
-
-        Returns the session as it was when released, or None if this
-        connection held nothing.
-        """
-        self.store.prepare()
-        key = disk_key(export)
-        holder = holder or procs.connection_holder()
-        with self.store.lock(key):
-            state = self.store.load(key)
-            if state is None:
-                log.warning("no session for export %s; nothing to release "
-                            "(pid %d)", export, holder.pid)
-                return None
-            new, was, left = state.leave(holder, procs.is_alive)
-            if not was:
-                log.warning("%s: pid %d holds no part of it; nothing to "
-                            "release", state.describe(), holder.pid)
-                return None
-            if left or state["phase"] != FROZEN:
-                self.store.save(new)
-                log.info("%s: released by pid %d, %d live holders left",
-                         new.describe(), holder.pid, len(left))
-                return new
-            # The commit writes into the base: the digest must be done.
-            digest.finish(self.config, new)
-            if new["mode"] != OFFLINE:
-                return self._commit(new)
-            self.store.delete(new["key"])
-        return self._end_offline(new)
-
-    def _end_offline(self, state):
-        """The offline session is deleted: say whether the domain ran.
-
-        Only after the disk lock is released: libvirt's lookup waits for a
-        start's hooks, and the libvirt hook of that start waits for this
-        lock, then refuses the start as if a copy were under way.
-        """
-        conn = None
-        try:
-            conn = virt.connect()
-            found = virt.lookup(conn, uuid=state["uuid"])
-            if found and virt.state(found[0]) != virt.SHUTOFF:
-                log.warning("%s: the domain was started during the freeze "
-                            "(or as it ended); copies taken meanwhile may "
-                            "be inconsistent", state.describe())
-        except VirtError as e:
-            log.warning("%s: cannot check the domain: %s", state.describe(), e)
-        finally:
-            if conn is not None:
-                conn.close()
-        history.remember(self.config, state,
-                         "ended: shut off, nothing to commit",
-                         **digest.outcome(state))
-        log.info("%s: ended; the domain was shut off, nothing to commit",
-                 state.describe())
-        return state
-
-    def _commit(self, state):
-        """The last live holder is gone: put the disk back on its base."""
-        # The plan sees the session as frozen: were the domain found on its
-        # base already, the overlay is compared, not assumed merged.
-        freeze = commit.Freeze.from_session(state)
-        state = state.with_phase(sessions.COMMITTING)
-        self.store.save(state)
-        started = time.monotonic()
-        size = _size(state["overlay"])
-        # Once merging or merged, every later state says so (the failed one
-        # too).
-        marks = {}
-
-        def record(mark):
-            marks[mark] = True
-            self.store.save(dict(state, **marks))
-        try:
-            conn = virt.connect()
-            try:
-                step = commit.plan(conn, freeze)
-                log.info("%s: last holder gone; %s", state.describe(), step)
-                commit.run(conn, freeze, step, self.config.commit_timeout,
-                           merged=lambda: record("merged"),
-                           merging=lambda: record("merging"),
-                           domain_lock=lambda: self.store.domain_lock(
-                               freeze.uuid, freeze.domain))
-            finally:
-                conn.close()
-        except Error as e:
-            failed = state.with_phase(sessions.FAILED, error=str(e),
-                                      **marks)
-            self.store.save(failed)
-            raise CommitFailed("%s: %s; overlay %s kept, run 'nbdsnap "
-                               "recover %s'" % (state.describe(), e,
-                                                state["overlay"],
-                                                state["export"]))
-        took = time.monotonic() - started
-        self.store.delete(state["key"])
-        history.remember(self.config, state, step.action,
-                         overlay_bytes=size, commit_seconds=took,
-                         **digest.outcome(state))
-        log.info("%s: %s of %s done in %.2f s; domain back on its base, "
-                 "overlay removed", state.describe(), step.action,
-                 _human(size), took)
-        return state
-
-
-def _size(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return 0
-    return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else 0
-
-
-def _human(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return "%.0f %s" % (n, unit) if unit == "B" else "%.1f %s" % (n, unit)
-        n /= 1024
+        for state in states:
+            self.store.delete(state["key"])

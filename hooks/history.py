@@ -52,6 +52,10 @@ def entry(state, result, overlay_bytes=None, commit_seconds=None,
         "manifest_seconds": manifest_seconds,
         "manifest_bytes_read": manifest_bytes_read,
         "manifest_why": manifest_why,
+        # The disks frozen at the same instant (one group), or None.
+        "group": (None if not state.get("group") else
+                  {"id": state["group"]["id"],
+                   "disks": [m["disk"] for m in state["group"]["members"]]}),
     }
 
 
@@ -111,6 +115,15 @@ def _manifest(e):
     return text
 
 
+def disk_of(e):
+    """DOMAIN:DISK, and the disks frozen at the same instant: dom:vda
+    (+vdb)."""
+    group = e.get("group") or {}
+    others = [d for d in group.get("disks", ()) if d != e["disk"]]
+    return "%s:%s%s" % (e["domain"], e["disk"],
+                        " (+%s)" % ",".join(others) if others else "")
+
+
 def format_text(entries):
     if not entries:
         return "no sessions recorded yet"
@@ -120,8 +133,8 @@ def format_text(entries):
         rows.append((
             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["start"])),
             "%.1f" % (e["end"] - e["start"]),
-            e["export"], "%s:%s" % (e["domain"], e["disk"]),
-            str(e["connections"]), e.get("consistency") or "-",
+            e["export"], disk_of(e), str(e["connections"]),
+            e.get("consistency") or "-",
             "-" if e.get("overlay_bytes") is None
             else "%d MiB" % (e["overlay_bytes"] >> 20),
             "-" if e.get("commit_seconds") is None

@@ -55,7 +55,7 @@ def blocking_sessions(uuid, config):
             log.warning("%s; a copy may be under way", e)
             found.append(state)
             continue
-        if state and sessions.assess(state, procs.is_alive) == sessions.LIVE:
+        if state and store.assess(state, procs.is_alive) == sessions.LIVE:
             found.append(state)
     return found
 

@@ -315,7 +315,7 @@ def host(store):
             state = store.load(key)
         except CorruptState:
             return "corrupt"
-        return state and sessions.assess(state, procs.is_alive)
+        return state and store.assess(state, procs.is_alive)
 
     try:
         on = _read(APPARMOR).strip() == "Y"

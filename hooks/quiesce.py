@@ -31,9 +31,10 @@ class Taken:
     watcher: object = None      # the agent watcher started, if any
 
 
-def take(dom, domain, target, overlay, quiesce, timeout, state):
-    """Snapshot disk target of dom into overlay, as the policy says."""
-    xml = domxml.snapshot_xml(domain, target, overlay,
+def take(dom, domain, overlays, quiesce, timeout, state):
+    """Snapshot the disks {target: overlay} of dom in one snapshot (one
+    instant), as the policy says."""
+    xml = domxml.snapshot_xml(domain, overlays,
                               "nbdsnap %s" % state.describe())
     if quiesce == "off":
         virt.snapshot(dom, xml, quiesce=False)
@@ -60,7 +61,7 @@ def take(dom, domain, target, overlay, quiesce, timeout, state):
         # may run, or may have run, with no thaw after it.  status
         # shows the watcher with the session.
         watcher = agent.start_watcher(dom)
-    if _uses(dom, target, overlay):
+    if _uses(dom, overlays):
         # The snapshot was taken; only the thaw's answer was missing.
         log.warning("%s: the quiesced snapshot was taken but libvirt "
                     "said: %s", state.describe(), failure)
@@ -73,7 +74,8 @@ def take(dom, domain, target, overlay, quiesce, timeout, state):
     # status shows it for as long as the session lasts.
     warning = ("quiesce failed (%s): the freeze is crash-consistent"
                % failure)
-    remove_unused(dom, target, overlay)
+    for target, overlay in overlays.items():
+        remove_unused(dom, target, overlay)
     virt.snapshot(dom, xml, quiesce=False)
     return Taken("crash-consistent", warning=warning, watcher=watcher)
 
@@ -90,9 +92,15 @@ def _take_frozen(dom, xml, state):
     return Taken("quiesced", warning=warning)
 
 
-def _uses(dom, target, overlay):
-    disk = domxml.find_disk(virt.reread(dom), target)
-    return disk is not None and disk.top.path == overlay
+def _uses(dom, overlays):
+    """Does dom run on every overlay?  The snapshot is atomic: on all of
+    them or on none."""
+    domain = virt.reread(dom)
+    for target, overlay in overlays.items():
+        disk = domxml.find_disk(domain, target)
+        if disk is None or disk.top.path != overlay:
+            return False
+    return True
 
 
 def remove_unused(dom, target, overlay):

@@ -160,6 +160,7 @@ class Recovery(Settler):
             cases, known = self._sessions(wanted)
             cases += self._orphans(conn, known)
             if wanted is not None:
+                self._with_groups(cases, wanted)
                 cases = [c for c in cases if c.key in wanted]
             if not cases:
                 self.out("nothing to recover")
@@ -176,19 +177,36 @@ class Recovery(Settler):
             conn.close()
         return self.stuck
 
+    def _with_groups(self, cases, wanted):
+        """A disk's group is one freeze: recovering one of its disks
+        recovers the disks frozen with it too."""
+        for case in cases:
+            if not (case.state and case.key in wanted):
+                continue
+            for m in case.state["group"]["members"] if case.state.get(
+                    "group") else ():
+                if m["key"] not in wanted:
+                    wanted[m["key"]] = m["export"]
+                    self.out("%s: frozen at one instant with %s, recovered "
+                             "with it" % (m["export"], case.label))
+
     def _one(self, conn, case):
-        with self.store.lock(case.key):
+        # The disks frozen with it are locked too: a connection to any of
+        # them holds it.
+        with self.store.group_lock(case.key) as state:
             # Always the session as it is now: an "orphan" found before the
             # lock may have become a live session's overlay meanwhile.
-            state = self.store.load(case.key)
             if case.state and state is None:
                 self.out("%s: already recovered" % case.label)
                 return
             if state is not None and case.state is None:
                 case.label = state["export"]
-            if (state is not None
-                    and state.assess(procs.is_alive) == sessions.LIVE):
-                self.out("%s: live session %s (a client is connected), "
-                         "left alone" % (case.label, state["id"]))
+            if (state is not None and self.store.assess(
+                    state, procs.is_alive) == sessions.LIVE):
+                self.out("%s: live session %s (a client is connected%s), "
+                         "left alone" % (case.label, state["id"],
+                                         "" if state.live_holders(
+                                             procs.is_alive)
+                                         else " to a disk frozen with it"))
                 return
             self.locked(conn, case, state)

@@ -15,10 +15,17 @@ commit, so a hook that dies half way leaves a trace that recovery reads.
 Holders are the nbd-server children serving the session's connections; a
 session none of whose holders is alive is stale.
 
+A group is the disks of one domain frozen at one instant (one atomic
+snapshot): each has its session, which names the group and its members,
+and the group is one freeze.  Its members are locked together (in key
+order), a connection to any of them holds all of them, and the last one
+to end commits them all; a member is stale only when the whole group is.
+
 A Session is the state, with its description and its transitions (pure);
 SessionStore does the I/O.
 """
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -32,7 +39,7 @@ from nbdsnap.verify.files import fsync_dir, write_atomic
 
 from . import procs
 from .errors import (ConfigError, CorruptState, Error, LockError,
-                     LockTimeout)
+                     LockTimeout, NotFound)
 
 VERSION = 1
 
@@ -71,6 +78,14 @@ def disk_key(st):
     return "f-%x-%d" % (st.st_dev, st.st_ino)
 
 
+def export_key(export):
+    """disk_key of the path a hook was given; NotFound if it is gone."""
+    try:
+        return disk_key(os.stat(export))
+    except OSError as e:
+        raise NotFound("cannot open export %s: %s" % (export, e.strerror))
+
+
 class Session(dict):
     """One session: its JSON object, with its description and transitions.
 
@@ -81,8 +96,27 @@ class Session(dict):
 
     def describe(self):
         """The words every log line about a session carries."""
-        return "session %s (domain %s disk %s export %s)" % (
-            self["id"], self["domain"], self["disk"], self["export"])
+        others = [d for d in self.group_disks() if d != self["disk"]]
+        return "session %s (domain %s disk %s export %s%s)" % (
+            self["id"], self["domain"], self["disk"], self["export"],
+            ", frozen with %s" % ", ".join(others) if others else "")
+
+    def group_keys(self):
+        """The keys of the disks frozen with this one, this one's too."""
+        if not self.get("group"):
+            return [self["key"]]
+        return [m["key"] for m in self["group"]["members"]]
+
+    def group_disks(self):
+        if not self.get("group"):
+            return [self["disk"]]
+        return [m["disk"] for m in self["group"]["members"]]
+
+    def is_peer(self, other):
+        """Is other a session of the same group (not this one)?"""
+        return (other is not None and other["key"] != self["key"]
+                and bool(self.get("group")) and bool(other.get("group"))
+                and other["group"]["id"] == self["group"]["id"])
 
     def holders(self):
         return [procs.Holder.from_json(h) for h in self["holders"]]
@@ -90,17 +124,25 @@ class Session(dict):
     def live_holders(self, alive):
         return [h for h in self.holders() if alive(h)]
 
-    def assess(self, alive):
+    def assess(self, alive, peers=()):
         """What a hook holding the lock may do with an existing session.
 
         intent and committing are only ever seen under the lock when the
         hook that wrote them died before it finished: they are stale.
+        peers: the other sessions of its group; a live holder of any of
+        them holds this one too.
         """
         if self["phase"] == FAILED:
             return BROKEN
-        if self["phase"] == FROZEN and self.live_holders(alive):
+        if self["phase"] == FROZEN and (self.live_holders(alive)
+                                        or self.group_held(peers, alive)):
             return LIVE
         return STALE
+
+    def group_held(self, peers, alive):
+        """Does a live connection to another disk of the group hold it?"""
+        return any(self.is_peer(p) and p["phase"] == FROZEN
+                   and Session(p).live_holders(alive) for p in peers)
 
     def with_phase(self, phase, now=None, **changes):
         new = Session(self, phase=phase, **changes)
@@ -126,11 +168,22 @@ class Session(dict):
         return new, was, new.live_holders(alive)
 
 
+def new_group(members, now=None):
+    """The group field of sessions frozen together: [(key, disk, export)]."""
+    now = time.time() if now is None else now
+    return {"id": "%s-%s" % (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)),
+                             secrets.token_hex(3)),
+            "members": [{"key": k, "disk": d, "export": e}
+                        for k, d, e in members]}
+
+
 def new_session(key, export, domain, uuid, disk, base, mode, holder,
                 overlay=None, consistency=None, now=None, base_type="file",
-                base_format="raw"):
+                base_format="raw", group=None):
+    """holder None: a disk frozen with the connection's, in group."""
     now = time.time() if now is None else now
-    return Session({
+    holders = [holder.to_json()] if holder is not None else []
+    state = Session({
         "version": VERSION,
         "id": "%s-%s" % (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)),
                          secrets.token_hex(3)),
@@ -146,12 +199,15 @@ def new_session(key, export, domain, uuid, disk, base, mode, holder,
         "phase": INTENT if mode == ONLINE else FROZEN,
         "overlay": overlay,
         "consistency": consistency or ("offline" if mode == OFFLINE else None),
-        "holders": [holder.to_json()],
-        "connections": 1,          # every connection that held it, for history
+        "holders": holders,
+        "connections": len(holders),   # every connection that held it
         "created": now,
         "updated": now,
         "error": None,
     })
+    if group is not None:
+        state["group"] = group
+    return state
 
 
 # The same for a session as a plain dict (status, lint, the libvirt hook).
@@ -168,8 +224,8 @@ def live_holders(state, alive):
     return Session(state).live_holders(alive)
 
 
-def assess(state, alive):
-    return Session(state).assess(alive)
+def assess(state, alive, peers=()):
+    return Session(state).assess(alive, peers)
 
 
 def with_phase(state, phase, now=None, **changes):
@@ -320,7 +376,23 @@ def malformed(state, key):
     for h in state["holders"]:
         if not _is_holder(h):
             return "malformed holder %.80r" % (h,)
-    return _malformed_digest(state.get("digest"))
+    return (_malformed_group(state.get("group"), key)
+            or _malformed_digest(state.get("digest")))
+
+
+def _malformed_group(group, key):
+    """None, or {id, members: [{key, disk, export}]} with key among them."""
+    if group is None:
+        return None
+    if not (isinstance(group, dict) and isinstance(group.get("id"), str)
+            and isinstance(group.get("members"), list)
+            and all(isinstance(m, dict)
+                    and all(isinstance(m.get(f), str)
+                            for f in ("key", "disk", "export"))
+                    for m in group["members"])
+            and key in [m["key"] for m in group["members"]]):
+        return "malformed group %.80r" % (group,)
+    return None
 
 
 def _malformed_digest(info):
@@ -358,6 +430,10 @@ def _is_time(value):
 class SessionStore:
     def __init__(self, config):
         self.config = config
+        self._held = []     # the keys locks() holds now
+
+    def held_keys(self):
+        return list(self._held)
 
     def prepare(self):
         """Create or check state_dir, its sub-folders and snapshot_dir."""
@@ -372,6 +448,66 @@ class SessionStore:
     def lock(self, key):
         return DiskLock(os.path.join(self.config.locks_dir, key + ".lock"),
                         self.config.lock_timeout)
+
+    @contextlib.contextmanager
+    def locks(self, keys):
+        """The locks of several disks, always taken in the same order."""
+        keys = sorted(set(keys))
+        with contextlib.ExitStack() as stack:
+            for key in keys:
+                stack.enter_context(self.lock(key))
+            self._held += keys
+            try:
+                yield
+            finally:
+                del self._held[-len(keys):]
+
+    @contextlib.contextmanager
+    def group_lock(self, key, extra=()):
+        """Lock disk key with every disk of its group (and extra); yield
+        its session as it is under those locks (None: no session).
+
+        The group is read before the locks, to know which to take, and
+        again under them: a group that grew meanwhile means another turn.
+        """
+        keys = {key, *extra}
+        for _ in range(20):
+            keys |= set(self._peek_group(key))
+            with self.locks(keys):
+                state = self.load(key)
+                need = set(state.group_keys()) if state else set()
+                if need <= keys:
+                    yield state
+                    return
+            keys |= need
+        raise LockError("the group of disk %s kept changing while its "
+                        "locks were taken" % key)
+
+    def _peek_group(self, key):
+        try:
+            state = self.load(key)
+        except Error:
+            return []       # told again under the lock
+        return state.group_keys() if state else []
+
+    def peers(self, state):
+        """The other sessions of state's group (read under their locks by
+        the hooks, as they are by status); a corrupt one is left out."""
+        found = []
+        for key in Session(state).group_keys():
+            if key == state["key"]:
+                continue
+            try:
+                other = self.load(key)
+            except Error:
+                continue
+            if Session(state).is_peer(other):
+                found.append(other)
+        return found
+
+    def assess(self, state, alive):
+        """state.assess() with its group's other sessions."""
+        return Session(state).assess(alive, self.peers(state))
 
     def domain_lock(self, uuid, name):
         """The lock of a domain's definition (taken after a disk's)."""

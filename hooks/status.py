@@ -35,7 +35,7 @@ def collect(config, now=None, domain_states=None):
         entry = dict(state)
         entry["holders"] = [dict(h.to_json(), alive=alive(h))
                             for h in sessions.holders(state)]
-        entry["verdict"] = sessions.assess(state, alive)
+        entry["verdict"] = store.assess(state, alive)
         if state.get("agent_watcher"):
             try:
                 watcher = procs.Holder.from_json(state["agent_watcher"])
@@ -207,6 +207,11 @@ def format_text(entries, found=(), chains=()):
                                                      e["mode"]))
         lines.append("    phase        %s, %s old" % (e["phase"],
                                                       _age(e["age"])))
+        if e.get("group"):
+            lines.append("    group        %s: %s frozen at one instant; "
+                         "a connection to any holds all" % (
+                             e["group"]["id"], ", ".join(
+                                 m["disk"] for m in e["group"]["members"])))
         lines.append("    consistency  %s" % (e["consistency"] or "-"))
         if e.get("domain_state"):
             lines.append("    domain now   %s" % e["domain_state"])

@@ -29,8 +29,8 @@ from .host import (HOOKS_DIR, KEEP_HOOK, LIBVIRTD_PIDFILE, URI,  # noqa: F401
 from .images import (device_node, image_reads, loop_device,  # noqa: F401
                      make_image, read_range, sha256)
 from .domains import (Lab, disk_alias, disk_source, disk_xml,  # noqa: F401
-                      domain_xml, guest_reads, guest_write, remove_domains,
-                      _qemu_io)
+                      domain_xml, guest_reads, guest_write, hmp,
+                      remove_domains, _qemu_io)
 from .nbd import (IHAVEOPT, NBD_CMD_DISC, NBD_CMD_READ,  # noqa: F401
                   NBD_MAGIC, NBD_OPT_GO, NBD_REP_ACK, NBD_REP_INFO,
                   NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC, REPLY_MAGIC,

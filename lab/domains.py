@@ -110,6 +110,13 @@ def disk_source(dom, target, inactive=False):
     raise KeyError(target)
 
 
+def hmp(dom, command):
+    """Send an HMP command to the domain's QEMU; its reply.  A qemu-io
+    write returns once written (what it prints goes to the log)."""
+    return libvirt_qemu.qemuMonitorCommand(
+        dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+
 def _qemu_io(dom, target, command):
     """Run qemu-io in the domain's QEMU; return what it printed.
 
@@ -118,10 +125,9 @@ def _qemu_io(dom, target, command):
     """
     log = "/var/log/libvirt/qemu/%s.log" % dom.name()
     start = os.path.getsize(log) if os.path.exists(log) else 0
-    hmp = 'qemu-io -d /machine/peripheral/%s/virtio-backend "%s"' % (
-        disk_alias(dom, target), command)
-    reply = libvirt_qemu.qemuMonitorCommand(
-        dom, hmp, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    command_line = ('qemu-io -d /machine/peripheral/%s/virtio-backend "%s"'
+                    % (disk_alias(dom, target), command))
+    reply = hmp(dom, command_line)
     # virtlogd writes the log a moment later: wait for qemu-io's last line.
     done = ("wrote ", "read ", "Pattern verification failed", "failed")
 

@@ -118,7 +118,7 @@ def test_a_freeze_cycle(virt, env, domain):
 
     overlay = env.path("overlay.qcow2")
     hvirt.snapshot(dom, domxml.snapshot_xml(
-        domxml.parse(dom.XMLDesc(0)), "vda", overlay), False)
+        domxml.parse(dom.XMLDesc(0)), {"vda": overlay}), False)
     assert bitmaps.file_node(dom, base) == node
     assert bitmaps.file_node(dom, overlay) not in (None, node)
     bitmaps.swap(dom, node, "nbdsnap-2", "nbdsnap-1")

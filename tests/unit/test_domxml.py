@@ -126,7 +126,7 @@ def test_find_disk_of_an_unknown_target_is_none(golden):
 # -- snapshot_xml ----------------------------------------------------------
 
 def snapshot(dom, target, overlay="/snap/ov.qcow2", description="nbdsnap test"):
-    root = etree.fromstring(domxml.snapshot_xml(dom, target, overlay,
+    root = etree.fromstring(domxml.snapshot_xml(dom, {target: overlay},
                                                 description).encode())
     assert root.tag == "domainsnapshot"
     return root
@@ -193,3 +193,13 @@ def test_snapshot_overlay_path_with_odd_characters_survives(golden):
     odd = "/snap/it's a \"disk\" & <more>.qcow2"
     root = snapshot(golden("file_raw"), "vda", overlay=odd)
     assert external_disks(root)[0].find("source").get("file") == odd
+
+
+def test_one_snapshot_of_a_group_takes_every_member_and_only_them(golden):
+    dom = golden("two_disks")
+    root = etree.fromstring(domxml.snapshot_xml(
+        dom, {"vda": "/snap/a.qcow2", "vdb": "/snap/b.qcow2"}).encode())
+    got = {d.get("name"): d.find("source").get("file")
+           for d in external_disks(root)}
+    assert got == {"vda": "/snap/a.qcow2", "vdb": "/snap/b.qcow2"}
+    assert root.findall("disks/disk[@snapshot='no']") == []

@@ -138,8 +138,9 @@ def test_the_hooks_arm_the_watchdog_with_these_bounds(monkeypatch, tmp_path,
 
         def postrun(self, export):
             pass
-    from nbdsnap.hooks import freeze
+    from nbdsnap.hooks import freeze, release
     monkeypatch.setattr(freeze, "Freezer", Freezer)
+    monkeypatch.setattr(release, "Releaser", Freezer)
     assert main(["/srv/x"]) == 0
     expected = {"nbd-prerun": 30 + 30 + 4 * 5 + 70 + 300 + 100 + FIXED + 1000
                 + 30,

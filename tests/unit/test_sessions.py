@@ -676,3 +676,116 @@ def test_disk_lock_of_a_holder_killed_by_sigkill_is_free(store, cfg):
     p.wait(timeout=10)
     with store.lock(KEY):
         pass
+
+
+# -- groups: disks frozen at one instant -----------------------------------
+
+KEY2 = "b-253-4"
+GROUP = {"id": "g1", "members": [
+    {"key": KEY, "disk": "vda", "export": "/dev/vg0/dom1"},
+    {"key": KEY2, "disk": "vdb", "export": "/dev/vg0/dom1-b"}]}
+
+
+def member(key, disk, holder, group=GROUP):
+    return sessions.with_phase(sessions.new_session(
+        key, "/dev/vg0/" + disk, "dom1", "U", disk, "/dev/vg0/" + disk,
+        ONLINE, holder, group=group), FROZEN)
+
+
+def test_a_disk_frozen_with_others_starts_with_no_holder():
+    state = member(KEY2, "vdb", None)
+    assert state["holders"] == [] and state["connections"] == 0
+    assert state["group"] == GROUP
+    assert sessions.malformed(json.loads(json.dumps(state)), KEY2) is None
+
+
+def test_a_member_is_live_while_another_disk_of_its_group_is_held():
+    vda, vdb = member(KEY, "vda", A), member(KEY2, "vdb", None)
+    assert vdb.assess(alive_only(A)) == STALE          # alone: no holder
+    assert vdb.assess(alive_only(A), [vda]) == LIVE
+    assert vdb.assess(nobody, [vda]) == STALE
+    assert vda.assess(nobody, [vdb]) == STALE
+
+
+def test_only_a_frozen_session_of_the_same_group_holds_a_member():
+    vdb = member(KEY2, "vdb", None)
+    other_group = member(KEY, "vda", A, dict(GROUP, id="g2"))
+    alone = member(KEY, "vda", A, None)
+    failed = sessions.with_phase(member(KEY, "vda", A), FAILED)
+    for peer in (other_group, alone, failed):
+        assert vdb.assess(alive_only(A), [peer]) == STALE
+
+
+def test_a_failed_member_stays_broken_even_while_its_group_is_held():
+    vda = member(KEY, "vda", A)
+    vdb = sessions.with_phase(member(KEY2, "vdb", None), FAILED)
+    assert vdb.assess(alive_only(A), [vda]) == BROKEN
+
+
+def test_group_keys_and_disks_name_every_member():
+    vdb = member(KEY2, "vdb", None)
+    assert vdb.group_keys() == [KEY, KEY2]
+    assert vdb.group_disks() == ["vda", "vdb"]
+    assert session().group_keys() == [KEY]
+    assert "frozen with vda)" in vdb.describe()
+    assert "frozen with" not in session().describe()
+
+
+@pytest.mark.parametrize("group", [
+    "g1", {"id": 1, "members": []}, {"id": "g1", "members": "vda"},
+    {"id": "g1", "members": [{"key": KEY2, "disk": "vdb", "export": "/x"}]},
+    {"id": "g1", "members": [{"key": KEY, "disk": 3, "export": "/x"}]},
+])
+def test_a_malformed_group_is_no_session(group):
+    state = json.loads(json.dumps(session()))
+    state["group"] = group
+    assert "malformed group" in sessions.malformed(state, KEY)
+
+
+def test_peers_are_read_from_the_store_and_assessed_with_them(store):
+    vda, vdb = member(KEY, "vda", A), member(KEY2, "vdb", None)
+    store.save(vda)
+    store.save(vdb)
+    assert [p["key"] for p in store.peers(vdb)] == [KEY]
+    with open(os.path.join(store.config.sessions_dir, KEY + ".json"),
+              "w") as f:
+        f.write("{")                         # a corrupt peer holds nothing
+    assert store.peers(vdb) == []
+    assert store.assess(vdb, alive_only(A)) == STALE
+
+
+def test_group_lock_takes_every_member_s_lock_and_yields_the_session(store):
+    store.save(member(KEY2, "vdb", None))
+    with store.group_lock(KEY2) as state:
+        assert state["key"] == KEY2
+        assert sorted(store.held_keys()) == [KEY, KEY2]
+        with pytest.raises(LockTimeout):
+            with store.lock(KEY):
+                pass
+    assert store.held_keys() == []
+    with store.lock(KEY):           # released
+        pass
+
+
+def test_group_lock_of_a_disk_with_no_session_takes_the_extra_keys(store):
+    with store.group_lock(KEY, ["b-1-1"]) as state:
+        assert state is None
+        assert sorted(store.held_keys()) == ["b-1-1", KEY]
+
+
+def test_group_lock_takes_another_turn_when_the_group_grew(store,
+                                                           monkeypatch):
+    """Read before the locks, the session had no group; under them it has
+    one: the locks are taken again, with the group's."""
+    store.save(member(KEY2, "vdb", None))
+    monkeypatch.setattr(store, "_peek_group", lambda key: [])
+    turns = []
+    real = store.locks
+
+    def counting(keys):
+        turns.append(sorted(set(keys)))
+        return real(keys)
+    monkeypatch.setattr(store, "locks", counting)
+    with store.group_lock(KEY2) as state:
+        assert state["key"] == KEY2
+    assert turns == [[KEY2], [KEY, KEY2]]
