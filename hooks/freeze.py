@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import os
 
-from . import digest, lazy, procs, sessions
+from . import digest, lazy, procs, sessions, watchdog
 from .errors import (ConfigError, CorruptState, Error, NotFound, Stale,
                      Unsupported, VirtError)
 from .sessions import FROZEN, OFFLINE, ONLINE
@@ -101,6 +101,11 @@ class Freezer:
 
     def _prerun_locked(self, conn, state, export, key, holder, domain, disk,
                        group, quiesce):
+        disks = max(len(group), len(state.group_keys()) if state else 1)
+        if disks > 1:
+            watchdog.extend("nbd-prerun",
+                            watchdog.seconds(self.config, "nbd-prerun",
+                                             disks))
         peers = self.store.peers(state) if state is not None else []
         if state is not None and (state.assess(procs.is_alive, peers)
                                   == sessions.LIVE):

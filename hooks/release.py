@@ -13,7 +13,7 @@ import os
 import stat
 import time
 
-from . import digest, history, lazy, procs, sessions
+from . import digest, history, lazy, procs, sessions, watchdog
 from .errors import CommitFailed, Error, VirtError
 from .sessions import FROZEN, OFFLINE
 
@@ -64,6 +64,9 @@ class Releaser:
                 return new
             # The last connection to any disk of the group: all end now.
             ending = [new] + [p for p in peers if p["phase"] == FROZEN]
+            if len(ending) > 1:
+                watchdog.extend("nbd-postrun", watchdog.seconds(
+                    self.config, "nbd-postrun", len(ending)))
             # The commit writes into the base: the digest must be done.
             for s in ending:
                 digest.finish(self.config, s)

@@ -9,6 +9,7 @@ bound of its setting, plus MARGIN (nbd-prerun(8), nbd-postrun(8)).
 import logging
 import os
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ QEMU_IMG_LOCKS = 30     # qemu_img.LOCK_WAIT: image locks a QEMU still holds
 MAP_READ = 60 + 10
 
 
-def seconds(config, prog):
-    """How long hook prog ("nbd-prerun" or "nbd-postrun") may run.
+def seconds(config, prog, disks=1):
+    """How long hook prog ("nbd-prerun" or "nbd-postrun") may run, for a
+    freeze of disks disks (a group's, see extend()).
 
     Both hooks wait for the disk's lock.  A freeze waits for the domain's
     lock and the agent four times (ping, guest-fsfreeze-status, and the
@@ -50,6 +52,9 @@ def seconds(config, prog):
     A prerun with stale = recover commits the stale session before it
     freezes: were its bound shorter than that commit, every client would
     restart the same commit and be refused when the watchdog ended it.
+
+    A group's disks are committed one after the other, and each reads its
+    previous dirty bitmap: the commit and MAP_READ count once a disk.
     """
     lock = config.lock_timeout
     commit = (config.digest_timeout + 2 * STOP_GRACE
@@ -57,17 +62,31 @@ def seconds(config, prog):
               + CANCEL_WAIT + QEMU_IMG_INFO + QEMU_IMG_LOCKS
               + config.commit_timeout + lock)
     if prog == "nbd-postrun":
-        return lock + commit + MARGIN
+        return lock + disks * commit + MARGIN
     freeze = lock + 4 * config.quiesce_timeout
     if config.digest:
-        freeze += MAP_READ
+        freeze += disks * MAP_READ
     if config.stale == "recover":
-        freeze += commit
+        freeze += disks * commit
     return lock + freeze + MARGIN
 
 
-def arm(prog, limit):
-    """End this process with status 1 after limit seconds.
+_armed = {}     # prog: (its timer, when it was armed), once arm() ran
+
+
+def extend(prog, limit):
+    """A hook that learns it serves a group: its bound is now limit, from
+    when it was armed.  Nothing when prog's watchdog was never armed (the
+    hooks' code run by a test, or by recover)."""
+    if prog not in _armed:
+        return
+    timer, started = _armed.pop(prog)
+    timer.cancel()
+    arm(prog, limit, started)
+
+
+def arm(prog, limit, started=None):
+    """End this process with status 1 limit seconds after started (now).
 
     A thread, because the main one may be blocked inside a libvirt call
     (which releases the GIL); the session's intent or committing phase
@@ -79,6 +98,9 @@ def arm(prog, limit):
                      "'nbdsnap recover'", prog, limit)
         logging.shutdown()
         os._exit(1)
-    timer = threading.Timer(limit, expire)
+    started = time.monotonic() if started is None else started
+    timer = threading.Timer(max(1, limit - (time.monotonic() - started)),
+                            expire)
     timer.daemon = True
     timer.start()
+    _armed[prog] = (timer, started)

@@ -99,6 +99,42 @@ def test_the_watchdogs_fixed_waits_are_the_waiting_modules_own():
     assert watchdog.MAP_READ == bitmaps.NBD_TIMEOUT + bitmaps.TEARDOWN_WAIT
 
 
+def test_a_group_counts_a_commit_and_a_map_read_for_each_disk():
+    one = settings(stale="recover")
+    for prog, each in (("nbd-postrun", 600 + FIXED + 600 + 120),
+                       ("nbd-prerun", 70 + 600 + FIXED + 600 + 120)):
+        assert (watchdog.seconds(one, prog, 3) - watchdog.seconds(one, prog)
+                == 2 * each)
+
+
+def test_extend_rearms_from_the_first_arming(monkeypatch):
+    timers = []
+
+    class Timer:
+        def __init__(self, limit, what):
+            self.limit = limit
+            self.cancelled = False
+            self.daemon = False
+            timers.append(self)
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            self.cancelled = True
+    now = [100.0]
+    monkeypatch.setattr(watchdog.threading, "Timer", Timer)
+    monkeypatch.setattr(watchdog.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(watchdog, "_armed", {})
+    watchdog.extend("nbd-prerun", 900)          # never armed: nothing
+    assert timers == []
+    watchdog.arm("nbd-prerun", 600)
+    now[0] = 130.0
+    watchdog.extend("nbd-prerun", 900)
+    assert [t.limit for t in timers] == [600, 870]
+    assert [t.cancelled for t in timers] == [True, False]
+
+
 def test_digest_off_freezes_without_the_map_read():
     assert (watchdog.seconds(settings(), "nbd-prerun")
             - watchdog.seconds(settings(digest=False), "nbd-prerun")
