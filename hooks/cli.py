@@ -211,7 +211,9 @@ def _nbdsnap_parser():
             "read-only, the installed hooks with --domain and --disk, and an "
             "authfile of the --allow addresses (FILE's folder, NAME.allow).  "
             "Default: every file or block disk that is not read-only or "
-            "shareable.", 78),
+            "shareable.  Several disks are frozen together, at one instant "
+            "(prerun's --group names them all in every section): a "
+            "connection to any of them holds them all.", 78),
         epilog="exit status: 0 done, 1 refused (unknown domain, no disk to "
                "export, a path the hook's shell would split, a FILE not "
                "written by nbdsnap), 2 usage or configuration error, %s"
@@ -232,6 +234,9 @@ def _nbdsnap_parser():
                     "instead of printing")
     ex.add_argument("--force", action="store_true",
                     help="replace a FILE (or authfile) nbdsnap did not write")
+    ex.add_argument("--separate", action="store_true",
+                    help="freeze each disk on its own (no --group): the "
+                    "copies of several disks are then of different instants")
     li = sub.add_parser(
         "lint", help="check nbd-server's configuration",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -315,7 +320,7 @@ def _export(args):
                    args.output, args.force,
                    is_ours=SessionStore(config).is_ours,
                    manifest_dir=config.manifest_dir if config.digest else None,
-                   out=_print)
+                   out=_print, separate=args.separate)
     return 0
 
 

@@ -14,6 +14,10 @@ path, unquoted) and then ``/bin/sh -c``: every literal part is shell-quoted
 and its ``%`` doubled, and an exportname the shell would split or
 interpret is refused.  ``--domain/--disk`` spare prerun its search of every
 domain's XML, which costs time and waits on other domains' jobs.
+With several disks, every section's prerun also gets ``--group vda,vdb``,
+the same list of all of them in each: the first connection to any of them
+freezes them all at one instant, so that a database on vdb and its log on
+vda are copied as they were together (--separate: one freeze per disk).
 
 The authfile (--allow) is written with the sections, first, and only so:
 printed sections would name an authfile that nothing writes, and
@@ -135,21 +139,38 @@ def manifest_section(domain, target, section, manifest_dir, authfile):
             nbd_config.format_section(section + ".manifest", items))
 
 
+def together(disks, separate=False):
+    """The targets that every section's prerun freezes at one instant
+    (--group): all of disks when there are several, none with separate."""
+    targets = [t for t, _ in disks]
+    if separate or len(targets) < 2:
+        return []
+    for target in targets:
+        if "," in target:
+            raise Unsupported("disk target %r holds a comma, which --group "
+                              "cannot list; export with --separate" % target)
+    return targets
+
+
 def sections(domain, disks, name, folder, authfile=None, manifest_dir=None,
-             notes=None):
+             notes=None, group=()):
     """[(section name, text)] for disks = [(target, base path)], and for
     each its manifest export when manifest_dir is given (digest = on).
-    notes: {target: what a client copies}, a comment above the section."""
+    notes: {target: what a client copies}, a comment above the section.
+    group: the targets every prerun freezes together (together()), in the
+    same order in each section, or none."""
     result, notes = [], notes or {}
     for target, path in disks:
         section = name if len(disks) == 1 else "%s-%s" % (name, target)
         items = [("exportname", path), ("readonly", True)]
         if authfile:
             items.append(("authfile", authfile))
+        prerun = [_q(os.path.join(folder, "nbd-prerun")), "--domain",
+                  _q(domain), "--disk", _q(target)]
+        if group:
+            prerun += ["--group", _q(",".join(group))]
         items += [
-            ("prerun", "%s --domain %s --disk %s %%s" % (
-                _q(os.path.join(folder, "nbd-prerun")), _q(domain),
-                _q(target))),
+            ("prerun", " ".join(prerun + ["%s"])),
             ("postrun", "%s %%s" % _q(os.path.join(folder, "nbd-postrun")))]
         for key, hook in items[-2:]:
             pieces, bad = nbd_config.printf_parts(hook)
@@ -167,9 +188,16 @@ def sections(domain, disks, name, folder, authfile=None, manifest_dir=None,
     return result
 
 
-def render(domain, parts, allow, authfile):
-    """The text of the sections, parts = sections(), with their header."""
+def render(domain, parts, allow, authfile, group=()):
+    """The text of the sections, parts = sections(), with their header;
+    group as given to sections()."""
     head = [MARK + " for domain %s; it rewrites this file." % domain]
+    if group:
+        head += ["# " + line for line in textwrap.wrap(
+            "The disks %s are frozen together, at one instant: the first "
+            "connection to any of them freezes them all, and they stay "
+            "frozen until the last connection to any of them ends."
+            % ", ".join(group), 76)]
     if allow:
         head.append("# Clients allowed (authfile %s):" % authfile)
         head += ["#     %s" % a for a in allow]
@@ -207,8 +235,9 @@ def write_file(path, text, force=False):
 
 def run(domain_name, targets=(), name=None, allow=(), output=None,
         force=False, folder=None, is_ours=lambda path: False, out=print,
-        manifest_dir=None):
-    """Print or write the sections; return the section names."""
+        manifest_dir=None, separate=False):
+    """Print or write the sections; return the section names.  Several
+    disks are frozen together, at one instant, unless separate."""
     if allow and output is None:
         # Printed sections name an authfile that nothing writes; pasted or
         # redirected into conf.d, nbd-server finds no authfile and lets
@@ -231,6 +260,7 @@ def run(domain_name, targets=(), name=None, allow=(), output=None,
         raise NotFound("no libvirt domain is named %s" % domain_name)
     domain = found[1]
     disks = choose(domain, targets, is_ours)
+    group = together(disks, separate)
     if name is None:
         name = domain.name if len(disks) > 1 else \
             "%s-%s" % (domain.name, disks[0][0])
@@ -240,12 +270,12 @@ def run(domain_name, targets=(), name=None, allow=(), output=None,
     authfile = os.path.join(where, name + ".allow") if allow else None
     notes = notes_of(domain, disks, is_ours)
     parts = sections(domain.name, disks, name, folder or bin_dir(),
-                     authfile, manifest_dir, notes)
+                     authfile, manifest_dir, notes, group)
     names = [n for n, _ in parts]
     for target, note in notes.items():
         log.warning("disk %s of domain %s: clients copy %s", target,
                     domain.name, note)
-    text = render(domain.name, parts, allow, authfile)
+    text = render(domain.name, parts, allow, authfile, group)
     if not allow:
         log.warning("%s: no --allow, so no authfile: every address that "
                     "reaches nbd-server may copy %s", ", ".join(names),

@@ -15,6 +15,7 @@ import pytest
 
 import lab
 from test_freeze import MiB, assert_clean, export_domain, serve
+from test_group import group_domain, sessions
 
 
 def nbdsnap(env, *args, check=None, **extra):
@@ -78,6 +79,45 @@ def test_exported_section_is_served_frozen_committed_and_guarded(virt, env):
     with pytest.raises(lab.RefusedError):
         lab.HeldConnection(server.port, "denied")       # from 127.0.0.1
     assert env.sessions() == [] and env.overlays() == []
+
+
+def test_a_domains_disks_are_exported_to_freeze_together(virt, env):
+    """Two disks: both sections' prerun name both (--group), lint finds
+    nothing, and one connection freezes both; --separate: one each."""
+    dom, bases = group_domain(virt, env)
+    confd = env.path("conf.d")
+    os.mkdir(confd)
+    conf = os.path.join(confd, "vm.conf")
+    nbdsnap(env, "export", dom.name(), "--allow", "127.0.0.1", "-o", conf,
+            check=0)
+    with open(conf) as f:
+        text = f.read()
+    prerun = os.path.join(os.path.realpath(lab.VENV_BIN), "nbd-prerun")
+    for target in ("vda", "vdb"):
+        assert "prerun = %s --domain %s --disk %s --group vda,vdb %%s" % (
+            prerun, dom.name(), target) in text
+    assert "# The disks vda, vdb are frozen together, at one instant" in text
+    server = included_server(virt, env, confd)
+    assert nbdsnap(env, "lint", server.conf, check=0).stdout == ""
+
+    held = lab.HeldConnection(server.port, dom.name() + "-vdb")
+    found = sessions(env)
+    assert sorted(found) == ["vda", "vdb"]
+    assert found["vda"]["group"] == found["vdb"]["group"]
+    held.close()
+    env.wait_clean()
+    assert env.overlays() == []
+    for target, base in bases.items():
+        assert lab.disk_source(dom, target) == base
+
+    nbdsnap(env, "export", dom.name(), "--separate", "--allow", "127.0.0.1",
+            "-o", conf, check=0)
+    with open(conf) as f:
+        text = f.read()
+    assert "--group" not in text and "together" not in text
+    assert "prerun = %s --domain %s --disk vdb %%s" % (prerun, dom.name()) \
+        in text
+    assert nbdsnap(env, "lint", server.conf, check=0).stdout == ""
 
 
 def test_printed_sections_never_serve_an_open_export(virt, env):

@@ -243,7 +243,8 @@ def test_hooks_reach_the_entry_points_as_one_argument_each(tmp_path, domain):
         (folder / entry).write_text("#!/bin/sh\nprintf '%s\\n' \"$0\" \"$@\"\n")
         (folder / entry).chmod(0o755)
     ((name, text),) = export.sections(domain, [("vda", "/dev/vg0/x")],
-                                      "sec", str(folder), "/a.allow")
+                                      "sec", str(folder), "/a.allow",
+                                      group=["vda", "v 100%"])
     path = tmp_path / "config"
     path.write_text("[generic]\n" + text)
     (sec,) = nbd_config.read(str(path)).exports
@@ -251,7 +252,7 @@ def test_hooks_reach_the_entry_points_as_one_argument_each(tmp_path, domain):
     assert sec.values["readonly"] is True
     assert sec.values["authfile"] == "/a.allow"
     prerun = [str(folder / "nbd-prerun"), "--domain", domain, "--disk", "vda",
-              "/dev/vg0/x"]
+              "--group", "vda,v 100%", "/dev/vg0/x"]
     postrun = [str(folder / "nbd-postrun"), "/dev/vg0/x"]
     assert argv_of(sec.values["prerun"], "/dev/vg0/x") == prerun
     assert argv_of(sec.values["postrun"], "/dev/vg0/x") == postrun
@@ -266,17 +267,34 @@ def test_hooks_reach_the_entry_points_as_one_argument_each(tmp_path, domain):
 def test_exported_sections_lint_clean(tmp_path, golden):
     folder = tmp_path / "bin"
     folder.mkdir()
-    parts = export.sections("dom-two", export.choose(
-        golden("two_disks"), [], is_overlay), "dom-two", str(folder),
-        str(tmp_path / "dom-two.allow"))
+    disks = export.choose(golden("two_disks"), [], is_overlay)
+    group = export.together(disks)
+    parts = export.sections("dom-two", disks, "dom-two", str(folder),
+                            str(tmp_path / "dom-two.allow"), group=group)
     (tmp_path / "dom-two.allow").write_text("192.0.2.1\n")
-    (tmp_path / "config").write_text(
-        "[generic]\n" + export.render("dom-two", parts, ["192.0.2.1"],
-                                      str(tmp_path / "dom-two.allow")))
+    text = export.render("dom-two", parts, ["192.0.2.1"],
+                         str(tmp_path / "dom-two.allow"), group)
+    (tmp_path / "config").write_text("[generic]\n" + text)
     conf = nbd_config.read(str(tmp_path / "config"))
     assert [s.name for s in conf.exports] == ["dom-two-vda", "dom-two-vdb"]
+    for sec in conf.exports:
+        assert "--disk %s --group vda,vdb %%s" % sec.name[-3:] \
+            in sec.values["prerun"]
+    assert "# The disks vda, vdb are frozen together, at one instant" in text
     assert lint.lint(conf, make_host(golden), key_of=KEYS.get,
                      find=lambda p, m: True) == []
+
+
+def test_one_disk_or_separate_sections_freeze_each_disk_alone(golden):
+    disks = export.choose(golden("two_disks"), [], is_overlay)
+    assert export.together(disks) == ["vda", "vdb"]
+    assert export.together(disks, separate=True) == []
+    assert export.together(disks[1:]) == []
+    parts = export.sections("dom-two", disks, "d", "/bin")
+    assert "--group" not in "".join(t for _, t in parts)
+    assert "together" not in export.render("dom-two", parts, [], None)
+    with pytest.raises(Unsupported, match="comma.*--separate"):
+        export.together(disks + [("v,x", "/x")])
 
 
 def test_write_file_is_atomic_and_keeps_foreign_files(tmp_path):
