@@ -37,14 +37,13 @@ import textwrap
 
 from nbdsnap.verify.files import write_atomic
 
-from . import domxml, nbd_config, virt
+from . import domxml, locate, nbd_config, virt
 from .served import base_path, served_as, served_image
 from .errors import ConfigError, Error, NotFound, Unsupported
 
 log = logging.getLogger(__name__)
 
 MARK = "# Written by nbdsnap export"
-KINDS = ("file", "block")
 
 
 def allow_address(text):
@@ -67,18 +66,6 @@ def bin_dir(argv0=None):
     return folder
 
 
-def _why_not(disk):
-    if disk.device != "disk":
-        return "a %s" % disk.device
-    if disk.top.type not in KINDS or not disk.top.path:
-        return "a %s disk, not a local file or block device" % disk.top.type
-    if disk.readonly:
-        return "read-only: nothing writes it, export it without the hooks"
-    if disk.shareable:
-        return "shareable: another domain may write it"
-    return None
-
-
 def choose(domain, targets, is_ours):
     """[(target, base path)] of the disks to export, or a clear refusal."""
     if targets:
@@ -88,16 +75,16 @@ def choose(domain, targets, is_ours):
             if disk is None:
                 raise NotFound("domain %s has no disk %s" % (domain.name,
                                                              target))
-            why = _why_not(disk)
+            why = locate.why_not(disk)
             if why:
                 raise Unsupported("disk %s of domain %s is %s"
                                   % (target, domain.name, why))
             chosen.append(disk)
     else:
-        chosen = [d for d in domain.disks if not _why_not(d)]
+        chosen = [d for d in domain.disks if not locate.why_not(d)]
         if not chosen:
             raise Unsupported("domain %s has no disk to export (%s)" % (
-                domain.name, "; ".join("%s: %s" % (d.target, _why_not(d))
+                domain.name, "; ".join("%s: %s" % (d.target, locate.why_not(d))
                                        for d in domain.disks) or "no disks"))
     return [(d.target, _checked(base_path(d, is_ours))) for d in chosen]
 

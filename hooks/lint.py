@@ -5,7 +5,8 @@ is checked when its hooks are nbdsnap's or its exportname is a domain's
 disk; other exports are not nbdsnap's business.  Each finding is one line,
 ``SECTION: finding``; ``generic`` is nbd-server's [generic] section and
 ``host`` this machine (libvirt, AppArmor).  lint() is pure: what libvirt
-and the disks say comes in a Host.
+and the disks say comes in a Host.  Whether the sections of disks frozen
+together (prerun's --group) agree is lint_group's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pwd
 import re
 import shlex
 
-from . import locate, nbd_config, procs, served, sessions
+from . import lint_group, locate, nbd_config, procs, served, sessions
 from .errors import CorruptState, Error, NotFound
 
 PRERUN, POSTRUN = "nbd-prerun", "nbd-postrun"
@@ -58,6 +59,15 @@ def hooks_of(section):
             hooks[key] = Hook(key, nbd_config.slot_contexts(pieces), bad,
                               words, entry)
     return hooks
+
+
+def prerun_of(section):
+    """The lint_group.Prerun of a section that runs nbd-prerun, or None."""
+    pre = hooks_of(section).get("prerun")
+    if pre is None or pre.entry != PRERUN:
+        return None
+    return lint_group.Prerun(section.name, pre.option("--domain"),
+                             pre.option("--disk"), pre.option("--group"))
 
 
 def is_ours(section):
@@ -244,19 +254,21 @@ def check_disk(section, host, key_of):
     pre = hooks_of(section).get("prerun")
     name, target = (pre.option("--domain"), pre.option("--disk")) if pre \
         else (None, None)
+    group = []
     try:
         if name or target:
             dom = next((d for d in host.domains if d.name == name), None)
             if dom is None or not target:
                 raise NotFound("prerun names domain %s disk %s, which libvirt "
                                "does not have" % (name, target))
+            group = lint_group.unknown_disks(prerun_of(section), dom)
             match = locate.check_named(dom, target, path, key, key_of,
                                        host.is_overlay)
         else:
             match = locate.choose(found, path, len(host.domains))
     except Error as e:
-        return [str(e)], bool(found)
-    image = check_image(match, host)
+        return [str(e)] + group, bool(found)
+    image = group + check_image(match, host)
     if match.how != locate.FROZEN:
         return image, True
     overlay, state = match.disk.top.path, host.verdict(key)
@@ -286,13 +298,17 @@ def _read(path):
 
 def lint(conf, host, key_of=locate.key_of, find=os.access, read=_read):
     """[(section, finding)] for the nbd_config.ServerConfig conf."""
-    out = []
+    out, grouped = [], {}
+    for name, finding in lint_group.check(
+            [p for p in map(prerun_of, conf.exports) if p]):
+        grouped.setdefault(name, []).append(finding)
     for sec in conf.exports:
         found, disk = [], False
         if host.domains is not None:
             found, disk = check_disk(sec, host, key_of)
         if is_ours(sec) or disk:
-            found = check_hooks(sec, find) + check_export(sec, read) + found
+            found = (check_hooks(sec, find) + grouped.pop(sec.name, [])
+                     + check_export(sec, read) + found)
         out += [(sec.name, f) for f in found]
     ours = any(is_ours(s) for s in conf.exports)
     out += check_generic(conf, ours)

@@ -20,6 +20,8 @@ TOP = "top"          # the disk's active image is the export: freeze it
 FROZEN = "frozen"    # the disk runs on our overlay, whose backing is the export
 FOREIGN = "foreign"  # the export is deeper in a chain whose top is not ours
 
+KINDS = ("file", "block")   # the disk types that have a local path
+
 
 @dataclasses.dataclass(frozen=True)
 class Match:
@@ -102,6 +104,20 @@ def check(match, export):
             "nbdsnap did not make; commit or remove it first"
             % (export, match, disk.top.path or disk.top.type))
     return match
+
+
+def why_not(disk):
+    """Why a disk cannot be frozen, as a phrase, or None: check()'s rules
+    before there is an export (nbdsnap export, lint's --group)."""
+    if disk.device != "disk":
+        return "a %s" % disk.device
+    if disk.top.type not in KINDS or not disk.top.path:
+        return "a %s disk, not a local file or block device" % disk.top.type
+    if disk.readonly:
+        return "read-only: nothing writes it, export it without the hooks"
+    if disk.shareable:
+        return "shareable: another domain may write it"
+    return None
 
 
 def check_named(domain, target, export, key, key_of, is_ours):

@@ -196,6 +196,122 @@ def test_security_drivers(text, on, drivers):
     assert lint.security_drivers(text, on) == drivers
 
 
+# -- the sections of a group (lint_group) -------------------------------------
+
+ROOT, LOOP = IMAGES + "dom-two-root.raw", "/dev/loop4"
+
+
+def grouped(name, export, options):
+    """A section of prerun options (after nbd-prerun, before %s)."""
+    return ("[%s]\n    exportname = %s\n    readonly = true\nAUTH"
+            "    prerun = %snbd-prerun %s %%s\n"
+            "    postrun = %snbd-postrun %%s\n" % (name, export, BIN, options,
+                                                 BIN))
+
+
+def by_section(found):
+    out = {}
+    for section, finding in found:
+        out.setdefault(section, []).append(finding)
+    return out
+
+
+PAIR = (grouped("a", ROOT, "--domain dom-two --disk vda --group vda,vdb")
+        + grouped("b", LOOP, "--domain dom-two --disk vdb --group vda,vdb"))
+
+
+def test_the_sections_of_a_group_that_agree_have_no_finding(run_lint):
+    assert run_lint(PAIR) == []
+    # The order of --group is not what makes one freeze.
+    assert run_lint(PAIR.replace("vdb --group vda,vdb",
+                                 "vdb --group=vdb,vda")) == []
+
+
+@pytest.mark.parametrize("options, words", [
+    ("--group vda,vdb", "prerun has --group but not --domain and --disk"),
+    ("--disk vda --group vda,vdb", "not --domain and --disk"),
+    ("--domain dom-two --disk vda --group vdb,vdc",
+     "--group vdb,vdc does not name its --disk vda"),
+    ("--domain dom-two --disk vda --group ''", "--group '' does not name"),
+])
+def test_a_group_that_nbd_prerun_refuses(run_lint, options, words):
+    found = by_section(run_lint(grouped("a", ROOT, options),
+                                host=make_host(lambda n: None, names=(),
+                                               domains=None, error="off")))
+    assert found.pop("host") == ["off; the domain checks were skipped"]
+    assert found == {"a": [found["a"][0]]}
+    assert words in found["a"][0]
+    assert found["a"][0].endswith("nbd-prerun refuses every connection")
+
+
+@pytest.mark.parametrize("b, words", [
+    (grouped("b", LOOP, "--domain dom-two --disk vdb"),
+     "section b serves disk vdb of domain dom-two without --group: a "
+     "connection to it can freeze vdb alone, and this section is then "
+     "refused until that freeze ends"),
+    (grouped("b", LOOP, "--domain dom-two --disk vdb --group vda,vdb,vdc"),
+     "section b serves disk vdb of domain dom-two with --group vda,vdb,vdc, "
+     "not vda,vdb: while one of the two freezes lasts, a connection to the "
+     "other can be refused"),
+    ("", "no section serves disk vdb of domain dom-two, which its --group "
+     "freezes with vda: no client can copy it"),
+    (grouped("b", LOOP, "--domain dom1 --disk vdb --group vda,vdb"),
+     "disk vdb of its --group is served by section b, whose prerun names "
+     "domain dom1, not dom-two: no section serves dom-two's vdb"),
+])
+def test_sections_of_a_group_that_disagree(run_lint, b, words):
+    a = grouped("a", ROOT, "--domain dom-two --disk vda --group vda,vdb")
+    off = make_host(lambda n: None, names=(), domains=None, error="off")
+    for host in (None, off):        # with libvirt and without
+        found = by_section(run_lint(a + b, host=host))
+        found.pop("host", None)
+        assert found.pop("a") == [words]
+        if "vda,vdb,vdc" in b:      # b's view of a, and of vdc
+            assert [f.split(":")[0] for f in found.pop("b")] == [
+                "section a serves disk vda of domain dom-two with --group "
+                "vda,vdb, not vda,vdb,vdc",
+                "no section serves disk vdc of domain dom-two, which its "
+                "--group freezes with vdb"] + [
+                    "prerun's --group names disk vdc, which domain dom-two "
+                    "does not have"] * (host is None)
+        if "dom1" in b:             # and b's view of a, the same disagreement
+            assert "served by section a, whose prerun names domain " \
+                "dom-two, not dom1" in found["b"][0]
+            assert ("domain dom1 has no disk vdb" in found.pop("b")[-1]) \
+                == (host is None)
+        assert found == {}
+
+
+def test_a_group_disk_the_domain_does_not_have(run_lint, monkeypatch):
+    body = PAIR.replace("vda,vdb", "vda,vdb,vdz") + grouped(
+        "z", "/srv/vdz.raw", "--domain dom-two --disk vdz --group "
+        "vda,vdb,vdz")
+    found = by_section(run_lint(body))
+    for section in ("a", "b"):
+        assert found[section] == [
+            "prerun's --group names disk vdz, which domain dom-two does not "
+            "have: nbd-prerun refuses every connection"]
+    # Its exportname is missing: no domain checks.
+    assert found["z"] == ["exportname /srv/vdz.raw does not exist"]
+    monkeypatch.setitem(KEYS, IMAGES + "dom-net.raw", "f-6")
+    monkeypatch.setitem(KEYS, IMAGES + "dom-cdrom.raw", "f-7")
+    network = by_section(run_lint(grouped(
+        "n", IMAGES + "dom-net.raw", "--domain dom-net --disk vda --group "
+        "vda,vdb"), names=("network_nbd",)))
+    assert network["n"] == [
+        "no section serves disk vdb of domain dom-net, which its --group "
+        "freezes with vda: no client can copy it",
+        "prerun's --group names disk vdb of domain dom-net (a network disk, "
+        "not a local file or block device): nbd-prerun refuses every "
+        "connection"]
+    cdrom = by_section(run_lint(grouped(
+        "c", IMAGES + "dom-cdrom.raw", "--domain dom-cdrom --disk vda "
+        "--group vda,sdb"), names=("cdrom",)))
+    assert cdrom["c"][-1] == (
+        "prerun's --group names disk sdb of domain dom-cdrom (a cdrom): "
+        "nbd-prerun refuses every connection")
+
+
 # -- export's sections ---------------------------------------------------------------
 
 def test_choose_default_disks_and_bases(golden):
