@@ -70,7 +70,8 @@ def choose(domain, targets, is_ours):
     """[(target, base path)] of the disks to export, or a clear refusal."""
     if targets:
         chosen = []
-        for target in targets:
+        # --disk vda --disk vda: one section, not two of one name.
+        for target in dict.fromkeys(targets):
             disk = domxml.find_disk(domain, target)
             if disk is None:
                 raise NotFound("domain %s has no disk %s" % (domain.name,

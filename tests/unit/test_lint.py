@@ -325,6 +325,12 @@ def test_choose_default_disks_and_bases(golden):
         ("vda", IMAGES + "dom-net.raw")]
 
 
+def test_choose_a_disk_named_twice_once(golden):
+    assert export.choose(golden("two_disks"), ["vdb", "vda", "vdb"],
+                         is_overlay) == [
+        ("vdb", "/dev/loop4"), ("vda", IMAGES + "dom-two-root.raw")]
+
+
 @pytest.mark.parametrize("name, targets, error, words", [
     ("cdrom", ["sda"], Unsupported, "is a cdrom"),
     ("network_nbd", ["vdb"], Unsupported, "a network disk"),
