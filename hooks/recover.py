@@ -58,14 +58,14 @@ class Recovery(Settler):
 
     # -- survey ------------------------------------------------------------
 
-    def _sessions(self, wanted):
-        cases, overlays = [], set()
+    def _sessions(self):
+        """(cases, the overlays they name, the keys of corrupt sessions)."""
+        cases, overlays, corrupt = [], set(), []
         for key in self.store.keys():
             try:
                 state = self.store.load(key)
             except CorruptState:
-                if wanted is None or key in wanted:
-                    self._set_aside(key)
+                corrupt.append(key)
                 continue
             if state is None:
                 continue
@@ -74,7 +74,7 @@ class Recovery(Settler):
             freeze = (plan.Freeze.from_session(state)
                       if state["mode"] == sessions.ONLINE else None)
             cases.append(Case(key, state["export"], freeze, state))
-        return cases, overlays
+        return cases, overlays, corrupt
 
     def _set_aside(self, key):
         """Move a corrupt session file aside, under its disk's lock, if it
@@ -157,11 +157,16 @@ class Recovery(Settler):
                 wanted[key] = export
         conn = virt.connect()
         try:
-            cases, known = self._sessions(wanted)
+            cases, known, corrupt = self._sessions()
             cases += self._orphans(conn, known)
             if wanted is not None:
                 self._with_groups(cases, wanted)
                 cases = [c for c in cases if c.key in wanted]
+            # Once the groups are known: a corrupt disk frozen with one that
+            # was asked for is recovered with it too.
+            for key in corrupt:
+                if wanted is None or key in wanted:
+                    self._set_aside(key)
             if not cases:
                 self.out("nothing to recover")
             for case in cases:
@@ -179,16 +184,20 @@ class Recovery(Settler):
 
     def _with_groups(self, cases, wanted):
         """A disk's group is one freeze: recovering one of its disks
-        recovers the disks frozen with it too."""
+        recovers the disks frozen with it too, even when the disk asked for
+        has no session left (a postrun killed between the commits of the
+        group's disks ended its session, not the others')."""
         for case in cases:
-            if not (case.state and case.key in wanted):
+            group = case.state.get("group") if case.state else None
+            asked = [m["key"] for m in group["members"]
+                     if m["key"] in wanted] if group else []
+            if not asked:
                 continue
-            for m in case.state["group"]["members"] if case.state.get(
-                    "group") else ():
+            for m in group["members"]:
                 if m["key"] not in wanted:
                     wanted[m["key"]] = m["export"]
                     self.out("%s: frozen at one instant with %s, recovered "
-                             "with it" % (m["export"], case.label))
+                             "with it" % (m["export"], wanted[asked[0]]))
 
     def _one(self, conn, case):
         # The disks frozen with it are locked too: a connection to any of

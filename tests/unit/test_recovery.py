@@ -118,3 +118,40 @@ def test_a_dry_run_decides_as_if_the_digest_had_ended(
     assert out == ["/srv/vm/base.raw: would wait for the digest, pid %d, "
                    "to end" % digest_running.pid,
                    "/srv/vm/base.raw: would offline commit: as the run will"]
+
+
+# -- a group: recovering one disk recovers the disks frozen with it -----------
+
+def grouped(key, disk, members):
+    """A stale case of disk, frozen with members [(key, disk)]."""
+    group = sessions.new_group([(k, d, "/srv/vm/%s.raw" % d)
+                                for k, d in members])
+    state = sessions.new_session(key, "/srv/vm/%s.raw" % disk, "dom1", "U",
+                                 disk, "/srv/vm/%s.raw" % disk,
+                                 sessions.ONLINE, None, group=group)
+    return recover.Case(key, state["export"], None, state)
+
+
+def test_a_disk_asked_for_brings_the_disks_frozen_with_it(freezer):
+    lines = []
+    r = recover.Recovery(freezer.config, out=lines.append)
+    members = [("k-1", "vda"), ("k-2", "vdb")]
+    wanted = {"k-1": "/srv/vm/vda.raw"}
+    r._with_groups([grouped("k-1", "vda", members),
+                    grouped("k-2", "vdb", members)], wanted)
+    assert wanted == {"k-1": "/srv/vm/vda.raw", "k-2": "/srv/vm/vdb.raw"}
+    assert lines == ["/srv/vm/vdb.raw: frozen at one instant with "
+                     "/srv/vm/vda.raw, recovered with it"]
+
+
+def test_a_disk_whose_session_ended_still_brings_its_group(freezer):
+    """A postrun killed between the commits of vda and vdb: vda's session
+    is gone, vdb's names it; recover of vda recovers vdb."""
+    lines = []
+    r = recover.Recovery(freezer.config, out=lines.append)
+    wanted = {"k-1": "/srv/vm/vda.raw"}
+    other = grouped("k-3", "vdc", [("k-3", "vdc"), ("k-4", "vdd")])
+    r._with_groups([grouped("k-2", "vdb", [("k-1", "vda"), ("k-2", "vdb")]),
+                    other], wanted)
+    assert sorted(wanted) == ["k-1", "k-2"]
+    assert len(lines) == 1 and "recovered with it" in lines[0]
