@@ -47,6 +47,8 @@ class LockTimeout(LockError):
 class CorruptState(Error):
     """A session state file could not be read."""
 
+    export = None   # the export whose recovery sets it aside, when known
+
 
 class Stale(Error):
     """A session whose holders are all gone; only recovery may touch it."""

@@ -86,7 +86,7 @@ class Freezer:
                         group, quiesce or self.config.quiesce)
             except CorruptState as e:
                 raise CorruptState("%s; refusing until 'nbdsnap recover %s' "
-                                   "has run" % (e, export))
+                                   "has run" % (e, e.export or export))
         finally:
             if conn is not None:
                 conn.close()
@@ -126,7 +126,12 @@ class Freezer:
                             if group else (None, None))
             stale = [s for s in [state] + peers if s is not None]
             for m in members or ():
-                other = self.store.load(m.key) if m.key != key else None
+                try:
+                    other = self.store.load(m.key) if m.key != key else None
+                except CorruptState as e:
+                    # Its recovery sets it aside, not this export's.
+                    e.export = m.export
+                    raise
                 if other is None or other["key"] in [s["key"] for s in stale]:
                     continue
                 if self.store.assess(other, procs.is_alive) == sessions.LIVE:
