@@ -29,19 +29,21 @@ LOCK_SECONDS = 10
 
 
 def blocking_sessions(uuid, config):
-    """Live offline sessions of the domain with this UUID.
+    """The first live offline session of the domain with this UUID, in a
+    list (empty: none).
 
     Each is read again under its disk's lock, so that a hook working on it
     (a postrun ending the copy) is waited for, at most LOCK_SECONDS (or
     lock_timeout if shorter).  A lock held longer than that is taken as a
     copy under way: the start is refused, the safe side.  A session saved
     after this read is prerun's to notice: it checks the domain again once
-    its session is saved.
+    its session is saved.  One is enough to refuse the start: looking on
+    would make libvirtd wait LOCK_SECONDS more for each disk of a group,
+    whose locks a hook holds together.
     """
     store = sessions.SessionStore(config)
     locked = sessions.SessionStore(dataclasses.replace(
         config, lock_timeout=min(config.lock_timeout, LOCK_SECONDS)))
-    found = []
     for key in store.keys():
         state = _load(store, key)
         # Only this domain's offline sessions are worth waiting for.
@@ -53,11 +55,10 @@ def blocking_sessions(uuid, config):
                 state = _load(store, key)
         except LockTimeout as e:
             log.warning("%s; a copy may be under way", e)
-            found.append(state)
-            continue
+            return [state]
         if state and store.assess(state, procs.is_alive) == sessions.LIVE:
-            found.append(state)
-    return found
+            return [state]
+    return []
 
 
 def _load(store, key):
