@@ -24,12 +24,14 @@ MiB = 1 << 20
 SECTOR = 512
 
 
-def group_domain(virt, env, start=True, fill=(0x11, 0x33)):
-    """A domain with vda (32 MiB) and vdb (16 MiB), raw files."""
+def group_domain(virt, env, start=True, fill=(0x11, 0x33), devices=()):
+    """A domain with vda (32 MiB) and vdb (16 MiB), raw files, and
+    devices (more device XML)."""
     vda = lab.make_image(env.path("vda.raw"), 32, fill=fill[0])
     vdb = lab.make_image(env.path("vdb.raw"), 16, fill=fill[1])
     dom = virt.define(env.name("g"), [lab.disk_xml(vda, "vda"),
-                                      lab.disk_xml(vdb, "vdb")], start=start)
+                                      lab.disk_xml(vdb, "vdb"), *devices],
+                      start=start)
     return dom, {"vda": vda, "vdb": vdb}
 
 
