@@ -2,8 +2,8 @@
 
 Each test stops a hook at a known point, seen from outside as in
 test_faults: a lock the hook needs held by the test (a disk's, the
-domain's, the history's), QEMU stopped while libvirt snapshots, a guest
-agent channel nobody answers on, then a kill.  Each checks one outcome:
+domain's, the history's), a full syslog socket, QEMU stopped while
+libvirt snapshots, then a kill.  Each checks one outcome:
 what status says, what the next prerun and recover do, that every guest
 write made meanwhile reaches the bases, and that no overlay is left.
 """
@@ -162,7 +162,7 @@ def test_prerun_killed_during_the_snapshot_of_both_disks(virt, env):
     assert lab.read_range(bases["vdb"], 0, MiB) == b"\x6b" * MiB
 
 
-# -- a postrun killed between the commits of the group's disks -----------------
+# -- a postrun killed between the commits of the group's disks -------------
 
 @pytest.mark.parametrize("left", ["frozen", "committing"])
 def test_postrun_killed_between_the_commits_of_a_group(virt, env, left):
@@ -189,8 +189,8 @@ def test_postrun_killed_between_the_commits_of_a_group(virt, env, left):
                     postrun.kill()
                     postrun.wait(30)
             if left == "committing":
-                poll(lambda: (read_session(env, bases["vdb"]) or {}).get("merged"),
-                     60, "vdb's pivot")
+                poll(lambda: (read_session(env, bases["vdb"])
+                              or {}).get("merged"), 60, "vdb's pivot")
                 postrun.kill()
                 postrun.wait(30)
     assert lab.disk_source(dom, "vda") == bases["vda"]
@@ -311,7 +311,7 @@ def test_a_member_whose_session_is_corrupt_is_named_and_recovered(
     assert lab.read_range(bases["vdb"], 0, MiB) == b"\x6b" * MiB
 
 
-# -- a shut-off group and the libvirt hook --------------------------------------
+# -- a shut-off group and the libvirt hook ----------------------------------
 
 def test_a_shut_off_group_held_by_either_disk_does_not_start(virt, env):
     """A connection to vdb alone holds the group shut off; with the group's
