@@ -63,7 +63,14 @@ def _call(dom, execute, timeout):
 
 
 def answers(dom, timeout):
-    """Whether the agent answers a guest-ping within timeout.
+    """Whether the agent answers a guest-ping within timeout."""
+    return silence(dom, timeout) is None
+
+
+def silence(dom, timeout):
+    """None when the agent answers a guest-ping within timeout, else why
+    not, in libvirt's words ("not connected" comes at once: no agent
+    runs in the guest; "not responding" after timeout).
 
     A domain with no agent channel raises NoChannel: libvirt says so at
     once (measured, libvirt 9: VIR_ERR_ARGUMENT_UNSUPPORTED, "QEMU guest
@@ -72,7 +79,7 @@ def answers(dom, timeout):
     """
     try:
         _call(dom, "guest-ping", timeout)
-        return True
+        return None
     except libvirt.libvirtError as e:
         if e.get_error_code() == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED:
             raise NoChannel("domain %s has no guest agent channel (%s): "
@@ -80,7 +87,7 @@ def answers(dom, timeout):
                             % (dom.name(), CHANNEL))
         log.debug("agent guest-ping on %s: %s", dom.name(),
                   e.get_error_message())
-        return False
+        return e.get_error_message()
 
 
 class ResponseTimeout:

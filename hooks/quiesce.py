@@ -44,10 +44,11 @@ def take(dom, domain, overlays, quiesce, timeout, state):
     try:
         # An agent that does not answer is not asked to freeze: the
         # freeze would stay queued and run whenever it wakes up.
-        if not agent.answers(dom, timeout):
+        silent = agent.silence(dom, timeout)
+        if silent is not None:
             raise VirtError("the guest agent of domain %s did not answer "
-                            "in %g s (quiesce_timeout)"
-                            % (domain.name, timeout))
+                            "a ping (quiesce_timeout %g s): %s"
+                            % (domain.name, timeout, silent))
         if agent.frozen(dom, timeout):
             return _take_frozen(dom, xml, state)
         asked = True
