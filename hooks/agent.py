@@ -87,7 +87,8 @@ def silence(dom, timeout):
                             % (dom.name(), CHANNEL))
         log.debug("agent guest-ping on %s: %s", dom.name(),
                   e.get_error_message())
-        return e.get_error_message()
+        # Never None: that would read as an answer.
+        return e.get_error_message() or str(e) or "no reason given"
 
 
 class ResponseTimeout:

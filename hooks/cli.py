@@ -215,8 +215,8 @@ def _nbdsnap_parser():
             "(prerun's --group names them all in every section): a "
             "connection to any of them holds them all.", 78),
         epilog="exit status: 0 done, 1 refused (unknown domain, no disk to "
-               "export, a path the hook's shell would split, a FILE not "
-               "written by nbdsnap), 2 usage or configuration error, %s"
+               "export, a path the hook's shell would split, a target with "
+               "a comma, a FILE not written by nbdsnap), 2 usage or configuration error, %s"
                % NOT_ROOT)
     ex.set_defaults(run=_export)
     ex.add_argument("domain", metavar="DOMAIN")
@@ -246,7 +246,8 @@ def _nbdsnap_parser():
             "finding, SECTION: finding: exports that are writable or "
             "copy-on-write, unpaired or unsafe hook strings, exportnames "
             "that are no domain's disk or sit on an overlay now, images "
-            "with a backing file, no authfile, nbd-server running as a "
+            "with a backing file, no authfile, the sections of disks frozen "
+            "together (--group) that disagree, nbd-server running as a "
             "user other than root, AppArmor before libvirt 12.1.", 78),
         epilog="exit status: 0 no finding, 1 findings, 2 the configuration "
                "cannot be read or nbd-server would refuse it, %s" % NOT_ROOT)

@@ -141,6 +141,10 @@ class Freezer:
                         "it ends" % (m.target, domain, other.describe(),
                                      disk, ", ".join(group)))
                 stale.append(other)
+            if len(stale) > max(len(group), 1):
+                # Each stale session is committed first.
+                watchdog.extend("nbd-prerun", watchdog.seconds(
+                    self.config, "nbd-prerun", len(stale)))
             for s in stale:
                 self._stale(conn, s, s["export"])
             if group and stale:

@@ -68,13 +68,24 @@ def _member(p, disk, preruns):
     mine = set(p.members())
     theirs = [q for q in preruns if q.disk == disk and q.domain == p.domain]
     if not theirs:
+        # Another domain's section of the same shape is taken for one with
+        # a mistyped domain only when it is the one section of its domain.
         other = [q for q in preruns if q.disk == disk and q.group is not None
-                 and set(q.members()) == mine]
+                 and set(q.members()) == mine
+                 and all(r is q or r.domain != q.domain for r in preruns)]
+        searching = [q.section for q in preruns if q.disk is None]
         if other:
             return ["disk %s of its --group is served by section %s, whose "
                     "prerun names domain %s, not %s: no section serves %s's "
                     "%s" % (disk, q.section, q.domain, p.domain, p.domain,
                             disk) for q in other]
+        if searching:
+            return ["no section names disk %s of domain %s with --domain "
+                    "and --disk, which its --group freezes with %s; if %s "
+                    "serves it, found by search, it freezes %s alone and "
+                    "this section is refused while that lasts"
+                    % (disk, p.domain, p.disk, " or ".join(searching),
+                       disk)]
         return ["no section serves disk %s of domain %s, which its --group "
                 "freezes with %s: no client can copy it"
                 % (disk, p.domain, p.disk)]

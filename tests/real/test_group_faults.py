@@ -355,7 +355,7 @@ def test_quiesce_of_a_group_whose_agent_does_not_answer(virt, env, policy):
     if policy == "require":
         assert proc.returncode == 1, proc.stderr
         one_line(proc.stderr, "nbd-prerun", "did not answer",
-                 "quiesce = require")
+                 "not connected", "quiesce = require")
         assert env.sessions() == [] and env.overlays() == []
         for target, base in bases.items():
             assert lab.disk_source(dom, target) == base
@@ -366,6 +366,7 @@ def test_quiesce_of_a_group_whose_agent_does_not_answer(virt, env, policy):
     for target, state in found.items():
         assert state["consistency"] == "crash-consistent"
         assert "did not answer" in state["warning"]
+        assert "not connected" in state["warning"]      # libvirt's words
         assert lab.disk_source(dom, target) == state["overlay"]
     assert len(env.overlays()) == 2
     lab.guest_write(dom, "vdb", 0x6b, 0, MiB)

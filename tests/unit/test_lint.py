@@ -282,6 +282,36 @@ def test_sections_of_a_group_that_disagree(run_lint, b, words):
         assert found == {}
 
 
+def test_a_group_disk_served_by_a_section_that_searches(run_lint):
+    """nbd-prerun %s with no --domain/--disk serves vdb, found by search:
+    not "no section serves it", but that it freezes vdb alone."""
+    a = grouped("a", ROOT, "--domain dom-two --disk vda --group vda,vdb")
+    b = grouped("b", LOOP, "")
+    off = make_host(lambda n: None, names=(), domains=None, error="off")
+    found = by_section(run_lint(a + b, host=off))
+    assert found["a"] == [
+        "no section names disk vdb of domain dom-two with --domain and "
+        "--disk, which its --group freezes with vda; if b serves it, found "
+        "by search, it freezes vdb alone and this section is refused while "
+        "that lasts"]
+
+
+def test_another_domain_s_group_is_not_blamed_for_a_missing_section(
+        run_lint):
+    """dom1 and dom-two exported alike, dom-two's vdb section deleted:
+    dom1's vdb section is right, and is not named."""
+    body = (grouped("a", ROOT, "--domain dom-two --disk vda --group vda,vdb")
+            + grouped("c", "/srv/c.raw", "--domain dom1 --disk vda --group "
+                      "vda,vdb")
+            + grouped("d", "/srv/d.raw", "--domain dom1 --disk vdb --group "
+                      "vda,vdb"))
+    off = make_host(lambda n: None, names=(), domains=None, error="off")
+    found = by_section(run_lint(body, host=off))
+    assert found["a"] == [
+        "no section serves disk vdb of domain dom-two, which its --group "
+        "freezes with vda: no client can copy it"]
+
+
 def test_a_group_disk_the_domain_does_not_have(run_lint, monkeypatch):
     body = PAIR.replace("vda,vdb", "vda,vdb,vdz") + grouped(
         "z", "/srv/vdz.raw", "--domain dom-two --disk vdz --group "
