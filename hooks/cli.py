@@ -16,7 +16,7 @@ import textwrap
 from . import config as config_mod
 from . import log as log_mod
 from . import watchdog
-from .errors import Error, NotRoot
+from .errors import ConfigError, Error, NotRoot
 
 log = logging.getLogger("nbdsnap")
 
@@ -237,6 +237,37 @@ def _nbdsnap_parser():
     ex.add_argument("--separate", action="store_true",
                     help="freeze each disk on its own (no --group): the "
                     "copies of several disks are then of different instants")
+    ce = sub.add_parser(
+        "certs", help="make the TLS certificates of a VM host and its "
+        "clone hosts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Make, with openssl, what is missing in DIR: a CA, the VM "
+            "host's server certificate (for nbd-server's [generic] "
+            "certfile, keyfile and cacertfile) and, for each --client, a "
+            "clone host's folder DIR/clients/NAME in libnbd's layout "
+            "(ca-cert.pem, client-cert.pem, client-key.pem), to copy to "
+            "the clone host as /etc/pki/libnbd or to name in "
+            "nbds://HOST/EXPORT?tls-certificates=FOLDER.  Keys are "
+            "ECDSA P-256, files 0600, folders 0700; nothing that exists "
+            "is replaced, so a rerun adds clients.", 78),
+        epilog="exit status: 0 made (or nothing missing), 1 openssl "
+               "failed or a half-made pair is in the way, 2 usage or "
+               "configuration error (a bad name, an unsafe DIR), %s"
+               % NOT_ROOT)
+    ce.set_defaults(run=_certs)
+    ce.add_argument("--dir", default="/etc/nbdsnap/tls",
+                    help="where the files go (default %(default)s)")
+    ce.add_argument("--server-name", metavar="NAME", action="append",
+                    default=[],
+                    help="a DNS name or address clients use to reach the "
+                    "VM host (repeatable; the first is the certificate's "
+                    "name); needed the first time")
+    ce.add_argument("--client", metavar="NAME", action="append", default=[],
+                    help="a clone host to make a folder for (repeatable)")
+    ce.add_argument("--days", type=int, default=825,
+                    help="how long the server and client certificates are "
+                    "valid (default %(default)s; the CA's is 10 years)")
     li = sub.add_parser(
         "lint", help="check nbd-server's configuration",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -322,6 +353,24 @@ def _export(args):
                    is_ours=SessionStore(config).is_ours,
                    manifest_dir=config.manifest_dir if config.digest else None,
                    out=_print, separate=args.separate)
+    return 0
+
+
+def _certs(args):
+    from . import certs
+    if args.days < 1:
+        raise ConfigError("--days must be at least 1")
+    folder = os.path.abspath(args.dir)
+    steps = certs.make(folder, args.server_name, args.client, args.days,
+                       out=_print)
+    if not steps:
+        _print("nothing to make: %s has it all" % folder)
+    _print("nbd-server's [generic]:\n    " + "\n    ".join(
+        certs.generic_lines(folder)))
+    for name in args.client:
+        _print("clone host %s: copy %s to it as /etc/pki/libnbd (or name "
+               "it in nbds://...?tls-certificates=FOLDER)"
+               % (name, os.path.join(folder, "clients", name)))
     return 0
 
 
