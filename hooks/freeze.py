@@ -77,7 +77,8 @@ class Freezer:
                 # The first freeze of the group: its disks' locks are
                 # known only from the domain.
                 conn = virt.connect()
-                members = self._members(conn, domain, group, export, key)[1]
+                members = self._members(conn, domain, disk, group, export,
+                                        key)[1]
             try:
                 with self.store.group_lock(
                         key, [m.key for m in members or ()]) as state:
@@ -122,7 +123,8 @@ class Freezer:
             if conn is None:
                 conn = virt.connect()
                 stack.callback(conn.close)
-            dom, members = (self._members(conn, domain, group, export, key)
+            dom, members = (self._members(conn, domain, disk, group, export,
+                                          key)
                             if group else (None, None))
             stale = [s for s in [state] + peers if s is not None]
             for m in members or ():
@@ -149,7 +151,8 @@ class Freezer:
                 self._stale(conn, s, s["export"])
             if group and stale:
                 # Read again: the recovery put the disks back on their bases.
-                dom, members = self._members(conn, domain, group, export, key)
+                dom, members = self._members(conn, domain, disk, group,
+                                             export, key)
             elif dom is None:
                 dom, members = self._locate(conn, export, key, domain, disk)
             return self._freeze(dom, members, holder, quiesce)
@@ -186,7 +189,7 @@ class Freezer:
         if domain or disk:
             if not (domain and disk):
                 raise NotFound("--domain and --disk go together")
-            return self._members(conn, domain, (disk,), export, key)
+            return self._members(conn, domain, disk, (disk,), export, key)
         doms = virt.all_domains(conn)
         found = locate.matches([p for _, p in doms], key, locate.key_of,
                                self.store.is_ours)
@@ -194,31 +197,32 @@ class Freezer:
         dom = next(d for d, p in doms if p is match.domain)
         return dom, [Member(match, export, key)]
 
-    def _members(self, conn, domain, targets, export, key):
-        """(dom, [Member]) of domain's disks targets, the export's first
-        (targets[0] or the one whose key it is)."""
+    def _members(self, conn, domain, disk, targets, export, key):
+        """(dom, [Member]) of domain's disks targets: disk, which must be
+        export, first, then the others, each at its base."""
         found = virt.lookup(conn, name=domain)
         if found is None:
             raise NotFound("no libvirt domain is named %s" % domain)
         dom, parsed = found
-        members = []
+        members = [Member(locate.check_named(parsed, disk, export, key,
+                                             locate.key_of,
+                                             self.store.is_ours),
+                          export, key)]
         for target in targets:
-            disk = domxml.find_disk(parsed, target)
-            path = export
-            if disk is not None and disk.top.path and locate.relation(
-                    disk, key, locate.key_of, self.store.is_ours) is None:
-                path = served.base_path(disk, self.store.is_ours)
-            mkey = key if path == export else locate.key_of(path)
-            if mkey is None:
-                raise NotFound("disk %s of domain %s: %s does not exist"
-                               % (target, domain, path))
-            match = locate.check_named(parsed, target, path, mkey,
-                                       locate.key_of, self.store.is_ours)
-            members.append(Member(match, path, mkey))
-        members.sort(key=lambda m: m.key != key)
-        if members[0].key != key:
-            raise NotFound("%s is none of the disks %s of domain %s"
-                           % (export, ", ".join(targets), domain))
+            if target == disk:
+                continue
+            other = domxml.find_disk(parsed, target)
+            if other is None or not other.top.path:
+                path, mkey = export, None   # check_named says what is wrong
+            else:
+                path = served.base_path(other, self.store.is_ours)
+                mkey = locate.key_of(path)
+                if mkey is None:
+                    raise NotFound("disk %s of domain %s: %s does not exist"
+                                   % (target, domain, path))
+            members.append(Member(locate.check_named(
+                parsed, target, path, mkey, locate.key_of,
+                self.store.is_ours), path, mkey))
         return dom, members
 
     def _freeze(self, dom, members, holder, quiesce):

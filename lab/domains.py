@@ -78,8 +78,10 @@ class Lab:
                 dom.undefine()
         self.conn.close()
 
-    def nbd_server(self, folder, exports, env):
-        server = NbdServer(folder, exports, env)
+    def nbd_server(self, folder, exports, env, **settings):
+        """An NbdServer started (settings: its generic=, wrap=...),
+        stopped with the Lab."""
+        server = NbdServer(folder, exports, env, **settings)
         server.start()
         self.servers.append(server)
         return server
