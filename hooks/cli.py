@@ -234,6 +234,10 @@ def _nbdsnap_parser():
                     "instead of printing")
     ex.add_argument("--force", action="store_true",
                     help="replace a FILE (or authfile) nbdsnap did not write")
+    ex.add_argument("--tls", action="store_true",
+                    help="force_tls = true in every section: only clients "
+                    "with a certificate of [generic]'s cacertfile connect "
+                    "(see 'nbdsnap certs'); without it, export warns")
     ex.add_argument("--separate", action="store_true",
                     help="freeze each disk on its own (no --group): the "
                     "copies of several disks are then of different instants")
@@ -278,8 +282,12 @@ def _nbdsnap_parser():
             "copy-on-write, unpaired or unsafe hook strings, exportnames "
             "that are no domain's disk or sit on an overlay now, images "
             "with a backing file, no authfile, the sections of disks frozen "
-            "together (--group) that disagree, nbd-server running as a "
-            "user other than root, AppArmor before libvirt 12.1.", 78),
+            "together (--group) that disagree, plain text beyond "
+            "loopback, force_tls without [generic]'s certfile and keyfile, "
+            "certfile without cacertfile, tlsonly (which nbd-server 3.24 "
+            "ignores), TLS files missing or keys others can read, "
+            "nbd-server running as a user other than root, AppArmor "
+            "before libvirt 12.1.", 78),
         epilog="exit status: 0 no finding, 1 findings, 2 the configuration "
                "cannot be read or nbd-server would refuse it, %s" % NOT_ROOT)
     li.set_defaults(run=_lint)
@@ -352,7 +360,7 @@ def _export(args):
                    args.output, args.force,
                    is_ours=SessionStore(config).is_ours,
                    manifest_dir=config.manifest_dir if config.digest else None,
-                   out=_print, separate=args.separate)
+                   out=_print, separate=args.separate, tls=args.tls)
     return 0
 
 

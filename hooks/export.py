@@ -18,6 +18,12 @@ With several disks, every section's prerun also gets ``--group vda,vdb``,
 the same list of all of them in each: the first connection to any of them
 freezes them all at one instant, so that a database on vdb and its log on
 vda are copied as they were together (--separate: one freeze per disk).
+--tls adds ``force_tls = true`` to every section, the manifest's too:
+nbd-server then serves them only to a client that negotiated TLS, and it
+runs prerun only after the handshake, so a client without a certificate
+of [generic]'s cacertfile never freezes the domain.  Without --tls export
+warns, as it does without --allow: the disk crosses the network in plain
+text, and whoever reaches the port may freeze the domain.
 
 The authfile (--allow) is written with the sections, first, and only so:
 printed sections would name an authfile that nothing writes, and
@@ -114,7 +120,8 @@ def _q(word):
     return nbd_config.printf_escape(shlex.quote(word))
 
 
-def manifest_section(domain, target, section, manifest_dir, authfile):
+def manifest_section(domain, target, section, manifest_dir, authfile,
+                     tls=False):
     """The read-only export of a disk's freeze-time manifest (digest = on),
     no hooks: ``nbd-verify check nbd://HOST/SECTION.manifest COPY``."""
     path = os.path.join(manifest_dir, "%s-%s.manifest"
@@ -123,6 +130,8 @@ def manifest_section(domain, target, section, manifest_dir, authfile):
              ("readonly", True)]
     if authfile:
         items.append(("authfile", authfile))
+    if tls:
+        items.append(("force_tls", True))
     return (section + ".manifest",
             nbd_config.format_section(section + ".manifest", items))
 
@@ -141,18 +150,20 @@ def together(disks, separate=False):
 
 
 def sections(domain, disks, name, folder, authfile=None, manifest_dir=None,
-             notes=None, group=()):
+             notes=None, group=(), tls=False):
     """[(section name, text)] for disks = [(target, base path)], and for
     each its manifest export when manifest_dir is given (digest = on).
     notes: {target: what a client copies}, a comment above the section.
     group: the targets every prerun freezes together (together()), in the
-    same order in each section, or none."""
+    same order in each section, or none.  tls: force_tls in each."""
     result, notes = [], notes or {}
     for target, path in disks:
         section = name if len(disks) == 1 else "%s-%s" % (name, target)
         items = [("exportname", path), ("readonly", True)]
         if authfile:
             items.append(("authfile", authfile))
+        if tls:
+            items.append(("force_tls", True))
         prerun = [_q(os.path.join(folder, "nbd-prerun")), "--domain",
                   _q(domain), "--disk", _q(target)]
         if group:
@@ -172,13 +183,13 @@ def sections(domain, disks, name, folder, authfile=None, manifest_dir=None,
         result.append((section, text))
         if manifest_dir:
             result.append(manifest_section(domain, target, section,
-                                           manifest_dir, authfile))
+                                           manifest_dir, authfile, tls))
     return result
 
 
-def render(domain, parts, allow, authfile, group=()):
+def render(domain, parts, allow, authfile, group=(), tls=False):
     """The text of the sections, parts = sections(), with their header;
-    group as given to sections()."""
+    group and tls as given to sections()."""
     head = [MARK + " for domain %s; it rewrites this file." % domain]
     if group:
         head += ["# " + line for line in textwrap.wrap(
@@ -192,6 +203,12 @@ def render(domain, parts, allow, authfile, group=()):
     else:
         head.append("# No authfile: every address that reaches nbd-server "
                     "may copy these disks.")
+    head += ["# " + line for line in textwrap.wrap(
+        "TLS only (force_tls): [generic] needs certfile, keyfile and "
+        "cacertfile ('nbdsnap certs' prints them); a client needs a "
+        "certificate of that CA." if tls else
+        "Plain text (no --tls): the disks cross the network unencrypted.",
+        76)]
     return "\n".join(head) + "\n\n" + "\n".join(t for _, t in parts)
 
 
@@ -223,9 +240,10 @@ def write_file(path, text, force=False):
 
 def run(domain_name, targets=(), name=None, allow=(), output=None,
         force=False, folder=None, is_ours=lambda path: False, out=print,
-        manifest_dir=None, separate=False):
+        manifest_dir=None, separate=False, tls=False):
     """Print or write the sections; return the section names.  Several
-    disks are frozen together, at one instant, unless separate."""
+    disks are frozen together, at one instant, unless separate; tls:
+    force_tls in every section."""
     if allow and output is None:
         # Printed sections name an authfile that nothing writes; pasted or
         # redirected into conf.d, nbd-server finds no authfile and lets
@@ -258,15 +276,20 @@ def run(domain_name, targets=(), name=None, allow=(), output=None,
     authfile = os.path.join(where, name + ".allow") if allow else None
     notes = notes_of(domain, disks, is_ours)
     parts = sections(domain.name, disks, name, folder or bin_dir(),
-                     authfile, manifest_dir, notes, group)
+                     authfile, manifest_dir, notes, group, tls)
     names = [n for n, _ in parts]
     for target, note in notes.items():
         log.warning("disk %s of domain %s: clients copy %s", target,
                     domain.name, note)
-    text = render(domain.name, parts, allow, authfile, group)
+    text = render(domain.name, parts, allow, authfile, group, tls)
     if not allow:
         log.warning("%s: no --allow, so no authfile: every address that "
                     "reaches nbd-server may copy %s", ", ".join(names),
+                    "them" if len(names) > 1 else "it")
+    if not tls:
+        log.warning("%s: no --tls: clients copy %s in plain text, and "
+                    "whoever reaches the port may freeze the domain "
+                    "(nbdsnap certs, then --tls)", ", ".join(names),
                     "them" if len(names) > 1 else "it")
     if output is None:
         out(text.rstrip("\n"))

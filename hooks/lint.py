@@ -6,7 +6,7 @@ disk; other exports are not nbdsnap's business.  Each finding is one line,
 ``SECTION: finding``; ``generic`` is nbd-server's [generic] section and
 ``host`` this machine (libvirt, AppArmor).  lint() is pure: what libvirt
 and the disks say comes in a Host.  Whether the sections of disks frozen
-together (prerun's --group) agree is lint_group's.
+together (prerun's --group) agree is lint_group's; TLS is lint_tls's.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pwd
 import re
 import shlex
 
-from . import lint_group, locate, nbd_config, procs, served, sessions
+from . import lint_group, lint_tls, locate, nbd_config, procs, served, sessions
 from .errors import CorruptState, Error, NotFound
 
 PRERUN, POSTRUN = "nbd-prerun", "nbd-postrun"
@@ -138,7 +138,7 @@ def check_export(section, read):
                    % section.get("exportname"))
     out += check_authfile(section.get("authfile"), read)
     return out + ["unknown option %s, which nbd-server ignores" % k
-                  for k in section.unknown]
+                  for k in lint_tls.unknown(section)]
 
 
 def check_authfile(authfile, read):
@@ -170,7 +170,7 @@ def check_authfile(authfile, read):
     return out
 
 
-def check_generic(conf, ours, lookup=None):
+def check_generic(conf, ours, lookup=None, stat_of=os.stat):
     """Findings on [generic] and on the sections as a whole."""
     lookup = lookup or {"user": pwd.getpwnam, "group": grp.getgrnam}
     out = [] if conf.exports else ["no export section: nbd-server refuses "
@@ -186,7 +186,9 @@ def check_generic(conf, ours, lookup=None):
                        "need root; remove it or set it to root"
                        % (key, value, value))
     out += ["unknown option %s, which nbd-server ignores" % k
-            for k in conf.generic.unknown]
+            for k in lint_tls.unknown(conf.generic)]
+    if ours or lint_tls.used(conf):
+        out += lint_tls.check_generic(conf.generic, stat_of)
     out += ["%s is no regular file: nbd-server skips it (a symlink too)" % p
             for p in conf.skipped]
     found = [("generic", f) for f in out]
@@ -296,7 +298,8 @@ def _read(path):
         return f.read()
 
 
-def lint(conf, host, key_of=locate.key_of, find=os.access, read=_read):
+def lint(conf, host, key_of=locate.key_of, find=os.access, read=_read,
+         stat_of=os.stat):
     """[(section, finding)] for the nbd_config.ServerConfig conf."""
     out, grouped = [], {}
     for name, finding in lint_group.check(
@@ -308,10 +311,11 @@ def lint(conf, host, key_of=locate.key_of, find=os.access, read=_read):
             found, disk = check_disk(sec, host, key_of)
         if is_ours(sec) or disk:
             found = (check_hooks(sec, find) + grouped.pop(sec.name, [])
-                     + check_export(sec, read) + found)
+                     + check_export(sec, read)
+                     + lint_tls.check_section(sec, conf.generic) + found)
         out += [(sec.name, f) for f in found]
     ours = any(is_ours(s) for s in conf.exports)
-    out += check_generic(conf, ours)
+    out += check_generic(conf, ours, stat_of=stat_of)
     if host.domains is None:
         out.append(("host", "%s; the domain checks were skipped"
                     % host.error))

@@ -43,8 +43,10 @@ def run_lint(tmp_path, golden):
     allow = tmp_path / "allow"
     allow.write_text("192.0.2.7\n10.0.0.0/8  # the clone hosts\n")
 
-    def run(body, generic="", host=None, **kw):
+    def run(body, generic="", host=None, listen="127.0.0.1", **kw):
         path = tmp_path / "config"
+        if listen:
+            generic = "    listenaddr = %s\n%s" % (listen, generic)
         path.write_text("[generic]\n%s%s" % (generic, body.replace(
             "AUTH", "    authfile = %s\n" % allow)))
         conf = nbd_config.read(str(path))
@@ -426,7 +428,8 @@ def test_exported_sections_lint_clean(tmp_path, golden):
     (tmp_path / "dom-two.allow").write_text("192.0.2.1\n")
     text = export.render("dom-two", parts, ["192.0.2.1"],
                          str(tmp_path / "dom-two.allow"), group)
-    (tmp_path / "config").write_text("[generic]\n" + text)
+    (tmp_path / "config").write_text("[generic]\nlistenaddr = ::1\n"
+                                     + text)
     conf = nbd_config.read(str(tmp_path / "config"))
     assert [s.name for s in conf.exports] == ["dom-two-vda", "dom-two-vdb"]
     for sec in conf.exports:
