@@ -168,10 +168,10 @@ def test_export_refuses_and_keeps_foreign_files(virt, env):
     assert "no disk vdz" in proc.stderr
 
 
-def write_config(env, sections):
+def write_config(env, sections, generic="    listenaddr = 127.0.0.1\n"):
     path = env.path("lint.conf")
     with open(path, "w") as f:
-        f.write("[generic]\n")
+        f.write("[generic]\n" + generic)
         for name, items in sections.items():
             f.write("[%s]\n" % name)
             f.writelines("    %s = %s\n" % kv for kv in items.items())
