@@ -25,9 +25,11 @@ PROG = "nbd-pull"
 DONE, NOT_DONE, ERROR = 0, 1, 2
 
 EPILOG = """\
-SOURCE is nbd://HOST[:PORT]/EXPORT, an export that nbd-server serves with
-nbdsnap's hooks and digest = on: its freeze-time manifest is read from
-EXPORT.manifest beside it.  COPY is a file (created if missing) or a block
+SOURCE is nbd://HOST[:PORT]/EXPORT, or over TLS, in libnbd's form,
+nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR (DIR holding ca-cert.pem,
+client-cert.pem and client-key.pem): an export that nbd-server serves with
+nbdsnap's hooks and digest = on.  Its freeze-time manifest is read from
+EXPORT.manifest beside it, with the same query.  COPY is a file (created if missing) or a block
 device.  Several SOURCE COPY pairs: every export is connected before any
 is read.
 

@@ -5,6 +5,9 @@
     nbd://vmhost/vm1-vda.manifest   the freeze-time manifest beside it
                                     (digest = on, written by nbdsnap export)
 
+Over TLS the query carries over: nbds://vmhost/vm1-vda?tls-certificates=D
+has its manifest at nbds://vmhost/vm1-vda.manifest?tls-certificates=D.
+
 The connections to the export (verify's sources.NbdSource, one per
 worker of the transfer) are opened first and held for the whole pull: while one is open the freeze stays, and prerun writes an
 incomplete manifest before it lets a client in, so a complete manifest
@@ -37,7 +40,7 @@ class Incomplete(Exception):
 
 def manifest_uri(uri: str) -> str:
     """The manifest export's URI: the export's name + ".manifest", the
-    query (nbd+unix's socket=) kept."""
+    query (nbd+unix's socket=, TLS's tls-certificates=) kept."""
     head, sep, query = uri.partition("?")
     return head + ".manifest" + sep + query
 

@@ -24,7 +24,10 @@ MAX_RANGES = 20
 SOURCE_HELP = """\
 A SOURCE or COPY is a regular file, a block device, or an NBD export:
 nbd://HOST[:PORT]/EXPORT (port 10809 by default) or
-nbd+unix:///EXPORT?socket=PATH."""
+nbd+unix:///EXPORT?socket=PATH; over TLS, in libnbd's form,
+nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR (DIR holding ca-cert.pem,
+client-cert.pem and client-key.pem) or
+nbds+unix:///EXPORT?socket=PATH&tls-certificates=DIR."""
 
 MAIN_EPILOG = f"""\
 {SOURCE_HELP}

@@ -25,7 +25,8 @@ class SourceError(Error):
 
 
 class UnsupportedSource(SourceError):
-    """A source of a kind this version cannot read (e.g. nbds://, TLS)."""
+    """A source of a kind this version cannot read (nbd+vsock://, TLS with
+    a pre-shared key)."""
 
 
 class NbdError(SourceError):

@@ -21,7 +21,11 @@ doc/proto.md) that digest, compare and check need, and nothing else:
       receive       reply h1 -> req 1, reply h0 -> req 0, ...
       send                    h16 as soon as one reply is complete
 
-- NBD_CMD_DISC on close().
+- NBD_OPT_STARTTLS first for nbds:// (nbdconn.py, tls.py);
+- NBD_CMD_DISC on close(), always while the connection is sound: over
+  TLS, nbd-server 3.24 spins at full CPU behind a client that sends TLS's
+  close_notify without it (measured; we never send close_notify, and a
+  connection that failed is closed bare, which ends the server's child).
 
 This module is the transmission phase; nbdconn.py holds the socket and the
 handshake, nbdproto.py the wire format and the URIs.
@@ -31,8 +35,11 @@ connections to one export are the caller's business (sources.NbdSource
 opens them when the server advertises NBD_FLAG_CAN_MULTI_CONN).
 
 URIs follow the NBD URI standard: ``nbd://host[:port]/export`` (port 10809
-by default) and ``nbd+unix:///export?socket=PATH``.  TLS (nbds) and vsock
-are refused.  Every failure is an NbdError with a one-line message.
+by default) and ``nbd+unix:///export?socket=PATH``; TLS in libnbd's form,
+``nbds://host[:port]/export?tls-certificates=DIR`` and ``nbds+unix://``
+(NBD_OPT_STARTTLS, then Python's ssl: tls.py).  vsock and TLS with a
+pre-shared key are refused.  Every failure is an NbdError with a one-line
+message.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ unknown state) is not used again.  handshake() opens an export on it, the
 fixed newstyle way::
 
     server  NBDMAGIC IHAVEOPT flags      client  flags
+    client  NBD_OPT_STARTTLS                    (nbds:// only)
+                                                <- ACK, then the TLS handshake;
+                                                   every byte after it is TLS
     client  NBD_OPT_STRUCTURED_REPLY            <- ACK, or else simple replies
     client  NBD_OPT_SET_META_CONTEXT base:allocation    (structured only)
                                                 <- META_CONTEXT id ... ACK
@@ -18,22 +21,33 @@ offers them (qemu-nbd and nbdkit do; nbd-server 3.24 does not): without
 them block status cannot tell holes from data.  A caller may ask for
 another context instead (one at a time), such as QEMU's
 qemu:dirty-bitmap:NAME, which hooks/bitmaps.py reads.
+
+A server that requires TLS answers a plain client's options with
+NBD_REP_ERR_TLS_REQD (nbd-server: every option with force_tls in
+[generic], NBD_OPT_GO with force_tls on the export); that is one line
+saying to use nbds://.  A server that does not accept our certificate
+ends the session right after the TLS handshake (TLS 1.3 checks the
+client's certificate after the client has finished): the first option
+after it that finds the connection gone says so.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from typing import Optional
 
+from . import tls as tlsmod
 from .errors import NbdError, UnknownExport
 from .nbdproto import (BASE_ALLOCATION, CLISERV_MAGIC, FLAG_C_FIXED_NEWSTYLE,
                        FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
                        IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT,
                        MAX_OPTION_REPLY, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO,
-                       OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY,
-                       OPTION_REPLY, OPTION_REPLY_MAGIC, REP_ACK,
-                       REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO,
+                       OPT_SET_META_CONTEXT, OPT_STARTTLS,
+                       OPT_STRUCTURED_REPLY, OPTION_REPLY, OPTION_REPLY_MAGIC,
+                       REP_ACK, REP_ERR_TLS_REQD, REP_ERR_UNKNOWN,
+                       REP_ERR_UNSUP, REP_INFO,
                        REP_META_CONTEXT, Address,
                        go_data, meta_context_data, option, refusal)
 
@@ -47,6 +61,15 @@ class Connection:
         self.uri = uri
         # The first failure, once the connection is in an unknown state.
         self.failure = None
+        # Certificates first: a bad folder is found before the network.
+        self.tls = None
+        if address.tls:
+            try:
+                self.tls = tlsmod.setup(address.certificates,
+                                        address.verify_peer,
+                                        address.socket_path is None)
+            except tlsmod.TlsError as e:
+                raise tlsmod.TlsError(f"{uri}: {e}") from None
         self._sock = _connect(uri, address, timeout)
         # While set, every receive asks TCP for an immediate ACK (see
         # handshake()).
@@ -88,6 +111,9 @@ class Connection:
             raise self.fail(f"timed out {during}") from None
         except NbdError:
             raise
+        except ssl.SSLError as e:
+            raise self.fail(f"TLS error {during}: "
+                            f"{tlsmod.reason(e)}") from None
         except OSError as e:
             raise self.fail(f"connection lost {during}: "
                             f"{e.strerror or e}") from None
@@ -105,6 +131,14 @@ class Connection:
         except OSError as e:
             raise self.fail(f"connection lost {during}: "
                             f"{e.strerror or e}") from None
+
+    def start_tls(self, host: Optional[str]) -> None:
+        """The TLS handshake, once the server ACKed NBD_OPT_STARTTLS."""
+        try:
+            self._sock = tlsmod.wrap(self._sock, self.tls, host,
+                                     self.quickack)
+        except tlsmod.TlsError as e:
+            raise self.fail(str(e)) from None
 
     def close(self, goodbye: bytes = b"") -> None:
         """Send goodbye if the connection is sound, then close it."""
@@ -207,12 +241,28 @@ def _handshake(conn: Connection, address: Address,
     conn.send(struct.pack(">I", cflags), _DURING)
 
     export = Export()
-    rtype, _ = _option(conn, OPT_STRUCTURED_REPLY, b"")
+    if conn.tls is not None:
+        _starttls(conn, address)
+        try:
+            rtype, _ = _option(conn, OPT_STRUCTURED_REPLY, b"")
+        except NbdError as e:
+            raise conn.fail(tlsmod.refused_client(
+                conn.tls.files, conn.failure or str(e))) from None
+    else:
+        rtype, _ = _option(conn, OPT_STRUCTURED_REPLY, b"")
     export.structured = rtype == REP_ACK
     if export.structured:
         export.meta_id = _select_context(conn, address.export, meta_context)
     _go(conn, address.export, export, no_zeroes)
     return export
+
+
+def _starttls(conn: Connection, address: Address) -> None:
+    rtype, payload = _option(conn, OPT_STARTTLS, b"")
+    if rtype != REP_ACK:
+        raise conn.fail(f"the server does not offer TLS "
+                        f"({refusal(rtype, payload)})")
+    conn.start_tls(address.host)
 
 
 def _option(conn: Connection, opt: int, data: bytes) -> tuple[int, bytes]:
@@ -265,6 +315,9 @@ def _go(conn: Connection, name: str, export: Export,
     if rtype == REP_ERR_UNSUP:
         _export_name(conn, name, export, no_zeroes)
         return
+    if rtype == REP_ERR_TLS_REQD:
+        raise conn.fail(f"the server requires TLS for export {name!r}: use "
+                        f"nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR")
     if rtype != REP_ACK:
         error = conn.fail(f"the server refused export {name!r} "
                           f"({refusal(rtype, payload)})")

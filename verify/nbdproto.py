@@ -1,7 +1,7 @@
 """The NBD protocol's wire format, as far as our client speaks it.
 
 Numbers and layouts from NetworkBlockDevice/nbd, doc/proto.md; URIs from
-its doc/uri.md.  Nothing here does I/O: these functions build the bytes the
+its doc/uri.md, with libnbd's TLS query parameters (nbd_connect_uri(3)).  Nothing here does I/O: these functions build the bytes the
 client sends and read the bytes it receives, so they are tested with fixed
 answers.  Every integer on the wire is big-endian::
 
@@ -45,6 +45,7 @@ FLAG_CAN_MULTI_CONN = 1 << 8
 # Options.
 OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
+OPT_STARTTLS = 5
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
 OPT_SET_META_CONTEXT = 10
@@ -55,6 +56,7 @@ REP_INFO = 3
 REP_META_CONTEXT = 4
 REP_ERR = 1 << 31
 REP_ERR_UNSUP = REP_ERR | 1
+REP_ERR_TLS_REQD = REP_ERR | 5
 REP_ERR_UNKNOWN = REP_ERR | 6
 REP_ERRORS = {
     REP_ERR | 1: "unsupported option",
@@ -106,17 +108,26 @@ OPTION_REPLY = struct.Struct(">QIII")   # magic, option, type, length
 SIMPLE_REST = struct.Struct(">IQ")      # after the magic: error, handle
 STRUCTURED_REST = struct.Struct(">HHQI")    # flags, type, handle, length
 
-_SCHEMES = ("nbd", "nbd+unix")
-_UNSUPPORTED_SCHEMES = ("nbds", "nbds+unix", "nbd+vsock", "nbds+vsock")
+_TCP_SCHEMES = ("nbd", "nbds")
+_UNIX_SCHEMES = ("nbd+unix", "nbds+unix")
+_UNSUPPORTED_SCHEMES = ("nbd+vsock", "nbds+vsock")
+# libnbd's booleans (tls-verify-peer=...).
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 class Address(NamedTuple):
-    """Where an export is: a TCP host and port, or a Unix socket."""
+    """Where an export is: a TCP host and port, or a Unix socket; and
+    whether to speak TLS there (nbds), with which certificate folder
+    (None: libnbd's defaults, see tls.py)."""
 
     export: str
     host: Optional[str] = None
     port: int = DEFAULT_PORT
     socket_path: Optional[str] = None
+    tls: bool = False
+    certificates: Optional[str] = None
+    verify_peer: bool = True
 
     def __str__(self):
         if self.socket_path is not None:
@@ -126,7 +137,8 @@ class Address(NamedTuple):
 
 
 def parse_uri(uri: str) -> Address:
-    """nbd://host[:port]/export or nbd+unix:///export?socket=PATH."""
+    """nbd[s]://host[:port]/export or nbd[s]+unix:///export?socket=PATH,
+    with libnbd's tls-certificates=DIR and tls-verify-peer=BOOL."""
     try:
         parts = urlsplit(uri)
         port = parts.port
@@ -135,24 +147,43 @@ def parse_uri(uri: str) -> Address:
     scheme = parts.scheme.lower()
     if scheme in _UNSUPPORTED_SCHEMES:
         raise UnsupportedSource(
-            f"{uri}: {scheme}:// is not supported (no TLS, no vsock); use "
-            f"nbd:// or nbd+unix://")
-    if scheme not in _SCHEMES:
+            f"{uri}: {scheme}:// is not supported (no vsock); use "
+            f"nbd[s]:// or nbd[s]+unix://")
+    if scheme not in _TCP_SCHEMES + _UNIX_SCHEMES:
         raise SourceError(f"{uri}: not an NBD URI")
     export = unquote(parts.path[1:] if parts.path.startswith("/")
                      else parts.path)
     query = parse_qs(parts.query)
-    if scheme == "nbd+unix":
+    tls = _tls(uri, scheme.startswith("nbds"), query)
+    if scheme in _UNIX_SCHEMES:
         paths = query.get("socket")
-        if parts.netloc or not paths or not paths[0]:
+        if parts.hostname or not paths or not paths[0]:
             raise SourceError(
-                f"{uri}: nbd+unix needs no host and a socket: "
-                f"nbd+unix:///EXPORT?socket=PATH")
-        return Address(export, socket_path=paths[0])
+                f"{uri}: {scheme} needs no host and a socket: "
+                f"{scheme}:///EXPORT?socket=PATH")
+        return Address(export, socket_path=paths[0], **tls)
     if not parts.hostname:
-        raise SourceError(f"{uri}: no host: nbd://HOST[:PORT]/EXPORT")
+        raise SourceError(f"{uri}: no host: {scheme}://HOST[:PORT]/EXPORT")
     return Address(export, host=parts.hostname,
-                   port=port if port is not None else DEFAULT_PORT)
+                   port=port if port is not None else DEFAULT_PORT, **tls)
+
+
+def _tls(uri: str, tls: bool, query: dict) -> dict:
+    """Address's TLS fields from the query; PSK refused.  As libnbd does,
+    plain nbd:// ignores them."""
+    if not tls:
+        return {}
+    if "tls-psk-file" in query or "tls-username" in query:
+        raise UnsupportedSource(
+            f"{uri}: TLS with a pre-shared key (tls-psk-file, tls-username) "
+            f"is not supported; use certificates (tls-certificates=DIR)")
+    certificates = query.get("tls-certificates", [None])[-1]
+    verify = query.get("tls-verify-peer", ["true"])[-1].lower()
+    if verify not in _TRUE + _FALSE:
+        raise SourceError(f"{uri}: tls-verify-peer={verify}: not a boolean "
+                          f"(true or false)")
+    return {"tls": True, "certificates": certificates or None,
+            "verify_peer": verify in _TRUE}
 
 
 def request(command: int, handle: int, offset: int = 0,

@@ -12,7 +12,8 @@ may still read as zeros (the file system decides what it allocates); a hole
 always reads as zeros.  Block devices, and file systems without SEEK_DATA,
 report one data extent covering everything.
 
-An NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=PATH) is
+An NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=PATH,
+and their TLS forms nbds:// and nbds+unix://, see nbd.py) is
 read by our own client (nbd.py) over one connection, or several when the
 server allows multi-connection; its extents come from the base:allocation
 block status when the server offers it (a range the server reports as

@@ -52,6 +52,8 @@ def test_the_manifest_is_the_export_beside():
         "nbd://h:10809/vm-vda.manifest"
     assert source.manifest_uri("nbd+unix:///e?socket=/run/s") == \
         "nbd+unix:///e.manifest?socket=/run/s"
+    assert source.manifest_uri("nbds://h/e?tls-certificates=/etc/c") == \
+        "nbds://h/e.manifest?tls-certificates=/etc/c"
 
 
 def define_jobs(monkeypatch, records, kinds=None):

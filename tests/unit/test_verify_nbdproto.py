@@ -24,7 +24,6 @@ def test_parse_uri():
 
 
 @pytest.mark.parametrize("uri,error,words", [
-    ("nbds://127.0.0.1/x", UnsupportedSource, "not supported"),
     ("nbd+vsock:///x", UnsupportedSource, "not supported"),
     ("http://h/x", SourceError, "not an NBD URI"),
     ("nbd:///x", SourceError, "no host"),

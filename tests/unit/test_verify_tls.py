@@ -1,0 +1,164 @@
+"""nbdsnap.verify.tls and the TLS side of nbdproto.parse_uri: libnbd's URI
+parameters, its certificate folders, and the client context made of
+them, with fixed answers.
+
+The handshake against nbd-server is tested in tests/real/test_tls_client.py.
+"""
+
+import ssl
+import subprocess
+
+import pytest
+
+from nbdsnap.verify import nbdproto, tls
+from nbdsnap.verify.errors import SourceError, UnsupportedSource
+from nbdsnap.verify.nbdproto import Address
+
+
+def test_nbds_uris_in_libnbds_form():
+    assert nbdproto.parse_uri(
+        "nbds://vm.example:1234/vda?tls-certificates=/etc/c") == Address(
+        "vda", "vm.example", 1234, tls=True, certificates="/etc/c")
+    assert nbdproto.parse_uri("NBDS://h/e") == Address(
+        "e", "h", 10809, tls=True)
+    assert nbdproto.parse_uri(
+        "nbds+unix://alice@/e?socket=/run/s&tls-certificates=c") == Address(
+        "e", socket_path="/run/s", tls=True, certificates="c")
+
+
+@pytest.mark.parametrize("value,verify", [
+    ("false", False), ("0", False), ("No", False), ("off", False),
+    ("true", True), ("1", True), ("yes", True), ("on", True)])
+def test_tls_verify_peer_takes_libnbds_booleans(value, verify):
+    address = nbdproto.parse_uri(f"nbds://h/e?tls-verify-peer={value}")
+    assert address.verify_peer is verify
+
+
+def test_plain_nbd_ignores_tls_parameters_as_libnbd_does():
+    assert nbdproto.parse_uri(
+        "nbd://h/e?tls-certificates=/c&tls-psk-file=/k") == Address(
+        "e", "h", 10809)
+
+
+@pytest.mark.parametrize("uri,error,words", [
+    ("nbds://h/e?tls-psk-file=/k", UnsupportedSource, "pre-shared key"),
+    ("nbds://h/e?tls-username=u", UnsupportedSource, "pre-shared key"),
+    ("nbds://h/e?tls-verify-peer=maybe", SourceError, "not a boolean"),
+    ("nbds+unix:///e", SourceError, "socket"),
+    ("nbds:///e", SourceError, "no host: nbds://"),
+    ("nbds+vsock:///e", UnsupportedSource, "vsock"),
+])
+def test_refused_tls_uris(uri, error, words):
+    with pytest.raises(error, match=words) as e:
+        nbdproto.parse_uri(uri)
+    assert "\n" not in str(e.value)
+
+
+def test_default_folders_are_libnbds():
+    assert tls.default_folders(0, "/root") == ["/etc/pki/libnbd"]
+    assert tls.default_folders(1000, "/home/u") == [
+        "/home/u/.pki/libnbd", "/home/u/.config/pki/libnbd"]
+    assert tls.default_folders(1000, None) == []
+
+
+def test_the_first_default_folder_with_a_ca_counts():
+    present = {"/home/u/.config/pki/libnbd",
+               "/home/u/.config/pki/libnbd/ca-cert.pem",
+               "/home/u/.config/pki/libnbd/client-cert.pem",
+               "/home/u/.config/pki/libnbd/client-key.pem",
+               "/home/u/.pki/libnbd/client-cert.pem"}
+    files = tls.find_files(None, present.__contains__, 1000, "/home/u")
+    d = "/home/u/.config/pki/libnbd/"
+    assert files == tls.Files(d[:-1], d + "ca-cert.pem",
+                              d + "client-cert.pem", d + "client-key.pem",
+                              None)
+
+
+def test_without_any_folder_the_systems_cas():
+    assert tls.find_files(None, lambda p: False, 1000, "/home/u") == \
+        tls.Files(None, None, None, None, None)
+
+
+def test_a_named_folder_needs_its_ca_and_cert_and_key_together():
+    def exists(*names):
+        return {"/c", *("/c/" + n for n in names)}.__contains__
+
+    with pytest.raises(tls.TlsError, match="^/x: no such folder"):
+        tls.find_files("/x", exists())
+    with pytest.raises(tls.TlsError, match="^/c/ca-cert.pem: no such file"):
+        tls.find_files("/c", exists("client-cert.pem", "client-key.pem"))
+    with pytest.raises(tls.TlsError, match="^/c/client-key.pem: no such"):
+        tls.find_files("/c", exists("ca-cert.pem", "client-cert.pem"))
+    with pytest.raises(tls.TlsError, match="^/c/client-cert.pem: no such"):
+        tls.find_files("/c", exists("ca-cert.pem", "client-key.pem"))
+    # A CA alone: the server is checked, no certificate shown (libnbd).
+    assert tls.find_files("/c", exists("ca-cert.pem")).cert is None
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A CA and a client certificate, by the real openssl."""
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True,
+                       capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt",
+        "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=ca",
+        "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-nodes", "-subj", "/CN=clone", "-keyout", "client-key.pem",
+        "-out", "client.csr")
+    run("x509", "-req", "-in", "client.csr", "-CA", "ca-cert.pem",
+        "-CAkey", "ca-key.pem", "-CAcreateserial", "-out",
+        "client-cert.pem", "-days", "2")
+    return d
+
+
+def test_the_context_checks_the_server_and_shows_our_certificate(folder):
+    t = tls.setup(str(folder))
+    ctx = t.context
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert [c["subject"] for c in ctx.get_ca_certs()] == [
+        ((("commonName", "ca"),),)]
+    assert t.files.cert == str(folder / "client-cert.pem")
+    # Over a Unix socket the chain only, as libnbd.
+    assert not tls.setup(str(folder), check_hostname=False).context \
+        .check_hostname
+
+
+def test_verify_peer_false_checks_nothing_and_warns(folder, caplog):
+    ctx = tls.setup(str(folder), verify_peer=False).context
+    assert ctx.verify_mode == ssl.CERT_NONE and not ctx.check_hostname
+    assert "tls-verify-peer=false" in caplog.text
+
+
+def test_keys_that_cannot_be_used_are_one_line(folder, tmp_path):
+    for name in ("ca-cert.pem", "client-cert.pem"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "client-key.pem").write_text("not a key\n")
+    with pytest.raises(tls.TlsError, match="client-key.pem: not the client "
+                                           "certificate and its key"):
+        tls.setup(str(tmp_path))
+    subprocess.run(["openssl", "pkey", "-in", str(folder / "client-key.pem"),
+                    "-aes256", "-passout", "pass:x", "-out",
+                    str(tmp_path / "client-key.pem")], check=True,
+                   capture_output=True, timeout=60)
+    with pytest.raises(tls.TlsError, match="the key is encrypted"):
+        tls.setup(str(tmp_path))
+    (tmp_path / "ca-cert.pem").write_text("junk\n")
+    with pytest.raises(tls.TlsError, match="ca-cert.pem: not a CA"):
+        tls.setup(str(tmp_path))
+
+
+def test_refusals_name_what_the_operator_can_change():
+    files = tls.Files("/c", "/c/ca-cert.pem", "/c/client-cert.pem",
+                      "/c/client-key.pem", None)
+    assert tls.refused_client(files, "eof") == (
+        "the server refused the TLS session: it did not accept "
+        "/c/client-cert.pem (eof)")
+    none = files._replace(cert=None, key=None)
+    assert "no client certificate was shown (/c has none)" in \
+        tls.refused_client(none, "eof")
