@@ -29,9 +29,9 @@ SOURCE is nbd://HOST[:PORT]/EXPORT, or over TLS, in libnbd's form,
 nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR (DIR holding ca-cert.pem,
 client-cert.pem and client-key.pem): an export that nbd-server serves with
 nbdsnap's hooks and digest = on.  Its freeze-time manifest is read from
-EXPORT.manifest beside it, with the same query.  COPY is a file (created if missing) or a block
-device.  Several SOURCE COPY pairs: every export is connected before any
-is read.
+EXPORT.manifest beside it, with the same query.  COPY is a file (created
+if missing) or a block device.  Several SOURCE COPY pairs: every export is
+connected before any is read.
 
 exit status:
   0  every COPY equals the frozen base served now

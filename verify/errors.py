@@ -33,6 +33,13 @@ class NbdError(SourceError):
     """An NBD server, the connection to it, or the protocol failed."""
 
 
+class TlsError(SourceError):
+    """TLS cannot be agreed: the certificate folder is unusable, the
+    server requires TLS of a plain client, or one side refuses the
+    other's certificate.  A configuration to change, not a network to
+    retry: not an NbdError."""
+
+
 class UnknownExport(NbdError):
     """The server has no export of that name (NBD_REP_ERR_UNKNOWN)."""
 

@@ -39,7 +39,7 @@ import struct
 from typing import Optional
 
 from . import tls as tlsmod
-from .errors import NbdError, UnknownExport
+from .errors import NbdError, TlsError, UnknownExport
 from .nbdproto import (BASE_ALLOCATION, CLISERV_MAGIC, FLAG_C_FIXED_NEWSTYLE,
                        FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
                        IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT,
@@ -68,8 +68,8 @@ class Connection:
                 self.tls = tlsmod.setup(address.certificates,
                                         address.verify_peer,
                                         address.socket_path is None)
-            except tlsmod.TlsError as e:
-                raise tlsmod.TlsError(f"{uri}: {e}") from None
+            except TlsError as e:
+                raise TlsError(f"{uri}: {e}") from None
         self._sock = _connect(uri, address, timeout)
         # While set, every receive asks TCP for an immediate ACK (see
         # handshake()).
@@ -80,6 +80,10 @@ class Connection:
         if self.failure is None:
             self.failure = what
         return NbdError(f"{self.uri}: {what}")
+
+    def fail_tls(self, what: str) -> TlsError:
+        """fail(), for what TLS's configuration must change."""
+        return TlsError(str(self.fail(what)))
 
     @property
     def is_tcp(self) -> bool:
@@ -137,8 +141,8 @@ class Connection:
         try:
             self._sock = tlsmod.wrap(self._sock, self.tls, host,
                                      self.quickack)
-        except tlsmod.TlsError as e:
-            raise self.fail(str(e)) from None
+        except TlsError as e:
+            raise self.fail_tls(str(e)) from None
 
     def close(self, goodbye: bytes = b"") -> None:
         """Send goodbye if the connection is sound, then close it."""
@@ -246,7 +250,7 @@ def _handshake(conn: Connection, address: Address,
         try:
             rtype, _ = _option(conn, OPT_STRUCTURED_REPLY, b"")
         except NbdError as e:
-            raise conn.fail(tlsmod.refused_client(
+            raise conn.fail_tls(tlsmod.refused_client(
                 conn.tls.files, conn.failure or str(e))) from None
     else:
         rtype, _ = _option(conn, OPT_STRUCTURED_REPLY, b"")
@@ -260,8 +264,8 @@ def _handshake(conn: Connection, address: Address,
 def _starttls(conn: Connection, address: Address) -> None:
     rtype, payload = _option(conn, OPT_STARTTLS, b"")
     if rtype != REP_ACK:
-        raise conn.fail(f"the server does not offer TLS "
-                        f"({refusal(rtype, payload)})")
+        raise conn.fail_tls(f"the server does not offer TLS "
+                            f"({refusal(rtype, payload)})")
     conn.start_tls(address.host)
 
 
@@ -316,8 +320,9 @@ def _go(conn: Connection, name: str, export: Export,
         _export_name(conn, name, export, no_zeroes)
         return
     if rtype == REP_ERR_TLS_REQD:
-        raise conn.fail(f"the server requires TLS for export {name!r}: use "
-                        f"nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR")
+        raise conn.fail_tls(
+            f"the server requires TLS for export {name!r}: use "
+            f"nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR")
     if rtype != REP_ACK:
         error = conn.fail(f"the server refused export {name!r} "
                           f"({refusal(rtype, payload)})")

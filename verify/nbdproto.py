@@ -1,9 +1,10 @@
 """The NBD protocol's wire format, as far as our client speaks it.
 
 Numbers and layouts from NetworkBlockDevice/nbd, doc/proto.md; URIs from
-its doc/uri.md, with libnbd's TLS query parameters (nbd_connect_uri(3)).  Nothing here does I/O: these functions build the bytes the
-client sends and read the bytes it receives, so they are tested with fixed
-answers.  Every integer on the wire is big-endian::
+its doc/uri.md, with libnbd's TLS query parameters (nbd_connect_uri(3)).
+Nothing here does I/O: these functions build the bytes the client sends
+and read the bytes it receives, so they are tested with fixed answers.
+Every integer on the wire is big-endian::
 
     request        magic:4  flags:2  type:2  handle:8  offset:8  length:4
     option         IHAVEOPT:8  option:4  length:4  data

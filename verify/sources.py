@@ -303,7 +303,7 @@ def connect_more(uri: str, timeout: float, count: int) -> list:
     for f in futures:
         try:
             clients.append(f.result())
-        except nbd.NbdError as e:
+        except SourceError as e:       # NbdError, TlsError
             error = error or e
     if error:
         for c in clients:

@@ -34,7 +34,7 @@ import ssl
 import time
 from typing import NamedTuple, Optional
 
-from .errors import SourceError
+from .errors import TlsError
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,6 @@ _NAME_MISMATCH = (62, 64)
 _CERT_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA",
                 "CERTIFICATE_UNKNOWN", "HANDSHAKE_FAILURE", "ACCESS_DENIED",
                 "DECRYPT_ERROR")
-
-
-class TlsError(SourceError):
-    """TLS cannot be set up, or the TLS handshake failed."""
 
 
 class Files(NamedTuple):
