@@ -5,14 +5,18 @@ them, with fixed answers.
 The handshake against nbd-server is tested in tests/real/test_tls_client.py.
 """
 
+import socket
 import ssl
+import struct
 import subprocess
+import threading
 
 import pytest
 
-from nbdsnap.verify import nbdproto, tls
-from nbdsnap.verify.errors import SourceError, UnsupportedSource
+from nbdsnap.verify import nbd, nbdconn, nbdproto, tls
+from nbdsnap.verify.errors import SourceError, TlsError, UnsupportedSource
 from nbdsnap.verify.nbdproto import Address
+from verifykit import recv_exactly
 
 
 def test_nbds_uris_in_libnbds_form():
@@ -113,6 +117,14 @@ def folder(tmp_path_factory):
     run("x509", "-req", "-in", "client.csr", "-CA", "ca-cert.pem",
         "-CAkey", "ca-key.pem", "-CAcreateserial", "-out",
         "client-cert.pem", "-days", "2")
+    # The fake server's, for the name "fake" (not in the client's folder
+    # in real life; harmless here).
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-nodes", "-subj", "/CN=fake", "-addext", "subjectAltName=DNS:fake",
+        "-keyout", "server-key.pem", "-out", "server.csr")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem",
+        "-CAkey", "ca-key.pem", "-CAcreateserial", "-copy_extensions",
+        "copy", "-out", "server-cert.pem", "-days", "2")
     return d
 
 
@@ -162,3 +174,102 @@ def test_refusals_name_what_the_operator_can_change():
     none = files._replace(cert=None, key=None)
     assert "no client certificate was shown (/c has none)" in \
         tls.refused_client(none, "eof")
+
+
+# -- the handshake, against a fake server on a socket pair --------------------
+
+def reply(conn, opt, rtype, data=b""):
+    conn.sendall(struct.pack(">QIII", nbdproto.OPTION_REPLY_MAGIC, opt,
+                             rtype, len(data)) + data)
+
+
+def option(conn):
+    _, opt, length = struct.unpack(">QII", recv_exactly(conn, 16))
+    recv_exactly(conn, length)
+    return opt
+
+
+@pytest.fixture
+def server(monkeypatch, folder):
+    """server(starttls, require): the next connection's other end is a
+    fake NBD server in a thread (a socket pair): it answers STARTTLS with
+    starttls (an option reply type; TLS follows an ACK), refuses every
+    other option with NBD_REP_ERR_TLS_REQD before TLS if require, then
+    serves a 1 MiB export and records the next command in got."""
+    threads, got = [], []
+
+    def make(starttls=nbdproto.REP_ACK, require=True):
+        ours, theirs = socket.socketpair()
+        ours.settimeout(10)
+        theirs.settimeout(10)
+
+        def serve():
+            conn, plain_refused = theirs, require
+            try:
+                conn.sendall(struct.pack(
+                    ">QQH", nbdproto.NBDMAGIC, nbdproto.IHAVEOPT,
+                    nbdproto.FLAG_FIXED_NEWSTYLE | nbdproto.FLAG_NO_ZEROES))
+                recv_exactly(conn, 4)
+                while True:
+                    opt = option(conn)      # conn: TLS once started
+                    if opt == nbdproto.OPT_STARTTLS:
+                        reply(conn, opt, starttls)
+                        if starttls != nbdproto.REP_ACK:
+                            continue
+                        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                        ctx.load_cert_chain(folder / "server-cert.pem",
+                                            folder / "server-key.pem")
+                        conn = ctx.wrap_socket(conn, server_side=True)
+                        plain_refused = False
+                    elif plain_refused:
+                        reply(conn, opt, nbdproto.REP_ERR_TLS_REQD)
+                    elif opt == nbdproto.OPT_GO:
+                        reply(conn, opt, nbdproto.REP_INFO, struct.pack(
+                            ">HQH", nbdproto.INFO_EXPORT, 1 << 20,
+                            nbdproto.FLAG_HAS_FLAGS))
+                        reply(conn, opt, nbdproto.REP_ACK)
+                        break
+                    else:
+                        reply(conn, opt, nbdproto.REP_ERR_UNSUP)
+                got.append(struct.unpack(">IHHQQI",
+                                         recv_exactly(conn, 28))[2])
+            except (OSError, AssertionError):
+                pass
+            finally:
+                conn.close()
+
+        threads.append(threading.Thread(target=serve, daemon=True))
+        threads[-1].start()
+        monkeypatch.setattr(nbdconn, "_connect", lambda *args: ours)
+
+    make.got = got
+    yield make
+    for thread in threads:
+        thread.join(10)
+
+
+def test_starttls_then_the_export_then_goodbye(server, folder):
+    server()
+    with nbd.Client(f"nbds://fake/x?tls-certificates={folder}",
+                    timeout=10) as c:
+        assert c.size == 1 << 20
+    assert server.got == [nbdproto.CMD_DISC]
+
+
+def test_a_name_the_servers_certificate_lacks_is_refused(server, folder):
+    server()
+    with pytest.raises(TlsError, match="not valid for other"):
+        nbd.Client(f"nbds://other/x?tls-certificates={folder}", timeout=10)
+
+
+def test_a_plain_client_is_told_to_use_nbds(server):
+    server()
+    with pytest.raises(TlsError, match="requires TLS for export 'x': use "
+                                       "nbds://"):
+        nbd.Client("nbd://fake/x", timeout=10)
+
+
+def test_a_server_without_tls(server, folder):
+    server(starttls=nbdproto.REP_ERR | 2)
+    with pytest.raises(TlsError, match="does not offer TLS"):
+        nbd.Client(f"nbds://fake/x?tls-certificates={folder}", timeout=10)
