@@ -5,6 +5,7 @@
     .venv/bin/python -m lab.bench manifest [--size GIB]
     .venv/bin/python -m lab.bench client [--client-size GIB]
     .venv/bin/python -m lab.bench pull [--pull-size GIB]
+    .venv/bin/python -m lab.bench tls [--tls-size GIB]
 
 One domain, one nbd-server exporting its base as "ours" (our hooks), "virsh"
 (docs/DESIGN.md's recipe) and "plain" (no hooks); the two recipes alternate in
@@ -24,7 +25,7 @@ import time
 
 import lab
 from lab import (bench_client, bench_hooks, bench_manifest, bench_pull,
-                 bench_quiesce, bench_verify)
+                 bench_quiesce, bench_tls, bench_verify)
 
 MiB = 1 << 20
 SIZE = 512          # MiB, the exported raw base
@@ -321,12 +322,16 @@ def main(argv=None):
                    help="GiB of the client part's export (%(default)s)")
     p.add_argument("--pull-size", type=int, default=bench_pull.SIZE,
                    help="GiB of the pull part's image (%(default)s)")
+    p.add_argument("--tls-size", type=int, default=bench_tls.SIZE,
+                   help="GiB of the TLS part's image (%(default)s)")
     p.add_argument("part", nargs="?",
-                   choices=("all", "hooks", "manifest", "client", "pull"),
+                   choices=("all", "hooks", "manifest", "client", "pull",
+                            "tls"),
                    default="all", help="all (the default), or one part "
                    "only (the hook runs by kind, the freeze-time "
                    "manifests, the NBD clients on a shaped link, or "
-                   "nbd-pull against nbdcopy and rsync), "
+                   "nbd-pull against nbdcopy and rsync, or a pull over "
+                   "TLS against plain text), "
                    "rewriting only its section of the report")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))   # clean up too
@@ -343,6 +348,9 @@ def main(argv=None):
     if args.part == "pull":
         return one_part(args.output, bench_pull.run(args.pull_size),
                         bench_pull.HEADING)
+    if args.part == "tls":
+        return one_part(args.output, bench_tls.run(args.tls_size),
+                        bench_tls.HEADING)
     args.reps = args.reps or 5
     folder = lab.workdir("nbdsnap-bench-")
     virt = lab.Lab()
@@ -384,11 +392,13 @@ def main(argv=None):
         client_section = bench_client.run(args.client_size)
         print("nbd-pull against nbdcopy and rsync", flush=True)
         pull_section = bench_pull.run(args.pull_size)
+        print("a pull over TLS against plain text", flush=True)
+        tls_section = bench_tls.run(args.tls_size)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     text = (report(facts, r, args.reps) + "\n" + verify_section + "\n"
             + quiesce_section + "\n" + hooks_section + "\n"
             + manifest_section + "\n" + client_section + "\n"
-            + pull_section)
+            + pull_section + "\n" + tls_section)
     with open(args.output, "w") as f:
         f.write(text)
     print(text + "\nwritten to %s" % args.output)

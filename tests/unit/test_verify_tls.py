@@ -273,3 +273,10 @@ def test_a_server_without_tls(server, folder):
     server(starttls=nbdproto.REP_ERR | 2)
     with pytest.raises(TlsError, match="does not offer TLS"):
         nbd.Client(f"nbds://fake/x?tls-certificates={folder}", timeout=10)
+
+
+def test_over_a_unix_socket_the_chain_only_as_libnbd(server, folder):
+    server()
+    with nbd.Client(f"nbds+unix:///x?socket=/run/nbd.sock&"
+                    f"tls-certificates={folder}", timeout=10) as c:
+        assert c.size == 1 << 20
