@@ -382,7 +382,8 @@ def test_missing_unix_socket(tmp_path):
 
 
 @pytest.mark.parametrize("uri,words", [
-    ("nbds://127.0.0.1/x", "not supported"),
+    ("nbds://127.0.0.1/x?tls-psk-file=/k", "pre-shared key"),
+    ("nbds://127.0.0.1/x?tls-certificates=/nowhere", "no such folder"),
     ("nbd+vsock:///x", "not supported"),
     ("nbd:///x", "no host"),
     ("nbd+unix:///x", "socket"),
