@@ -241,6 +241,7 @@ def server(monkeypatch, folder):
         threads.append(threading.Thread(target=serve, daemon=True))
         threads[-1].start()
         monkeypatch.setattr(nbdconn, "_connect", lambda *args: ours)
+        return threads[-1]
 
     make.got = got
     yield make
@@ -249,10 +250,11 @@ def server(monkeypatch, folder):
 
 
 def test_starttls_then_the_export_then_goodbye(server, folder):
-    server()
+    thread = server()
     with nbd.Client(f"nbds://fake/x?tls-certificates={folder}",
                     timeout=10) as c:
         assert c.size == 1 << 20
+    thread.join(10)     # the server has read what we sent last
     assert server.got == [nbdproto.CMD_DISC]
 
 
