@@ -31,6 +31,8 @@ import time
 
 import lab
 from lab import demo_failover
+from lab.tls import Pki, uri as tls_uri
+from nbdsnap.verify import nbd
 
 MiB = 1 << 20
 SIZE = 256
@@ -135,7 +137,12 @@ def run(virt, folder, name, syslog):
     dom = virt.define(name, [lab.disk_xml(base, "vda")])
     show("domain %s running, disk vda = %s (%d MiB)" % (name, base, SIZE))
 
-    say(2, "nbd-server on loopback, with our hooks and the manifest export")
+    say(2, "nbd-server on loopback over TLS (nbdsnap certs made the CA, its "
+        "certificate and the clone host's), with our hooks and the "
+        "manifest export")
+    pki = Pki(os.path.join(folder, "tls"))
+    show("$ nbdsnap certs --dir %s --server-name localhost --server-name "
+         "127.0.0.1 --client clone\n%s" % (pki.folder, pki.made.rstrip()))
     config = lab.write_config(os.path.join(folder, "nbdsnap.conf"),
                               os.path.join(folder, "state"),
                               os.path.join(folder, "overlays"),
@@ -144,13 +151,18 @@ def run(virt, folder, name, syslog):
     manifest = os.path.join(folder, "state", "manifests",
                             "%s-vda.manifest" % name)
     server = virt.nbd_server(folder, {
-        "vm": (base, None),
-        "vm.manifest": (manifest, {"prerun": "", "postrun": ""})}, env)
+        "vm": (base, {"force_tls": "true"}),
+        "vm.manifest": (manifest, {"prerun": "", "postrun": "",
+                                   "force_tls": "true"})}, env,
+        generic=pki.generic())
     show(open(config).read())
     show(open(server.conf).read())
 
-    say(3, "A client connects: the first prerun freezes the base")
-    held = lab.HeldConnection(server.port, "vm")
+    def source(export):
+        return tls_uri(server, export, pki.client())
+
+    say(3, "A client connects over TLS: the first prerun freezes the base")
+    held = nbd.Client(source("vm"))
     status = subprocess.run([os.path.join(BIN, "nbdsnap"), "status"],
                             env=dict(os.environ, **env), capture_output=True,
                             text=True).stdout
@@ -166,7 +178,7 @@ def run(virt, folder, name, syslog):
     copy = os.path.join(folder, "clone", "demo-vda.img")
     os.makedirs(os.path.dirname(copy))
     start = time.monotonic()
-    first = pull(server, copy)
+    first = pull(source("vm"), copy)
     took = time.monotonic() - start
     writer.done.set()
     writer.join()
@@ -179,12 +191,12 @@ def run(virt, folder, name, syslog):
     cmp = subprocess.run([os.path.join(BIN, "nbd-verify"), "compare", base,
                           copy], capture_output=True, text=True)
     check = subprocess.run([os.path.join(BIN, "nbd-verify"), "check",
-                            server.uri("vm.manifest"), copy],
+                            source("vm.manifest"), copy],
                            capture_output=True, text=True)
     show("$ nbd-verify compare %s %s\nexit status %d%s" % (
         base, copy, cmp.returncode, cmp.stdout and "\n" + cmp.stdout))
     show("$ nbd-verify check %s %s\nexit status %d" % (
-        server.uri("vm.manifest"), copy, check.returncode))
+        source("vm.manifest"), copy, check.returncode))
     show("frozen base digest, taken at the freeze: %s" % frozen)
     show("nbd-pull's digest of the copy:           %s" % first["digest"])
     assert cmp.returncode == 0 and check.returncode == 0
@@ -208,7 +220,7 @@ def run(virt, folder, name, syslog):
     # into the base after it).
     written = {o // 65536 for o in mine} | {o // 65536
                                            for o, _ in writer.writes}
-    again = pull(server, copy)
+    again = pull(source("vm"), copy)
     lab.wait_until(lambda: not os.listdir(os.path.join(folder, "state",
                                                        "sessions")), 120,
                    what="the commit")
@@ -238,13 +250,13 @@ def run(virt, folder, name, syslog):
     assert source == base and not lost
 
 
-def pull(server, copy):
+def pull(source, copy):
     """nbd-pull, as cron runs it (no terminal: its line goes to syslog)."""
     proc = subprocess.run(
-        [os.path.join(BIN, "nbd-pull"), "--json", server.uri("vm"), copy],
+        [os.path.join(BIN, "nbd-pull"), "--json", source, copy],
         capture_output=True, text=True, stdin=subprocess.DEVNULL)
     show("$ nbd-pull %s %s\n%sexit status %d" % (
-        server.uri("vm"), copy, proc.stderr, proc.returncode))
+        source, copy, proc.stderr, proc.returncode))
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["pulls"][0]
 

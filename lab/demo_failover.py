@@ -18,6 +18,7 @@ import time
 
 import lab
 from lab import guest as lab_guest
+from lab.tls import Pki, uri as tls_uri
 
 BIN = lab.VENV_BIN
 
@@ -46,13 +47,16 @@ def failover(virt, folder, name, say, show):
     env = {"NBDSNAP_CONFIG": config, "LIBVIRT_DEFAULT_URI": lab.URI}
     manifest = os.path.join(state, "manifests",
                             "%s-vda.manifest" % guest.dom.name())
+    pki = Pki(os.path.join(folder, "tls"))
     server = virt.nbd_server(folder, {
-        "vm": (data, None),
-        "vm.manifest": (manifest, {"prerun": "", "postrun": ""})}, env)
+        "vm": (data, {"force_tls": "true"}),
+        "vm.manifest": (manifest, {"prerun": "", "postrun": "",
+                                   "force_tls": "true"})}, env,
+        generic=pki.generic())
     copy = os.path.join(folder, "standby-vda.img")
     standby_name = name + "-standby"
     cmd = ["--define", standby_name, "--connect", lab.URI,
-           server.uri("vm"), copy]
+           tls_uri(server, "vm", pki.client()), copy]
     proc = subprocess.run([os.path.join(BIN, "nbd-pull"), "--json"] + cmd,
                           capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=300)

@@ -14,7 +14,7 @@ class Pki:
 
     def __init__(self, folder, clients=("clone",), names=SERVER_NAMES):
         self.folder = folder
-        self.add(clients, names)
+        self.made = self.add(clients, names)    # what nbdsnap certs said
 
     def add(self, clients, names=()):
         cmd = [os.path.join(VENV_BIN, "nbdsnap"), "certs", "--dir",

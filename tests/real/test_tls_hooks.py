@@ -172,3 +172,43 @@ def test_lint_names_what_breaks_tls(env):
         "generic: keyfile %s is mode 644: group and others can read it and "
         "pose as this VM host; chmod 600" % generic["keyfile"]], \
         proc.stdout
+
+
+def test_nbd_pull_and_nbd_verify_over_tls_freeze_and_commit(virt, env):
+    """The clone host's own tools through the hooks: a pull and a refresh
+    over nbds://, the check against the manifest export, each a freeze
+    and a commit; with another CA's client folder, exit 2 and no freeze."""
+    env.configure(digest="on", manifest_dir=env.path("manifests"))
+    pki = Pki(env.path("tls"))
+    dom, base, server, name = tls_export(virt, env, pki)
+    source = uri(server, name, pki.client())
+    copy = env.path("copy.raw")
+    pull = [os.path.join(lab.VENV_BIN, "nbd-pull"), "--json",
+            "--syslog-socket", env.path("syslog"), source, copy]
+
+    def run(cmd):
+        return subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL)
+    first = run(pull)
+    assert first.returncode == 0, first.stderr
+    env.wait_clean()
+    assert lab.sha256(copy) == lab.sha256(base)
+    lab.guest_write(dom, "vda", 0x6c, 3 * MiB, 4096)
+    again = run(pull)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["pulls"][0]["blocks_fetched"] == 1
+    env.wait_clean()
+    assert lab.sha256(copy) == lab.sha256(base)
+    manifest = uri(server, name + ".manifest", pki.client())
+    check = run([os.path.join(lab.VENV_BIN, "nbd-verify"), "check",
+                 manifest, copy])
+    assert check.returncode == 0, check.stderr
+    assert [e["result"] for e in history(env)] == ["online commit"] * 2
+    # Our client with a folder of another CA: refused, one line, no freeze.
+    refused = run(pull[:-2] + [uri(server, name, Pki(
+        env.path("other")).client()), env.path("other.raw")])
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert env.sessions() == [] and len(history(env)) == 2
+    assert_clean(env, dom, base)

@@ -179,4 +179,5 @@ def test_the_readmes_nbd_pull_lines_are_what_nbd_pull_accepts():
     for line in lines:
         args = cli.build_parser().parse_args(line.split())
         assert len(args.pairs) % 2 == 0
-        assert all(p.startswith("nbd://") for p in args.pairs[::2])
+        assert all(p.startswith(("nbd://", "nbds://"))
+                   for p in args.pairs[::2])
