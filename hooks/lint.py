@@ -298,6 +298,9 @@ def _read(path):
         return f.read()
 
 
+MANIFEST = ".manifest"
+
+
 def lint(conf, host, key_of=locate.key_of, find=os.access, read=_read,
          stat_of=os.stat):
     """[(section, finding)] for the nbd_config.ServerConfig conf."""
@@ -305,15 +308,21 @@ def lint(conf, host, key_of=locate.key_of, find=os.access, read=_read,
     for name, finding in lint_group.check(
             [p for p in map(prerun_of, conf.exports) if p]):
         grouped.setdefault(name, []).append(finding)
+    checked = set()
     for sec in conf.exports:
         found, disk = [], False
         if host.domains is not None:
             found, disk = check_disk(sec, host, key_of)
         if is_ours(sec) or disk:
+            checked.add(sec.name)
             found = (check_hooks(sec, find) + grouped.pop(sec.name, [])
                      + check_export(sec, read)
                      + lint_tls.check_section(sec, conf.generic) + found)
         out += [(sec.name, f) for f in found]
+    # A checked disk's manifest export (nbdsnap export writes it after).
+    out += [(sec.name, f) for sec in conf.exports
+            if sec.name.endswith(MANIFEST) and sec.name[:-len(MANIFEST)]
+            in checked for f in lint_tls.check_manifest(sec, conf.generic)]
     ours = any(is_ours(s) for s in conf.exports)
     out += check_generic(conf, ours, stat_of=stat_of)
     if host.domains is None:

@@ -57,6 +57,19 @@ def loopback(listenaddr):
         return False            # a host name: whatever it resolves to
 
 
+def check_manifest(section, generic):
+    """Findings on a disk's manifest export (SECTION.manifest, no hooks):
+    in plain text beyond loopback, someone on the way can change the
+    manifest and the copy alike, and the check passes."""
+    if forced(section, generic) or loopback(generic.get("listenaddr")):
+        return []
+    return ["no force_tls and nbd-server listens on %s: the manifest "
+            "crosses the network in plain text, and a check against it "
+            "proves nothing against someone on the way; set force_tls = "
+            "true (nbdsnap export --tls)"
+            % (generic.get("listenaddr") or "every address")]
+
+
 def check_section(section, generic):
     """Findings on one export section's TLS."""
     out = []

@@ -184,6 +184,10 @@ def test_export_tls_sections_lint_clean(tmp_path, golden):
     text, conf, found = linted(False)
     assert "# Plain text (no --tls)" in text
     assert not any(s.get("force_tls") for s in conf.exports)
-    assert [s for s, _ in found] == ["dom-two-vda", "dom-two-vdb"]
+    assert [s for s, _ in found] == ["dom-two-vda", "dom-two-vdb",
+                                     "dom-two-vda.manifest",
+                                     "dom-two-vdb.manifest"]
     assert all("no force_tls and nbd-server listens on every address"
                in f for _, f in found)
+    assert all("the manifest crosses the network in plain text" in f
+               for s, f in found if s.endswith(".manifest"))
