@@ -37,10 +37,12 @@ from .errors import ConfigError, Error, Unsupported
 
 DEFAULT_DIR = "/etc/nbdsnap/tls"
 CA_DAYS = 3650
-DAYS = 825              # what browsers accept for a leaf; renewal is a rerun
+DAYS = 825              # what browsers accept for a leaf (renewal: nbdsnap(8))
 OPENSSL_WAIT = 60
 
-_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-config", "openssl.cnf"]
+MINIMAL_CNF = "[req]\ndistinguished_name = dn\n[dn]\n"
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
 
@@ -87,7 +89,7 @@ def plan(have, server_names, clients, days=DAYS):
                            "/CN=nbdsnap CA %s" % (server_names[0]
                                                   if server_names
                                                   else "host"),
-                           "-addext", "basicConstraints=critical,CA:TRUE",
+                           "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0",
                            "-addext", "keyUsage=critical,keyCertSign,"
                            "cRLSign")))
     elif not have("ca-key.pem"):
@@ -174,6 +176,10 @@ def _run(folder, step):
                 shutil.copyfile(os.path.join(folder, name),
                                 os.path.join(work, name),
                                 follow_symlinks=False)
+        # Only the extensions asked for: the system's openssl.cnf would
+        # add its own (its v3_ca makes a leaf a CA).
+        with open(os.path.join(work, "openssl.cnf"), "w") as f:
+            f.write(MINIMAL_CNF)
         try:
             proc = subprocess.run(step.argv, cwd=work, capture_output=True,
                                   text=True, timeout=OPENSSL_WAIT,
@@ -193,11 +199,15 @@ def _run(folder, step):
                             os.path.join(work, "ca-cert.pem"))
         for rel in step.files:
             target = os.path.join(folder, rel)
-            if os.path.lexists(target):
+            made = os.path.join(work, os.path.basename(rel))
+            os.chmod(made, 0o600)
+            try:
+                # link() never replaces: a second run at once keeps what
+                # the first put there.
+                os.link(made, target)
+            except FileExistsError:
                 raise Unsupported("%s appeared meanwhile: kept, not "
-                                  "replaced" % target)
-            os.chmod(os.path.join(work, os.path.basename(rel)), 0o600)
-            os.rename(os.path.join(work, os.path.basename(rel)), target)
+                                  "replaced" % target) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -344,24 +344,28 @@ class _Progress:
 
 
 def _logging(socket_path: str) -> None:
-    """Lines on stderr; to syslog too when no terminal sees them (cron)."""
-    log.handlers.clear()
-    log.propagate = False
-    log.setLevel(logging.INFO)
-    err = logging.StreamHandler(sys.stderr)
-    err.setFormatter(logging.Formatter(PROG + ": %(message)s"))
-    log.addHandler(err)
-    if sys.stderr.isatty():
-        return
-    try:
-        handler = _QuietSyslog(
-            address=socket_path,
-            facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-    except OSError:
-        return
-    handler.ident = f"{PROG}[{os.getpid()}]: "
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
+    """Lines on stderr; to syslog too when no terminal sees them (cron).
+    The verify package's warnings (tls-verify-peer=false, no certificate
+    folder) go the same ways."""
+    verify_log = logging.getLogger("nbdsnap.verify")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    handlers[0].setFormatter(logging.Formatter(PROG + ": %(message)s"))
+    if not sys.stderr.isatty():
+        try:
+            handler = _QuietSyslog(
+                address=socket_path,
+                facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            handler.ident = f"{PROG}[{os.getpid()}]: "
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            handlers.append(handler)
+        except OSError:
+            pass
+    for logger in (log, verify_log):
+        logger.handlers.clear()
+        logger.propagate = False
+        logger.setLevel(logging.INFO if logger is log else logging.WARNING)
+        for handler in handlers:
+            logger.addHandler(handler)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Argument parsing, output and exit statuses only; the work is in ops.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -187,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The package's warnings (tls-verify-peer=false, no certificate
+    # folder) as nbd-verify's lines.
+    warn = logging.getLogger("nbdsnap.verify")
+    if not warn.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(PROG + ": %(message)s"))
+        warn.addHandler(handler)
+        warn.propagate = False
     try:
         if args.command == "digest":
             if args.manifest and len(args.sources) != 1:

@@ -39,7 +39,7 @@ by default) and ``nbd+unix:///export?socket=PATH``; TLS in libnbd's form,
 ``nbds://host[:port]/export?tls-certificates=DIR`` and ``nbds+unix://``
 (NBD_OPT_STARTTLS, then Python's ssl: tls.py).  vsock and TLS with a
 pre-shared key are refused.  Every failure is an NbdError with a one-line
-message.
+message (a TlsError, its kind, for what TLS's set-up must change).
 """
 
 from __future__ import annotations

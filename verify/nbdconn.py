@@ -176,6 +176,10 @@ def _connect(uri: str, addr: Address, timeout: float) -> socket.socket:
     except socket.gaierror as e:
         raise NbdError(
             f"{uri}: cannot resolve {addr.host}: {e.strerror}") from None
+    except UnicodeError:
+        # The idna codec: a label longer than 63 characters, say.
+        raise NbdError(f"{uri}: cannot resolve {addr.host}: not a valid "
+                       f"host name") from None
     except socket.timeout:
         raise NbdError(
             f"{uri}: cannot connect to {addr}: timed out") from None
@@ -250,6 +254,8 @@ def _handshake(conn: Connection, address: Address,
         try:
             rtype, _ = _option(conn, OPT_STRUCTURED_REPLY, b"")
         except NbdError as e:
+            if (conn.failure or "").startswith("timed out"):
+                raise           # slow, not refused: worth running again
             raise conn.fail_tls(tlsmod.refused_client(
                 conn.tls.files, conn.failure or str(e))) from None
     else:

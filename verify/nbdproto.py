@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from typing import NamedTuple, Optional
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import SourceError, UnsupportedSource
 
@@ -154,7 +154,7 @@ def parse_uri(uri: str) -> Address:
         raise SourceError(f"{uri}: not an NBD URI")
     export = unquote(parts.path[1:] if parts.path.startswith("/")
                      else parts.path)
-    query = parse_qs(parts.query)
+    query = _query(parts.query)
     tls = _tls(uri, scheme.startswith("nbds"), query)
     if scheme in _UNIX_SCHEMES:
         paths = query.get("socket")
@@ -169,10 +169,26 @@ def parse_uri(uri: str) -> Address:
                    port=port if port is not None else DEFAULT_PORT, **tls)
 
 
+def _query(text: str) -> dict:
+    """{name: [values]} as libnbd reads a query: split on "&", each part
+    %-unquoted, "+" kept (it is no space in a path)."""
+    query = {}
+    for part in text.split("&") if text else ():
+        name, _, value = part.partition("=")
+        query.setdefault(unquote(name), []).append(unquote(value))
+    return query
+
+
 def _tls(uri: str, tls: bool, query: dict) -> dict:
-    """Address's TLS fields from the query; PSK refused.  As libnbd does,
-    plain nbd:// ignores them."""
+    """Address's TLS fields from the query; PSK refused.  TLS settings on
+    a plain nbd:// are refused: libnbd ignores them, and whoever wrote
+    them believes the copy goes encrypted."""
     if not tls:
+        given = sorted(k for k in query if k.startswith("tls-"))
+        if given:
+            raise SourceError(
+                f"{uri}: {', '.join(given)} with a plain-text URI: use "
+                f"nbds:// for TLS")
         return {}
     if "tls-psk-file" in query or "tls-username" in query:
         raise UnsupportedSource(
@@ -223,15 +239,23 @@ def error_chunk(payload: bytes) -> Optional[str]:
     if len(payload) < 6:
         return None
     error, mlen = struct.unpack_from(">IH", payload)
-    message = payload[6:6 + mlen].decode("utf-8", "replace").strip()
+    message = printable(payload[6:6 + mlen])
     name = error_name(error)
     return f"{name}: {message}" if message else name
+
+
+def printable(payload: bytes, limit: int = 200) -> str:
+    """A server's text as one line of ours: before TLS anyone on the way
+    may write it, so no newline, no terminal escape, and not too long."""
+    text = payload.decode("utf-8", "replace").strip()
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def refusal(rtype: int, payload: bytes) -> str:
     """Why an option failed: the error reply's name and its message."""
     reason = REP_ERRORS.get(rtype, f"error {rtype:#x}")
-    message = payload.decode("utf-8", "replace").strip()
+    message = printable(payload)
     return f"{reason}: {message}" if message else reason
 
 

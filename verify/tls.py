@@ -34,7 +34,7 @@ import ssl
 import time
 from typing import NamedTuple, Optional
 
-from .errors import TlsError
+from .errors import NbdError, TlsError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ def find_files(certificates: Optional[str], exists=os.path.exists,
     for folder in default_folders(euid, home):
         if exists(os.path.join(folder, CA)):
             return _folder_files(folder, exists, named=False)
+    log.warning("warning: no %s in %s: the server is checked against "
+                "the system's trusted CAs and no client certificate is "
+                "shown (name the folder with tls-certificates=DIR)", CA,
+                " or ".join(default_folders(euid, home)) or "no folder")
     return Files(None, None, None, None, None)
 
 
@@ -129,6 +133,8 @@ def _context(files: Files, verify_peer: bool,
                     "read and change what is read")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # The name must be in subjectAltName: never the CN's fallback.
+    ctx.hostname_checks_common_name = False
     ctx.check_hostname = verify_peer and check_hostname
     ctx.verify_mode = ssl.CERT_REQUIRED if verify_peer else ssl.CERT_NONE
     try:
@@ -159,10 +165,15 @@ def _load(path: str, what: str, load, *args, **kwargs) -> None:
         raise TlsError(f"{path}: the key is encrypted; nbd-verify and "
                        f"nbd-pull need it unencrypted, as libnbd "
                        f"does") from None
-    except ssl.SSLError:
-        # OpenSSL says no more than "PEM lib" here.
+    except ssl.SSLError as e:
+        # Often no more than "PEM lib"; sometimes the reason (a key too
+        # small).
         raise TlsError(f"{path}: not {what} in PEM form, or the two do "
-                       f"not match") from None
+                       f"not match ({reason(e)})") from None
+    except OSError as e:
+        # load_verify_locations' error names no file: this one.
+        raise TlsError(f"{e.filename or path}: cannot read: "
+                       f"{e.strerror or e}") from None
 
 
 class _Encrypted(Exception):
@@ -196,6 +207,10 @@ def wrap(sock: socket.socket, tls: Tls, host: Optional[str],
     except ssl.SSLError as e:
         ssock.close()
         raise TlsError(describe(e, tls.files, host)) from None
+    except TimeoutError:
+        # A slow network or server, not a refusal: worth running again.
+        ssock.close()
+        raise NbdError("timed out during the TLS handshake") from None
     except OSError as e:
         ssock.close()
         raise TlsError(refused_client(
@@ -226,7 +241,7 @@ def _handshake(ssock: ssl.SSLSocket, timeout: Optional[float],
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0 or not poller.poll(
                 None if left is None else left * 1000):
-            raise TlsError("timed out during the TLS handshake")
+            raise TimeoutError()
 
 
 def reason(e: ssl.SSLError) -> str:

@@ -94,3 +94,22 @@ def test_an_unsafe_folder_is_refused(env, planted):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(os.path.join(folder, "ca-key.pem"))
+
+
+def test_only_the_ca_can_sign(env):
+    """The leaves are no CAs (whatever the system's openssl.cnf adds),
+    the CA signs leaves only, and each leaf is for its side only."""
+    pki = Pki(env.path("tls"), clients=("clone1",))
+
+    def ext(path):
+        return subprocess.run(
+            ["openssl", "x509", "-in", path, "-noout", "-ext",
+             "basicConstraints,extendedKeyUsage"], capture_output=True,
+            text=True, check=True).stdout
+    ca = ext(os.path.join(pki.folder, "ca-cert.pem"))
+    assert "CA:TRUE, pathlen:0" in ca
+    server = ext(os.path.join(pki.folder, "server-cert.pem"))
+    client = ext(os.path.join(pki.client("clone1"), "client-cert.pem"))
+    for leaf, usage in ((server, "Server"), (client, "Client")):
+        assert "CA:FALSE" in leaf and "TLS Web %s Authentication" % usage \
+            in leaf, leaf

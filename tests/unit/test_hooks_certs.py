@@ -28,6 +28,11 @@ def test_a_first_run_makes_the_ca_the_server_and_each_client():
     for step in steps:
         assert step.argv[:2] == ("openssl", "req") and "-nodes" in step.argv
         assert "ec_paramgen_curve:P-256" in step.argv
+        # Never the system's openssl.cnf: its v3_ca would make leaves CAs.
+        assert ("-config", "openssl.cnf") in zip(step.argv, step.argv[1:])
+    assert "basicConstraints=critical,CA:TRUE,pathlen:0" in steps[0].argv
+    for leaf in steps[1:]:
+        assert "basicConstraints=critical,CA:FALSE" in leaf.argv
 
 
 def test_a_rerun_makes_only_the_new_client():

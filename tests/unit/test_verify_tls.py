@@ -38,10 +38,27 @@ def test_tls_verify_peer_takes_libnbds_booleans(value, verify):
     assert address.verify_peer is verify
 
 
-def test_plain_nbd_ignores_tls_parameters_as_libnbd_does():
+def test_tls_parameters_on_a_plain_uri_are_refused():
+    """libnbd ignores them; whoever wrote them believes the copy goes
+    encrypted."""
+    with pytest.raises(SourceError, match="tls-certificates, tls-psk-file "
+                       "with a plain-text URI: use nbds://"):
+        nbdproto.parse_uri("nbd://h/e?tls-certificates=/c&tls-psk-file=/k")
+
+
+def test_a_plus_in_a_folder_is_a_plus_as_libnbd_reads_it():
     assert nbdproto.parse_uri(
-        "nbd://h/e?tls-certificates=/c&tls-psk-file=/k") == Address(
-        "e", "h", 10809)
+        "nbds://h/e?tls-certificates=/srv/a+b%20c").certificates == \
+        "/srv/a+b c"
+
+
+def test_a_server_s_refusal_is_one_printable_line():
+    text = nbdproto.refusal(0x80000001, b"no\n\x1b[31mFAKE: all good"
+                            + b"x" * 500)
+    assert "\n" not in text and "\x1b" not in text
+    assert text.startswith("NBD_REP_ERR_UNSUP: no??[31mFAKE") or \
+        "??[31mFAKE" in text
+    assert len(text) < 260
 
 
 @pytest.mark.parametrize("uri,error,words", [
