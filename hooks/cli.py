@@ -202,6 +202,18 @@ def _nbdsnap_parser():
     hi.set_defaults(run=_history)
     hi.add_argument("--json", action="store_true",
                     help="machine-readable output")
+    me = sub.add_parser(
+        "metrics", help="print or write node_exporter textfile metrics",
+        description="Print (or write to FILE, atomically, mode 0644, for "
+                    "node_exporter's textfile collector) the host's metrics: "
+                    "sessions by verdict, the oldest freeze, overlay bytes, "
+                    "and each export's last commit and result.  Exit status "
+                    "0, 2 for a configuration error or a FILE that cannot be "
+                    "written, %s." % NOT_ROOT)
+    me.set_defaults(run=_metrics)
+    me.add_argument("-o", "--output", metavar="FILE",
+                    help="write FILE (e.g. /var/lib/prometheus/"
+                    "node-exporter/nbdsnap.prom) instead of printing")
     ex = sub.add_parser(
         "export", help="print or write nbd-server sections for a domain",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -349,6 +361,22 @@ def _history(args):
     entries = history.read(_load_config())
     _print(json.dumps({"sessions": entries}, sort_keys=True, indent=2)
            if args.json else history.format_text(entries))
+    return 0
+
+
+def _metrics(args):
+    from nbdsnap.verify import textfile
+
+    from . import metrics
+    text = metrics.text(_load_config())
+    if args.output is None:
+        _print(text.rstrip("\n"))
+        return 0
+    try:
+        textfile.write(args.output, text)
+    except OSError as e:
+        raise ConfigError("cannot write %s: %s" % (
+            args.output, e.strerror or e)) from None
     return 0
 
 

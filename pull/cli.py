@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "definition, its disks on the COPYs")
     p.add_argument("--connect", default="qemu:///system", metavar="URI",
                    help="the libvirt of --define (default %(default)s)")
+    p.add_argument("--metrics", metavar="FILE",
+                   help="after the run, write its COPYs' metrics to FILE "
+                   "(atomically, mode 0644) for node_exporter's textfile "
+                   "collector; a failure to write it is a warning")
     p.add_argument("--json", action="store_true",
                    help="print the outcome as JSON on stdout")
     p.add_argument("--progress", choices=("auto", "always", "never"),
@@ -156,6 +160,8 @@ def main(argv=None) -> int:
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
+    if args.metrics:
+        _write_metrics(args.metrics, outcomes, opts.state_dir)
     if args.json:
         report = {"status": status,
                   "pulls": [o for o in outcomes if "copy" in o]}
@@ -164,6 +170,19 @@ def main(argv=None) -> int:
                 (o for o in outcomes if "standby" in o), None)
         print(json.dumps(report, indent=2))
     return status
+
+
+def _write_metrics(path, outcomes, state_dir) -> None:
+    """The run's metrics to path; never a reason to change the exit
+    status: the copies are what they are whether or not it is written."""
+    from nbdsnap.verify import textfile
+
+    from . import metrics
+    try:
+        textfile.write(path, metrics.text(outcomes, state_dir))
+    except OSError as e:
+        log.warning("cannot write the metrics to %s: %s", path,
+                    e.strerror or e)
 
 
 def _pull_all(pairs, opts, show, outcomes, standby=None) -> int:

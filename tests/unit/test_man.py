@@ -22,6 +22,7 @@ COMMANDS = {
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "recover"],
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "libvirt-hook"],
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "history"],
+                  ["nbdsnap.hooks.cli", "nbdsnap_main", "metrics"],
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "export"],
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "lint"],
                   ["nbdsnap.hooks.cli", "nbdsnap_main", "certs"]],
