@@ -111,9 +111,12 @@ def prerun_main(argv=None):
         from .freeze import Freezer
         config = _load_config()
         watchdog.arm("nbd-prerun", watchdog.seconds(config, "nbd-prerun"))
-        Freezer(config).prerun(args.export, quiesce=args.quiesce,
-                               domain=args.domain, disk=args.disk,
-                               group=group)
+        try:
+            Freezer(config).prerun(args.export, quiesce=args.quiesce,
+                                   domain=args.domain, disk=args.disk,
+                                   group=group)
+        finally:
+            _hook_metrics(config)
         return 0
     return _run("nbd-prerun", run, args.verbose)
 
@@ -133,11 +136,22 @@ def postrun_main(argv=None):
         config = _load_config()
         watchdog.arm("nbd-postrun", watchdog.seconds(config,
                                                      "nbd-postrun"))
-        Releaser(config).postrun(args.export)
+        try:
+            Releaser(config).postrun(args.export)
+        finally:
+            _hook_metrics(config)
         return 0
     # 0 or 1 only (docs/DESIGN.md): a configuration error also leaves the
     # session for recovery.
     return min(_run("nbd-postrun", run, args.verbose), 1)
+
+
+def _hook_metrics(config):
+    """metrics_file rewritten, if set; loaded only then (a join stays
+    light)."""
+    if config.metrics_file:
+        from . import metrics
+        metrics.write_configured(config)
 
 
 NOT_ROOT = "2 when not run as root"

@@ -51,6 +51,9 @@ class Config:
     digest_full_days: float = 7.0
     # The syslog daemon's socket (a container may bind it elsewhere).
     syslog_socket: str = "/dev/log"
+    # node_exporter textfile the hooks rewrite after each run ("": none);
+    # checked when written, so that a bad one never refuses a freeze.
+    metrics_file: str = ""
     # Where the configuration came from, for messages.
     path: str = ""
 
@@ -169,6 +172,8 @@ def _validated(values, path):
             if not 0 < kw[name] < math.inf:
                 raise ConfigError("%s: %s must be a positive number of "
                                   "seconds, not %r" % (path, name, values[name]))
+    if "metrics_file" in values:
+        kw["metrics_file"] = values["metrics_file"].strip()
     if "digest_full_days" in values:
         try:
             kw["digest_full_days"] = float(values["digest_full_days"])

@@ -8,11 +8,16 @@ and ``time() - nbdsnap_freeze_oldest_start_timestamp_seconds`` stays
 true between two writes.
 """
 
+import logging
+import os
 import time
 
+from nbdsnap.verify import textfile
 from nbdsnap.verify.textfile import Family, render
 
 from . import sessions
+
+log = logging.getLogger(__name__)
 
 VERDICTS = (sessions.LIVE, sessions.STALE, sessions.BROKEN, "corrupt",
             "orphan")
@@ -66,6 +71,22 @@ def build(entries, past, now):
         Family("metrics_timestamp_seconds", "gauge",
                "When these metrics were written.", [({}, round(now, 3))]),
     ]
+
+
+def write_configured(config):
+    """After a hook run: rewrite the configured metrics_file, if any.
+    Never fails the hook: a copy must not be refused, nor a commit left
+    for recovery, for a metrics file; what went wrong is a warning."""
+    path = config.metrics_file
+    if not path:
+        return
+    try:
+        if not os.path.isabs(path):
+            raise ValueError("metrics_file must be an absolute path")
+        textfile.write(path, text(config))
+    except Exception as e:      # noqa: BLE001 -- see the docstring
+        log.warning("cannot write the metrics to %s: %s", path,
+                    getattr(e, "strerror", None) or e)
 
 
 def text(config, now=None):

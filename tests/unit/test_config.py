@@ -303,3 +303,9 @@ def test_digest_full_days_refused(conf, value):
     conf("[nbdsnap]\ndigest_full_days = %s\n" % value)
     with pytest.raises(ConfigError, match="digest_full_days must be"):
         config.load()
+
+
+def test_metrics_file_is_empty_unless_set(conf):
+    assert config.Config().metrics_file == ""
+    conf("[nbdsnap]\nmetrics_file = /var/lib/node/nbdsnap.prom\n")
+    assert config.load().metrics_file == "/var/lib/node/nbdsnap.prom"

@@ -221,3 +221,54 @@ def test_recover_into_a_closed_pipe_recovers_every_disk(tmp_path):
         os.close(write)
     assert proc.stderr == "" and proc.returncode == 0
     assert [store.load(key) for key in keys] == [None] * 5
+
+
+# -- metrics_file --------------------------------------------------------------
+
+class _Refusing:
+    def __init__(self, config):
+        pass
+
+    def prerun(self, export, **kw):
+        from nbdsnap.hooks.errors import Refused
+        raise Refused("refused for the test")
+
+    postrun = prerun
+
+
+def _hooks_with_metrics_file(monkeypatch, tmp_path, where, work):
+    """A configuration naming metrics_file where; work does the hooks'."""
+    path = tmp_path / "metrics.conf"
+    path.write_text("[nbdsnap]\nstate_dir = %s\nsnapshot_dir = %s\n"
+                    "syslog_socket = %s\nmetrics_file = %s\n" % (
+                        tmp_path / "state", tmp_path / "overlays",
+                        tmp_path / "no-syslog", where))
+    monkeypatch.setenv("NBDSNAP_CONFIG", str(path))
+    monkeypatch.setattr(watchdog, "arm", lambda p, s: None)
+    from nbdsnap.hooks import freeze, release
+    monkeypatch.setattr(freeze, "Freezer", work)
+    monkeypatch.setattr(release, "Releaser", work)
+
+
+@pytest.mark.parametrize("main", [cli.prerun_main, cli.postrun_main])
+def test_a_hook_writes_metrics_file_even_when_it_fails(monkeypatch, tmp_path,
+                                                       main):
+    prom = tmp_path / "nbdsnap.prom"
+    _hooks_with_metrics_file(monkeypatch, tmp_path, prom, _Refusing)
+    assert main(["/srv/x"]) == 1
+    assert 'nbdsnap_sessions{verdict="live"} 0\n' in prom.read_text()
+    assert os.stat(prom).st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("where", ["relative.prom", "/nonexistent/x.prom"])
+@pytest.mark.parametrize("main", [cli.prerun_main, cli.postrun_main])
+def test_a_metrics_file_never_fails_a_hook(monkeypatch, tmp_path, capsys,
+                                           main, where):
+    class Fine(_Refusing):
+        def prerun(self, export, **kw):
+            pass
+
+        postrun = prerun
+    _hooks_with_metrics_file(monkeypatch, tmp_path, where, Fine)
+    assert main(["/srv/x"]) == 0
+    assert "cannot write the metrics to %s" % where in capsys.readouterr().err
