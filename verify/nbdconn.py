@@ -143,6 +143,8 @@ class Connection:
                                      self.quickack)
         except TlsError as e:
             raise self.fail_tls(str(e)) from None
+        except NbdError as e:       # timed out: the connection is done
+            raise self.fail(str(e)) from None
 
     def close(self, goodbye: bytes = b"") -> None:
         """Send goodbye if the connection is sound, then close it."""

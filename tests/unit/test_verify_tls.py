@@ -14,7 +14,8 @@ import threading
 import pytest
 
 from nbdsnap.verify import nbd, nbdconn, nbdproto, tls
-from nbdsnap.verify.errors import SourceError, TlsError, UnsupportedSource
+from nbdsnap.verify.errors import (NbdError, SourceError, TlsError,
+                                   UnsupportedSource)
 from nbdsnap.verify.nbdproto import Address
 from verifykit import recv_exactly
 
@@ -299,3 +300,35 @@ def test_over_a_unix_socket_the_chain_only_as_libnbd(server, folder):
     with nbd.Client(f"nbds+unix:///x?socket=/run/nbd.sock&"
                     f"tls-certificates={folder}", timeout=10) as c:
         assert c.size == 1 << 20
+
+
+def test_a_server_silent_in_the_handshake_is_a_timeout_not_a_refusal(
+        monkeypatch, folder):
+    """A slow network or server is worth another run (exit 1), not a
+    certificate to change (TlsError, exit 2)."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(0.5)            # what _connect sets from timeout=
+    done = threading.Event()
+
+    def serve():
+        theirs.sendall(struct.pack(
+            ">QQH", nbdproto.NBDMAGIC, nbdproto.IHAVEOPT,
+            nbdproto.FLAG_FIXED_NEWSTYLE | nbdproto.FLAG_NO_ZEROES))
+        recv_exactly(theirs, 4)
+        reply(theirs, option(theirs), nbdproto.REP_ACK)
+        done.wait(10)               # and never a TLS record
+        theirs.close()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    monkeypatch.setattr(nbdconn, "_connect", lambda *args: ours)
+    try:
+        with pytest.raises(NbdError) as raised:
+            nbd.Client(f"nbds://fake/x?tls-certificates={folder}",
+                       timeout=0.5)
+        assert not isinstance(raised.value, TlsError)
+        assert str(raised.value) == (
+            f"nbds://fake/x?tls-certificates={folder}: timed out during "
+            f"the TLS handshake")
+    finally:
+        done.set()
+        thread.join(10)
