@@ -38,6 +38,18 @@ def tls_export(virt, env, pki):
     return dom, base, server, dom.name() + "-vda"
 
 
+def phases(env):
+    folder = os.path.join(env.state_dir, "sessions")
+    found = []
+    for name in env.sessions():
+        try:
+            with open(os.path.join(folder, name)) as f:
+                found.append(json.load(f)["phase"])
+        except (OSError, ValueError):
+            pass            # replaced as we read it: the next turn
+    return found
+
+
 def history(env):
     return json.loads(env.hook("nbdsnap", "history", "--json",
                                check=0).stdout)["sessions"]
@@ -63,7 +75,10 @@ def test_the_clone_hosts_certificate_copies_the_frozen_base(virt, env,
     held = subprocess.Popen(["nbdcopy", source, "-"], stdout=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
     try:
-        lab.wait_until(lambda: env.sessions(), 30, what="the freeze")
+        # Frozen, not merely begun: the intent is saved before the
+        # snapshot, and a write before it lands in the base.
+        lab.wait_until(lambda: phases(env) == ["frozen"], 30,
+                       what="the freeze")
         lab.guest_write(dom, "vda", 0x5a, MiB, MiB)
         copy = env.path("copy.raw")
         lab.nbdcopy(source, copy, connections=4)
