@@ -311,15 +311,22 @@ def old_and_new(size=SIZE, spans=((4 * MiB, 16 * MiB),)):
     return old, image(2, size, old, spans=spans)
 
 
-def test_kill_during_transfer(env, sources, pulls):
-    old, new = old_and_new()
-    src, copy = pulled(env, sources, pulls, old)
-
+def killed_while_staging(src, copy, pulls, new):
+    """Publish new, start a slow pull of it and kill it once it has staged
+    more than 1 MiB; the path of the journal it left."""
     src.publish(new)
     jpath = os.path.join(state_folder(copy), "journal")
     proc = pulls(src, copy, *SLOW)
     wait_for(lambda: staged(jpath) > MiB, "blocks staged")
     killed(proc)
+    return jpath
+
+
+def test_kill_during_transfer(env, sources, pulls):
+    old, new = old_and_new()
+    src, copy = pulled(env, sources, pulls, old)
+
+    jpath = killed_while_staging(src, copy, pulls, new)
     assert sha_of(copy) == sha(old)
     assert not sealed(jpath)
     # What a run killed while it wrote its target leaves too.
@@ -657,11 +664,7 @@ def test_killed_pull_then_a_shrunk_source(env, sources, pulls):
                 spans=((32 * MiB, 16 * MiB),))
     src, copy = pulled(env, sources, pulls, old)
 
-    src.publish(new)
-    jpath = os.path.join(state_folder(copy), "journal")
-    proc = pulls(src, copy, *SLOW)
-    wait_for(lambda: staged(jpath) > MiB, "blocks staged")
-    killed(proc)
+    killed_while_staging(src, copy, pulls, new)
     # The source shrinks below what that journal holds: the next run must
     # neither hang on it nor reuse any of it.
     src.publish(new[:16 * MiB])
