@@ -18,7 +18,7 @@ UNITDIR ?= /etc/systemd/system
 
 MANPAGES := $(patsubst %.rst,%,$(wildcard man/*.rst))
 
-.PHONY: all host venv demo check unit real bench man install uninstall clean
+.PHONY: all host venv demo check unit real bench man install uninstall deb clean
 
 all: venv man
 
@@ -70,6 +70,13 @@ bench: host venv
 
 MANDIR ?= $(PREFIX)/share/man
 
+# The Debian packages, as Debian builds its own Python packages (debhelper,
+# dh-python): nbdsnap for VM hosts, nbdsnap-client for clone hosts, both
+# written by dpkg-buildpackage into this folder's parent.  Debian's python3
+# builds them, not one a version manager put first on PATH.
+deb: host
+	PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+
 install: man
 	$(SYSTEM_PYTHON) -m venv --system-site-packages $(INSTALL_VENV)
 	$(INSTALL_VENV)/bin/pip install -q '.[server]'
@@ -85,6 +92,9 @@ install: man
 	install -d $(UNITDIR)
 	sed -e 's|@BINDIR@|$(BINDIR)|g' contrib/nbdsnap-recover.service.in \
 	    > $(UNITDIR)/nbdsnap-recover.service
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@ARGSDIR@|$(SYSCONFDIR)/nbdsnap/pull|g' \
+	    contrib/nbd-pull@.service.in > $(UNITDIR)/nbd-pull@.service
+	install -m 0644 contrib/nbd-pull@.timer $(UNITDIR)/nbd-pull@.timer
 	for m in $(MANPAGES); do s=$${m##*.}; \
 	    install -D -m 0644 $$m $(MANDIR)/man$$s/$$(basename $$m); done
 	@echo "installed; enable recovery at boot: systemctl enable nbdsnap-recover"
@@ -93,7 +103,8 @@ install: man
 uninstall:
 	rm -f $(addprefix $(BINDIR)/,nbd-prerun nbd-postrun nbdsnap nbd-verify nbd-pull)
 	rm -f $(SYSCONFDIR)/libvirt/hooks/qemu.d/nbdsnap
-	rm -f $(UNITDIR)/nbdsnap-recover.service
+	rm -f $(UNITDIR)/nbdsnap-recover.service $(UNITDIR)/nbd-pull@.service \
+	    $(UNITDIR)/nbd-pull@.timer
 	for m in $(MANPAGES); do s=$${m##*.}; \
 	    rm -f $(MANDIR)/man$$s/$$(basename $$m); done
 	rm -rf $(INSTALL_VENV)

@@ -39,6 +39,10 @@ exit status:
      next run finishes it (the line says which); run again
   2  usage, configuration or local error (or a bug: NBD_PULL_DEBUG=1
      shows its traceback)
+
+@FILE stands for the arguments in FILE, one a line, blank lines and lines
+starting with # skipped: nbd-pull@NAME.service runs
+nbd-pull @/etc/nbdsnap/pull/NAME.args (see nbd-pull(1)).
 """
 
 log = logging.getLogger(PROG)
@@ -51,7 +55,11 @@ class _QuietSyslog(logging.handlers.SysLogHandler):
         pass
 
 
-_Parser = argtypes.parser_class(PROG)
+class _Parser(argtypes.parser_class(PROG)):
+    def convert_arg_line_to_args(self, line):
+        # @FILE: one argument a line, so a path may hold spaces.
+        line = line.strip()
+        return [] if not line or line.startswith("#") else [line]
 
 
 def _rate(text: str) -> float:
@@ -71,7 +79,7 @@ _rate.__name__ = "rate"
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Refresh copies of frozen exports, "
                 "moving only what changed, checked, never half-done.",
-                epilog=EPILOG,
+                epilog=EPILOG, fromfile_prefix_chars="@",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pairs", nargs="+", metavar="SOURCE COPY",
                    help="an export and the copy it refreshes")

@@ -30,6 +30,10 @@ def test_make_install_gives_commands_hook_unit_and_config(tmp_path):
         unit = open(folder + "/unit/nbdsnap-recover.service").read()
         assert "ExecStart=%s/usr/bin/nbdsnap recover --all" % folder in unit
         assert "Before=nbd-server.service" in unit
+        pull = open(folder + "/unit/nbd-pull@.service").read()
+        assert "ExecStart=%s/usr/bin/nbd-pull @%s/etc/nbdsnap/pull/%%i.args" \
+            % (folder, folder) in pull
+        assert os.path.exists(folder + "/unit/nbd-pull@.timer")
         conf = open(folder + "/etc/nbdsnap.conf").read()
         assert "[nbdsnap]" in conf
         # The shipped configuration is valid as it stands.

@@ -182,3 +182,26 @@ def test_the_readmes_nbd_pull_lines_are_what_nbd_pull_accepts():
         assert len(args.pairs) % 2 == 0
         assert all(p.startswith(("nbd://", "nbds://"))
                    for p in args.pairs[::2])
+
+
+def test_the_args_files_shown_are_what_nbd_pull_reads(tmp_path):
+    """The README's NAME.args and the example the package ships, read as
+    nbd-pull@NAME.service reads them: nbd-pull @FILE."""
+    from nbdsnap.pull import cli
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    shown = re.search(r"`/etc/nbdsnap/pull/dom1\.args`:\n\n```\n(.*?)```",
+                      readme, re.S)
+    assert shown, "the README's dom1.args is gone"
+    path = tmp_path / "dom1.args"
+    path.write_text(shown.group(1))
+    examples = [str(path), os.path.join(ROOT, "contrib",
+                                        "nbd-pull.args.example")]
+    for example in examples:
+        args = cli.build_parser().parse_args(["@" + example])
+        assert args.pairs and len(args.pairs) % 2 == 0
+        assert all(p.startswith(("nbd://", "nbds://"))
+                   for p in args.pairs[::2])
+        assert args.define
+    unit = open(os.path.join(ROOT, "contrib", "nbd-pull@.service.in")).read()
+    assert "ExecStart=@BINDIR@/nbd-pull @@ARGSDIR@/%i.args\n" in unit

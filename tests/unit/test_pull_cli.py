@@ -103,3 +103,23 @@ def test_define_says_a_copy_it_cannot_use_in_one_line(monkeypatch):
         {"/c/a": disk.DiskError("/c/a: not a file or block device")})
     out = cli._define("s", "test:///", jobs, [{"status": 0}])
     assert out["status"] == 2 and "not a file" in out["error"]
+
+
+def test_an_args_file_is_one_argument_a_line(tmp_path):
+    """What nbd-pull@NAME.service runs: @FILE, comments and blank lines
+    skipped, a path with spaces whole, other arguments beside it."""
+    path = tmp_path / "web1.args"
+    path.write_text("# web1\n\n  --bwlimit\n50M\n"
+                    "nbd://vmhost/web1-vda\n/srv/my clones/web1 vda.img\n")
+    args = cli.build_parser().parse_args(["--json", "@%s" % path])
+    assert args.json and args.bwlimit == 50 << 20
+    assert args.pairs == ["nbd://vmhost/web1-vda",
+                          "/srv/my clones/web1 vda.img"]
+
+
+def test_a_missing_args_file_is_a_one_line_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["@%s" % (tmp_path / "gone.args")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gone.args" in err
