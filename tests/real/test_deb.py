@@ -12,8 +12,9 @@ import pytest
 
 import lab
 from lab import deb
+from lab.systemd import Systemd
 from test_export_lint import included_server
-from test_freeze import export_domain
+from test_freeze import MiB, export_domain
 
 # What nbdsnap makes on a host that no package lists, and purge removes.
 MADE = ("/var/lib/nbdsnap", "/etc/nbdsnap", "/var/lib/nbd-pull")
@@ -22,6 +23,16 @@ RECOVER_LINK = "/etc/systemd/system/multi-user.target.wants/" \
 UNITS = ("/lib/systemd/system/nbdsnap-recover.service",
          "/lib/systemd/system/nbd-pull@.service",
          "/lib/systemd/system/nbd-pull@.timer")
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The packages of this tree, built once for the module's tests."""
+    folder = lab.workdir("nbdsnap-debs-")
+    try:
+        yield deb.build(folder)
+    finally:
+        lab.cleanup_folder(folder)
 
 
 @pytest.fixture
@@ -55,16 +66,16 @@ def listed(package):
     return run("dpkg", "-L", package).stdout.split()
 
 
-def test_packages_install_work_upgrade_and_purge(virt, packages):
+def test_packages_install_work_upgrade_and_purge(virt, packages, built):
     folder = packages
-    debs = deb.build(os.path.join(folder, "v1"))
+    debs = built
     # A clone host installs no libvirt: the client depends on Python only.
     depends = run("dpkg-deb", "-f", debs["nbdsnap-client"], "Depends").stdout
     assert "libvirt" not in depends and "nbd-server" not in depends
     # Debian's own checks find nothing to say.
-    (changes,) = [n for n in os.listdir(os.path.join(folder, "v1"))
-                  if n.endswith(".changes")]
-    lint = run("lintian", os.path.join(folder, "v1", changes), check=None)
+    where = os.path.dirname(debs["nbdsnap"])
+    (changes,) = [n for n in os.listdir(where) if n.endswith(".changes")]
+    lint = run("lintian", os.path.join(where, changes), check=None)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert [line for line in lint.stdout.splitlines()
             if line[:2] in ("E:", "W:")] == []
@@ -93,17 +104,7 @@ def test_packages_install_work_upgrade_and_purge(virt, packages):
     # The installed hooks, with the shipped configuration, freeze and
     # commit a running domain; the installed nbd-pull copies its frozen
     # base.  No NBDSNAP_CONFIG: /etc/nbdsnap.conf as it was installed.
-    vars_ = {"LIBVIRT_DEFAULT_URI": lab.URI}
-    env = Env(folder, vars_)
-    dom, base = export_domain(virt, env, name="deb")
-    confd = env.path("conf.d")
-    os.mkdir(confd)
-    run("/usr/bin/nbdsnap", "export", dom.name(), "--allow", "127.0.0.1",
-        "-o", os.path.join(confd, "deb.conf"), env=vars_)
-    section = open(os.path.join(confd, "deb.conf")).read()
-    assert "prerun = /usr/bin/nbd-prerun " in section
-    server = included_server(virt, env, confd)
-    name = dom.name() + "-vda"
+    env, dom, base, server, name = served(virt, folder, "deb")
     frozen = lab.sha256(base)
     held = lab.HeldConnection(server.port, name)
     try:
@@ -119,8 +120,7 @@ def test_packages_install_work_upgrade_and_purge(virt, packages):
         assert lab.sha256(copy) == frozen
     finally:
         held.close()
-    lab.wait_until(lambda: not os.listdir("/var/lib/nbdsnap/sessions"), 120,
-                   what="the installed postrun to end the session")
+    wait_clean()
     assert lab.read_range(base, 0, 4096) == b"\x5a" * 4096
     assert lab.disk_source(dom, "vda") == base
     server.stop()
@@ -133,7 +133,7 @@ def test_packages_install_work_upgrade_and_purge(virt, packages):
     assert deb.installed("nbdsnap") == "0.1.0+up1"
     assert deb.installed("nbdsnap-client") == "0.1.0+up1"
     assert "# the operator's line" in open("/etc/nbdsnap.conf").read()
-    history = run("/usr/bin/nbdsnap", "history", env=vars_).stdout
+    history = run("/usr/bin/nbdsnap", "history", env=env.vars).stdout
     assert dom.name() in history
     assert os.path.islink(RECOVER_LINK)
     files = set(listed("nbdsnap") + listed("nbdsnap-client"))
@@ -151,6 +151,90 @@ def test_packages_install_work_upgrade_and_purge(virt, packages):
                         "/etc/libvirt/hooks/qemu.d/nbdsnap"):
         assert not os.path.lexists(path), path
     assert not run("dpkg-query", "-W", "nbdsnap", check=None).stdout
+
+
+def served(virt, folder, name):
+    """A domain exported by the installed nbdsnap, with the shipped
+    /etc/nbdsnap.conf (no NBDSNAP_CONFIG), served by nbd-server."""
+    env = Env(folder, {"LIBVIRT_DEFAULT_URI": lab.URI})
+    dom, base = export_domain(virt, env, name=name)
+    confd = env.path("conf.d")
+    os.mkdir(confd)
+    run("/usr/bin/nbdsnap", "export", dom.name(), "--allow", "127.0.0.1",
+        "-o", os.path.join(confd, "deb.conf"), env=env.vars)
+    section = open(os.path.join(confd, "deb.conf")).read()
+    assert "prerun = /usr/bin/nbd-prerun " in section
+    server = included_server(virt, env, confd)
+    return env, dom, base, server, dom.name() + "-vda"
+
+
+def wait_clean():
+    lab.wait_until(lambda: not os.listdir("/var/lib/nbdsnap/sessions"), 120,
+                   what="the installed postrun to end the session")
+
+
+def test_the_clone_hosts_timer_pulls_under_systemd(virt, packages, built):
+    """The installed nbd-pull@ units, run by a real systemd (PID 1 of a
+    namespace, lab/systemd.py): the service pulls what NAME.args names, a
+    timer with a drop-in as `systemctl edit` writes it refreshes the copy,
+    a pull that fails leaves the unit failed, no NAME.args runs nothing."""
+    folder = packages
+    deb.dpkg("-i", built["nbdsnap-client"], built["nbdsnap"])
+    env, dom, base, server, name = served(virt, folder, "unit")
+    os.mkdir(env.path("clones"))
+    copy = env.path("clones", "unit vda.img")       # a space: one line
+    metrics = env.path("pull.prom")
+    args = "/etc/nbdsnap/pull/%s.args" % dom.name()
+    with open(args, "w") as f:
+        f.write("# what nbd-pull@%s pulls\n--metrics\n%s\n\n%s\n%s\n"
+                % (dom.name(), metrics, server.uri(name), copy))
+    service = "nbd-pull@%s.service" % dom.name()
+    timer = "nbd-pull@%s.timer" % dom.name()
+    systemd = Systemd(env.path("systemd"))
+    try:
+        for unit in ("nbd-pull@.service", "nbd-pull@.timer"):
+            systemd.add("/lib/systemd/system/" + unit)
+        proc = systemd.systemctl("start", service)
+        assert proc.returncode == 0, proc.stderr + open(systemd.log).read()
+        assert systemd.show(service, "Result") == "success"
+        wait_clean()
+        assert lab.sha256(copy) == lab.sha256(base)
+        assert 'nbdsnap_pull_last_result{' in open(metrics).read()
+        # Hourly, unless a drop-in says otherwise.
+        assert "OnCalendar=hourly" in open(
+            "/lib/systemd/system/nbd-pull@.timer").read()
+        assert systemd.show(timer, "TimersCalendar").startswith(
+            "{ OnCalendar=*-*-* *:00:00 ;")
+        lab.guest_write(dom, "vda", 0x3c, 5 * MiB, 4096)
+        started = systemd.show(service, "ExecMainStartTimestampMonotonic")
+        systemd.add(os.path.join(systemd.units, timer + ".d",
+                                 "override.conf"),
+                    "[Timer]\nOnCalendar=\nOnCalendar=*:*:0/2\n"
+                    "RandomizedDelaySec=0\n")
+        systemd.systemctl("start", timer, check=True)
+        lab.wait_until(lambda: systemd.show(
+            service, "ExecMainStartTimestampMonotonic") != started
+            and systemd.show(service, "ActiveState") == "inactive", 120,
+            what="the timer to pull again")
+        systemd.systemctl("stop", timer, check=True)
+        assert systemd.show(service, "Result") == "success"
+        wait_clean()
+        assert lab.read_range(copy, 5 * MiB, 4096) == b"\x3c" * 4096
+        assert lab.sha256(copy) == lab.sha256(base)
+        # The VM host gone: the unit fails, the copy stays as it was.
+        pulled = lab.sha256(copy)
+        server.stop()
+        assert systemd.systemctl("start", service).returncode != 0
+        assert systemd.show(service, "Result") == "exit-code"
+        assert systemd.show(service, "ExecMainStatus") == "1"
+        assert lab.sha256(copy) == pulled
+        # No NAME.args: the unit does not run at all.
+        other = "nbd-pull@nothing-%s.service" % dom.name()
+        assert systemd.systemctl("start", other).returncode == 0
+        assert systemd.show(other, "ConditionResult") == "no"
+    finally:
+        systemd.close()
+        os.unlink(args)
 
 
 class Env:
