@@ -14,6 +14,8 @@ By what they do:
 - nbd: nbd-server with our hooks, nbdcopy, a client holding a connection
 - netns: a network namespace whose loopback runs at a real speed
   (ShapedLink; import it from lab.netns)
+- rpcgate: a proxy before libvirtd that holds one call of a hook until
+  the test lets it go (CallGate; import it from lab.rpcgate)
 - guest: the small Linux guest with an agent, at run time; guest_build
   builds it from guest_debs (Debian's packages), guest_init holds its
   scripts

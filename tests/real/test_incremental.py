@@ -8,13 +8,13 @@ a full digest, exactly where it cannot be trusted.
 
 import json
 import os
-import signal
 import subprocess
 
 import libvirt
 import pytest
 
 import lab
+from lab import rpcgate
 from test_freeze import MiB, SIZE, assert_clean, export_domain
 
 from nbdsnap.hooks import history
@@ -281,29 +281,40 @@ def session_phase(env):
 
 
 def test_writes_during_the_commit_are_in_the_next_manifest(virt, env):
-    """The dangerous interleaving on purpose: the postrun is stopped while
-    its active commit job runs, and the guest writes then (QEMU mirrors
-    them into the base); the next manifest must hold them."""
+    """The dangerous interleaving on purpose: the postrun is held between
+    its commit job's READY and its pivot (lab.rpcgate keeps its pivot call
+    from libvirtd), the job runs, and the guest writes then (QEMU mirrors
+    them into the base); the base and the next manifest must hold them.
+
+    Waiting for the job and sending SIGSTOP lost the race now and then:
+    8 MiB commit in a blink, and the postrun had pivoted first."""
     dom, base, path = tracked_domain(virt, env)
     freeze(env, base)
     wait_complete(path)
     lab.guest_write(dom, "vda", 0x5c, 0, 8 * MiB)       # into the overlay
-    postrun = subprocess.Popen(
-        [os.path.join(lab.VENV_BIN, "nbd-postrun"), base],
-        env=dict(os.environ, **env.vars), stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        lab.wait_until(lambda: dom.blockJobInfo("vda", 0), 60,
-                       interval=0.005, what="the commit job")
-        os.kill(postrun.pid, signal.SIGSTOP)
-        lab.guest_write(dom, "vda", 0x6d, 17 * MiB + 512, 4096)
-        lab.guest_write(dom, "vda", 0x6e, 25 * MiB, 3 * 4096)
-        assert dom.blockJobInfo("vda", 0), "the commit ended early"
-    finally:
-        os.kill(postrun.pid, signal.SIGCONT)
-    assert postrun.wait(120) == 0, postrun.stderr.read()
+    with rpcgate.CallGate(env.folder, rpcgate.is_pivot) as gate:
+        hook_env = dict(os.environ, **env.vars)
+        hook_env["LIBVIRT_DEFAULT_URI"] = gate.uri
+        postrun = subprocess.Popen(
+            [os.path.join(lab.VENV_BIN, "nbd-postrun"), base], env=hook_env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        try:
+            lab.wait_until(gate.held.is_set, 60, what="the postrun's pivot")
+            assert session_phase(env) == "committing"
+            assert dom.blockJobInfo("vda", 0), "no commit job at the pivot"
+            lab.guest_write(dom, "vda", 0x6d, 17 * MiB + 512, 4096)
+            lab.guest_write(dom, "vda", 0x6e, 25 * MiB, 3 * 4096)
+            # Still held: the job ran through the writes, not pivoted.
+            assert dom.blockJobInfo("vda", 0), "the commit ended early"
+            assert postrun.poll() is None
+        finally:
+            gate.release()
+            returncode = postrun.wait(120)
+    assert returncode == 0, postrun.stderr.read()
     env.wait_clean()
     assert lab.read_range(base, 17 * MiB + 512, 4096) == b"\x6d" * 4096
+    assert lab.read_range(base, 25 * MiB, 3 * 4096) == b"\x6e" * 3 * 4096
     second = cycle(env, base, path)
     assert second.kind == "incremental"
     # 8 MiB from the freeze, 1 + 1 blocks written during the commit.
