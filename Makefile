@@ -72,9 +72,12 @@ MANDIR ?= $(PREFIX)/share/man
 
 # The Debian packages, as Debian builds its own Python packages (debhelper,
 # dh-python): nbdsnap for VM hosts, nbdsnap-client for clone hosts, both
-# written by dpkg-buildpackage into this folder's parent.  Debian's python3
-# builds them, not one a version manager put first on PATH.
-deb: host
+# written by dpkg-buildpackage into this folder's parent.  It installs the
+# build dependencies (debian/control) when some are missing, nothing else.
+# Debian's python3 builds them, not one a version manager put first on PATH.
+deb:
+	dpkg-checkbuilddeps 2>/dev/null || \
+	    DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq .
 	PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
 
 install: man
