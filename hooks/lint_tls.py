@@ -24,6 +24,10 @@ A key readable by others lets them be the VM host (keyfile), or sign a
 client certificate nbd-server accepts (the CA's key, ca-key.pem next to
 cacertfile, as ``nbdsnap certs`` lays them out).
 
+A certificate past its end (certfile, or cacertfile's CA) fails every
+handshake as a missing file does, and on a date nobody watches: lint says
+so from RENEW_DAYS before it.
+
 Pure but for the files, looked at through the functions passed in
 (os.stat and open by default).
 """
@@ -32,12 +36,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import stat
+import subprocess
+import time
 
 FILES = ("certfile", "keyfile", "cacertfile")
 CA_KEY = "ca-key.pem"
 TLSONLY = "tlsonly"
 LOOPBACK_NAMES = ("localhost", "ip6-localhost", "ip6-loopback")
+RENEW_DAYS = 30
+DAY = 86400
 
 
 def forced(section, generic):
@@ -93,9 +102,13 @@ def check_section(section, generic):
     return out
 
 
-def check_generic(generic, stat_of=os.stat, readable=None):
-    """Findings on [generic]'s TLS settings and their files."""
+def check_generic(generic, stat_of=os.stat, readable=None, not_after=None,
+                  now=None):
+    """Findings on [generic]'s TLS settings and their files.  not_after:
+    a certificate file's end (seconds since the epoch), or None."""
     readable = readable or _readable
+    not_after = not_after or _not_after
+    now = time.time() if now is None else now
     out = []
     if TLSONLY in generic.raw:
         out.append("tlsonly is ignored by nbd-server 3.24: plain-text "
@@ -109,7 +122,10 @@ def check_generic(generic, stat_of=os.stat, readable=None):
     for key in FILES:
         path = generic.get(key)
         if path:
-            out += _file(key, path, stat_of, readable)
+            found = _file(key, path, stat_of, readable)
+            if not found and key != "keyfile":
+                found = expiry(key, path, not_after(path), now)
+            out += found
     if generic.get("cacertfile"):
         ca_key = os.path.join(os.path.dirname(generic.get("cacertfile")),
                               CA_KEY)
@@ -141,6 +157,43 @@ def _file(key, path, stat_of, readable):
     if key == "keyfile":
         return _secret("keyfile %s" % path, st, "pose as this VM host")
     return []
+
+
+def expiry(key, path, end, now):
+    """A finding when the certificate at path ends within RENEW_DAYS."""
+    if end is None:
+        return []
+    date = time.strftime("%Y-%m-%d", time.gmtime(end))
+    how = ("make a new CA (nbdsnap certs in a new folder) and give every "
+           "clone host its folder" if key == "cacertfile" else
+           "renew it (nbdsnap certs: move the certificate and its key "
+           "aside, then run it again with the same names)")
+    if end <= now:
+        return ["%s %s expired on %s: every TLS handshake fails; %s"
+                % (key, path, date, how)]
+    if end - now < RENEW_DAYS * DAY:
+        return ["%s %s expires on %s, in %d days: then every TLS "
+                "handshake fails; %s" % (key, path, date,
+                                         (end - now) // DAY, how)]
+    return []
+
+
+def _not_after(path):
+    """The certificate's end, by openssl; None when it cannot tell (then
+    the handshake's own error says more than lint could)."""
+    try:
+        out = subprocess.run(["openssl", "x509", "-noout", "-enddate",
+                              "-in", path], capture_output=True, text=True,
+                             timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = out.stdout.strip()
+    if out.returncode or not text.startswith("notAfter="):
+        return None
+    try:
+        return ssl.cert_time_to_seconds(text[len("notAfter="):])
+    except ValueError:
+        return None
 
 
 def _secret(what, st, harm):

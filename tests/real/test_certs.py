@@ -113,3 +113,41 @@ def test_only_the_ca_can_sign(env):
     for leaf, usage in ((server, "Server"), (client, "Client")):
         assert "CA:FALSE" in leaf and "TLS Web %s Authentication" % usage \
             in leaf, leaf
+
+
+def test_lint_warns_before_the_server_certificate_ends_and_renewal_works(
+        virt, env):
+    """nbdsnap certs --days 5: lint says when every handshake will fail;
+    the renewal nbdsnap(8) describes (move the pair aside, run certs again
+    with the same names) gives a certificate clients still accept, and
+    lint says nothing more."""
+    folder = env.path("tls")
+    cmd = [os.path.join(lab.VENV_BIN, "nbdsnap"), "certs", "--dir", folder,
+           "--server-name", "localhost", "--server-name", "127.0.0.1"]
+    subprocess.run(cmd + ["--days", "5", "--client", "clone"], check=True,
+                   capture_output=True, timeout=120)
+    pki = Pki(folder, clients=("clone",), names=())   # made: nothing new
+    conf = env.path("nbd.conf")
+    with open(conf, "w") as f:
+        f.write("[generic]\n    listenaddr = 127.0.0.1\n" + "".join(
+            "    %s = %s\n" % kv for kv in pki.generic().items())
+            + "[e]\n    exportname = /dev/null\n    force_tls = true\n")
+
+    def certfile_findings():
+        out = subprocess.run([os.path.join(lab.VENV_BIN, "nbdsnap"), "lint",
+                              conf], capture_output=True, text=True,
+                             env=dict(os.environ, **env.vars), timeout=120)
+        return [line for line in out.stdout.splitlines()
+                if "certfile" in line]
+
+    (line,) = certfile_findings()
+    assert "server-cert.pem expires on " in line
+    assert ", in 4 days: then every TLS handshake fails; renew it" in line
+    for name in ("server-cert.pem", "server-key.pem"):
+        os.rename(os.path.join(folder, name),
+                  os.path.join(folder, name + ".old"))
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    assert certfile_findings() == []
+    server = tls_server(virt, env, pki)
+    proc = nbdinfo_size(uri(server, "e", pki.client("clone")))
+    assert proc.returncode == 0, proc.stderr

@@ -8,6 +8,8 @@ files with only the owner faked.
 
 import os
 import stat
+import subprocess
+import time
 import types
 
 import pytest
@@ -191,3 +193,52 @@ def test_export_tls_sections_lint_clean(tmp_path, golden):
                in f for _, f in found)
     assert all("the manifest crosses the network in plain text" in f
                for s, f in found if s.endswith(".manifest"))
+
+
+NOW = 1_800_000_000
+
+
+@pytest.mark.parametrize("days, said", [
+    (-1, "certfile /c.pem expired on 2027-01-14: every TLS handshake "
+         "fails; renew it"),
+    (0, "certfile /c.pem expired on 2027-01-15: every TLS handshake "
+        "fails; renew it"),
+    (10, "certfile /c.pem expires on 2027-01-25, in 10 days: then every "
+         "TLS handshake fails; renew it"),
+    (29.5, "certfile /c.pem expires on 2027-02-13, in 29 days"),
+    (30, None), (800, None)])
+def test_a_certificate_near_its_end(days, said):
+    found = lint_tls.expiry("certfile", "/c.pem", NOW + days * 86400, NOW)
+    if said is None:
+        assert found == []
+    else:
+        (line,) = found
+        assert line.startswith(said)
+    assert lint_tls.expiry("certfile", "/c.pem", None, NOW) == []
+
+
+def test_an_expiring_ca_asks_for_a_new_one():
+    (line,) = lint_tls.expiry("cacertfile", "/ca.pem", NOW + 86400, NOW)
+    assert line.endswith("make a new CA (nbdsnap certs in a new folder) "
+                         "and give every clone host its folder")
+
+
+def test_real_certificates_are_read_by_openssl(tmp_path):
+    """A certificate made for 5 days: lint says when; the key is no
+    certificate and has no end; a file that is none has none either."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "5",
+                    "-subj", "/CN=vmhost", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True)
+    os.chmod(key, 0o600)
+    end = lint_tls._not_after(str(cert))
+    assert 4.9 * 86400 < end - time.time() <= 5 * 86400
+    assert lint_tls._not_after(str(key)) is None
+    generic = section("generic", certfile=cert, keyfile=key,
+                      cacertfile=cert)
+    found = lint_tls.check_generic(generic, stat_of=lambda p: fstat())
+    assert [f.split(" expires on ")[0] for f in found] == [
+        "certfile %s" % cert, "cacertfile %s" % cert]
+    assert all(", in 4 days: then every TLS handshake fails" in f
+               for f in found)
