@@ -56,6 +56,9 @@ def waiting_on(path):
 
 # -- a prerun killed with both intents saved --------------------------------
 
+SO_SNDBUFFORCE = 32     # Linux's <asm-generic/socket.h>; not in Python's
+
+
 @contextlib.contextmanager
 def syslog_full(env):
     """The configuration's syslog socket, its queue full: a hook blocks at
@@ -71,6 +74,11 @@ def syslog_full(env):
         stack.callback(os.unlink, path)
         filler = stack.enter_context(socket.socket(socket.AF_UNIX,
                                                    socket.SOCK_DGRAM))
+        # A send buffer larger than any queue (root may force it): the
+        # filler stops when the receiving queue is full, whatever
+        # net.unix.max_dgram_qlen is (10 by the kernel, 512 where systemd
+        # is PID 1), and not before, when its own buffer would be.
+        filler.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 64 << 20)
         filler.connect(path)
         filler.setblocking(False)
         with contextlib.suppress(BlockingIOError):
