@@ -7,8 +7,10 @@ Debian's own /lib/systemd/systemd is started as init of a new PID
 namespace, in a mount namespace of its own, loading only the units in
 its folder (SYSTEMD_UNIT_PATH): the test's copies of the installed unit
 files and empty stand-ins for the targets they name.  Nothing else of the
-host's boot is started; the services it runs see the host's files,
-network and libvirtd.
+host's boot is started, and what systemd sets for the whole host (a few
+sysctls) is put back.  Its /run is a tmpfs of its own with the host's
+/run/libvirt in it, so that it never meets a host systemd's sockets; the
+services it runs see the host's files, network and libvirtd.
 
     systemd = Systemd(folder)
     systemd.add("/lib/systemd/system/nbd-pull@.service")
@@ -16,9 +18,12 @@ network and libvirtd.
     systemd.close()           # everything in the namespace ends
 
 systemctl reaches it through nsenter.  close() kills the namespace's init,
-which ends every process in it, and removes the cgroups it made.
+which ends every process in it, and removes the cgroups it made (its
+init.scope and system.slice); so does the death of the test's process
+(unshare dies with it, and kills the init it forked).
 """
 
+import ctypes
 import os
 import shutil
 import signal
@@ -34,6 +39,29 @@ TARGETS = ("sysinit", "basic", "shutdown", "timers", "sockets", "paths",
            "slices", "network", "network-online", "time-set", "time-sync",
            "multi-user", "default")
 STAND_IN_SERVICES = ("libvirtd", "virtqemud")
+OURS = ("init.scope", "system.slice")       # the cgroups it makes
+# What systemd 252 as PID 1 raises for the whole host (main.c's bumps),
+# put back by close(): a larger net.unix.max_dgram_qlen changes when a
+# full syslog socket blocks its writers, which other tests rely on.
+SYSCTLS = ("/proc/sys/net/unix/max_dgram_qlen", "/proc/sys/fs/file-max",
+           "/proc/sys/fs/nr_open")
+# The namespace's PID 1 until it execs systemd: its own /run, the host's
+# libvirt socket folder moved into it.  $1 the unit folder, $2 a stash.
+INIT = """set -e
+if [ -d /run/libvirt ]; then mount --bind /run/libvirt "$2"; fi
+mount -t tmpfs -o mode=0755 tmpfs /run
+if mountpoint -q "$2"; then
+    mkdir /run/libvirt
+    mount --move "$2" /run/libvirt
+fi
+exec env container=nbdsnap-lab SYSTEMD_UNIT_PATH="$1" %s --system
+""" % SYSTEMD
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG,
+                                            signal.SIGKILL)
 
 
 class Systemd:
@@ -48,14 +76,18 @@ class Systemd:
                         "[Service]\nType=oneshot\nExecStart=/bin/true\n"
                         % service)
         self._cgroups = set(_cgroup_dirs())
+        self._sysctls = {path: open(path).read() for path in SYSCTLS}
         self.log = os.path.join(folder, "systemd.log")
+        stash = os.path.join(folder, "run-libvirt")
+        os.makedirs(stash, exist_ok=True)
         with open(self.log, "ab") as log:
             self._unshare = subprocess.Popen(
-                ["unshare", "--pid", "--fork", "--mount", "--mount-proc",
-                 "--propagation", "private", "env", "container=nbdsnap-lab",
-                 "SYSTEMD_UNIT_PATH=" + self.units, SYSTEMD, "--system"],
+                ["unshare", "--pid", "--fork", "--kill-child", "--mount",
+                 "--mount-proc", "--propagation", "private", "--uts",
+                 "--ipc", "sh", "-c",
+                 INIT, "init", self.units, stash],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=_die_with_parent)
         self.pid = None
         try:
             self.pid = wait_until(self._init, 10, interval=0.05,
@@ -123,10 +155,15 @@ class Systemd:
         except subprocess.TimeoutExpired:
             self._unshare.kill()
             self._unshare.wait(30)
+        for path, value in self._sysctls.items():
+            if open(path).read() != value:
+                with open(path, "w") as f:
+                    f.write(value)
         # The cgroups systemd made, deepest first (empty now: their
-        # processes died with the namespace).
-        for path in sorted(set(_cgroup_dirs()) - self._cgroups,
-                           key=len, reverse=True):
+        # processes died with the namespace); none of libvirt's.
+        made = [path for path in set(_cgroup_dirs()) - self._cgroups
+                if set(path.split(os.sep)) & set(OURS)]
+        for path in sorted(made, key=len, reverse=True):
             try:
                 os.rmdir(path)
             except OSError:
