@@ -77,7 +77,8 @@ MANDIR ?= $(PREFIX)/share/man
 # Debian's python3 builds them, not one a version manager put first on PATH.
 deb:
 	dpkg-checkbuilddeps 2>/dev/null || \
-	    DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq .
+	    DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq \
+	    -o DPkg::Lock::Timeout=600 .
 	PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
 
 install: man
@@ -98,6 +99,7 @@ install: man
 	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@ARGSDIR@|$(SYSCONFDIR)/nbdsnap/pull|g' \
 	    contrib/nbd-pull@.service.in > $(UNITDIR)/nbd-pull@.service
 	install -m 0644 contrib/nbd-pull@.timer $(UNITDIR)/nbd-pull@.timer
+	install -d $(SYSCONFDIR)/nbdsnap/pull
 	for m in $(MANPAGES); do s=$${m##*.}; \
 	    install -D -m 0644 $$m $(MANDIR)/man$$s/$$(basename $$m); done
 	@echo "installed; enable recovery at boot: systemctl enable nbdsnap-recover"

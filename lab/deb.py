@@ -1,10 +1,15 @@
 """The Debian packages, built from this tree as an operator builds them
 (`make deb` in a copy), installed and purged with dpkg.
 
-Used by the package's test and the Ansible roles' test: both install the
-packages on this machine, and purge() leaves it as it was.
+Used by the package's tests and the Ansible roles' test: they install the
+packages on this machine inside `with deb.machine():`, which takes them
+one at a time, refuses a machine where nbdsnap is installed or has left
+files (purging those would destroy somebody's freeze or CA), and purges
+the packages afterwards.
 """
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -12,6 +17,50 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("nbdsnap", "nbdsnap-client")
+# What the packages own or make, which purge removes.
+MADE = ("/etc/nbdsnap.conf", "/var/lib/nbdsnap", "/etc/nbdsnap",
+        "/var/lib/nbd-pull")
+LOCK = "/run/lock/nbdsnap-package-tests.lock"
+# Present while a test has the packages installed: what an interrupted
+# test left is then a test's, and purged.
+MARK = "/var/lib/nbdsnap-package-test"
+
+
+@contextlib.contextmanager
+def machine(timeout=900):
+    """This machine's dpkg for one test: no other package test at the same
+    time, nbdsnap neither installed nor left by anyone but a test, and
+    both packages purged at the end."""
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("another package test holds %s"
+                                       % LOCK) from None
+                time.sleep(1)
+        if os.path.exists(MARK):
+            purge()             # left by an interrupted test
+        if any(installed(p) for p in PACKAGES):
+            raise RuntimeError("nbdsnap's packages are installed on this "
+                               "machine, not by a test; the package tests "
+                               "install and purge them: remove them first")
+        there = [p for p in MADE if os.path.lexists(p)]
+        if there:
+            raise RuntimeError("not the packages' and purge would remove "
+                               "it: %s" % ", ".join(there))
+        open(MARK, "w").close()
+        try:
+            yield
+        finally:
+            purge()
+            os.unlink(MARK)
+    finally:
+        os.close(fd)
 
 
 def build(folder, version=None):

@@ -40,9 +40,10 @@ exit status:
   2  usage, configuration or local error (or a bug: NBD_PULL_DEBUG=1
      shows its traceback)
 
-@FILE stands for the arguments in FILE, one a line, blank lines and lines
-starting with # skipped: nbd-pull@NAME.service runs
-nbd-pull @/etc/nbdsnap/pull/NAME.args (see nbd-pull(1)).
+@FILE stands for the arguments in FILE, one a line (an option may have
+its value on its line), blank lines and lines starting with # skipped:
+nbd-pull@NAME.service runs nbd-pull @/etc/nbdsnap/pull/NAME.args (see
+nbd-pull(1)).
 """
 
 log = logging.getLogger(PROG)
@@ -57,9 +58,17 @@ class _QuietSyslog(logging.handlers.SysLogHandler):
 
 class _Parser(argtypes.parser_class(PROG)):
     def convert_arg_line_to_args(self, line):
-        # @FILE: one argument a line, so a path may hold spaces.
-        line = line.strip()
-        return [] if not line or line.startswith("#") else [line]
+        return args_of_line(line)
+
+
+def args_of_line(line: str) -> list:
+    """@FILE's line: one argument, so that a path may hold spaces, or an
+    option and its value (``--define web1-standby``); # starts a comment
+    line."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return []
+    return line.split(None, 1) if line.startswith("-") else [line]
 
 
 def _rate(text: str) -> float:
@@ -370,6 +379,16 @@ class _Progress:
         print(file=sys.stderr, flush=True)
 
 
+def _journal(stream) -> bool:
+    """Is stream systemd's journal (a unit's stderr)?  Then it has every
+    line already, with the unit's name: syslog would record each twice."""
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
+
+
 def _logging(socket_path: str) -> None:
     """Lines on stderr; to syslog too when no terminal sees them (cron).
     The verify package's warnings (tls-verify-peer=false, no certificate
@@ -377,7 +396,7 @@ def _logging(socket_path: str) -> None:
     verify_log = logging.getLogger("nbdsnap.verify")
     handlers = [logging.StreamHandler(sys.stderr)]
     handlers[0].setFormatter(logging.Formatter(PROG + ": %(message)s"))
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() and not _journal(sys.stderr):
         try:
             handler = _QuietSyslog(
                 address=socket_path,

@@ -16,13 +16,24 @@ from lab.systemd import Systemd
 from test_export_lint import included_server
 from test_freeze import MiB, export_domain
 
-# What nbdsnap makes on a host that no package lists, and purge removes.
-MADE = ("/var/lib/nbdsnap", "/etc/nbdsnap", "/var/lib/nbd-pull")
 RECOVER_LINK = "/etc/systemd/system/multi-user.target.wants/" \
     "nbdsnap-recover.service"
 UNITS = ("/lib/systemd/system/nbdsnap-recover.service",
          "/lib/systemd/system/nbd-pull@.service",
          "/lib/systemd/system/nbd-pull@.timer")
+HOOK = "/etc/libvirt/hooks/qemu.d/nbdsnap"
+# The clone host's side as it runs without libvirt, lxml or the hooks.
+BLOCKED = ("import sys\n"
+           "for name in ('libvirt', 'lxml', 'nbdsnap.hooks'):\n"
+           "    sys.modules[name] = None\n"
+           "sys.argv[0] = sys.argv[1]\n"
+           "from nbdsnap.pull.cli import main as pull\n"
+           "from nbdsnap.verify.cli import main as verify\n"
+           "sys.exit({'nbd-pull': pull, 'nbd-verify': verify}[sys.argv[1]]"
+           "(sys.argv[2:]))\n")
+# The packages' tests build, install, upgrade and purge: more than the
+# suite's 300 s a test.
+pytestmark = pytest.mark.timeout(1200)
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +48,25 @@ def built():
 
 @pytest.fixture
 def packages():
-    """A machine without nbdsnap's packages before and after the test."""
-    if deb.installed("nbdsnap") or deb.installed("nbdsnap-client"):
-        deb.purge()         # left by an interrupted run of this test
-    there = [p for p in MADE + ("/etc/nbdsnap.conf",) if os.path.exists(p)]
-    assert not there, "not a package's, and purge would remove it: %s" % there
+    """A machine without nbdsnap's packages before and after the test
+    (lab/deb.py's machine())."""
     folder = lab.workdir("nbdsnap-deb-")
     try:
-        yield folder
+        with deb.machine():
+            try:
+                yield folder
+            finally:
+                with contextlib.suppress(Exception):
+                    subprocess.run(["/usr/bin/nbdsnap", "recover", "--all"],
+                                   capture_output=True, timeout=300)
     finally:
-        with contextlib.suppress(Exception):
-            subprocess.run(["/usr/bin/nbdsnap", "recover", "--all"],
-                           capture_output=True, timeout=300)
-        deb.purge()
         lab.cleanup_folder(folder)
+
+
+def client(*argv, check=0):
+    """nbd-pull or nbd-verify as installed, with libvirt, lxml and the
+    hooks impossible to import."""
+    return run("/usr/bin/python3", "-I", "-c", BLOCKED, *argv, check=check)
 
 
 def run(*argv, check=0, env=None):
@@ -88,6 +104,8 @@ def test_packages_install_work_upgrade_and_purge(virt, packages, built):
         assert "/usr/bin/" + command in files
         out = run("/usr/bin/" + command, "--help").stdout
         assert "usage: %s" % command in out
+    for command in ("nbd-pull", "nbd-verify"):
+        assert "usage: %s" % command in client(command, "--help").stdout
     conffiles = run("dpkg-query", "-W", "-f", "${Conffiles}",
                     "nbdsnap").stdout
     assert "/etc/nbdsnap.conf " in conffiles
@@ -109,15 +127,28 @@ def test_packages_install_work_upgrade_and_purge(virt, packages, built):
     held = lab.HeldConnection(server.port, name)
     try:
         lab.guest_write(dom, "vda", 0x5a, 0, 4096)
-        # Removing nbdsnap now would strand the overlay: refused, kept.
-        removal = deb.dpkg("-r", "nbdsnap", check=False)
-        assert removal.returncode != 0
-        assert "nbdsnap recover" in removal.stderr
-        assert deb.installed("nbdsnap")
+        # Removing nbdsnap now would strand the overlay: refused, kept;
+        # also when nbdsnap status cannot answer (a broken configuration):
+        # then the session files say it.
+        conf = open("/etc/nbdsnap.conf").read()
+        for broken in (False, True):
+            if broken:
+                with open("/etc/nbdsnap.conf", "a") as f:
+                    f.write("quiesce = sometimes\n")
+                assert run("/usr/bin/nbdsnap", "status",
+                           check=None).returncode == 2
+            removal = deb.dpkg("-r", "nbdsnap", check=False)
+            assert removal.returncode != 0
+            assert "1 disk session(s) are not ended" in removal.stderr
+            assert deb.installed("nbdsnap")
+        with open("/etc/nbdsnap.conf", "w") as f:
+            f.write(conf)
         copy = env.path("copy.raw")
-        pull = run("/usr/bin/nbd-pull", server.uri(name), copy, check=None)
+        pull = client("nbd-pull", server.uri(name), copy, check=None)
         assert pull.returncode == 0, pull.stderr
         assert lab.sha256(copy) == frozen
+        assert client("nbd-verify", "compare", server.uri(name),
+                      copy).returncode == 0
     finally:
         held.close()
     wait_clean()
@@ -137,6 +168,19 @@ def test_packages_install_work_upgrade_and_purge(virt, packages, built):
     assert dom.name() in history
     assert os.path.islink(RECOVER_LINK)
     files = set(listed("nbdsnap") + listed("nbdsnap-client"))
+    run("systemctl", "enable", "nbd-pull@%s.timer" % dom.name())
+    timer_link = "/etc/systemd/system/timers.target.wants/nbd-pull@%s.timer" \
+        % dom.name()
+    assert os.path.islink(timer_link)
+
+    # Removed, not purged: the libvirt hook (a conffile) stays, and lets
+    # every domain start.
+    assert lab.libvirt_hooks_missing() is None
+    deb.dpkg("-r", "nbdsnap", "nbdsnap-client")
+    assert os.path.exists(HOOK) and not os.path.exists("/usr/bin/nbdsnap")
+    later = virt.define(env.name("later"), [lab.disk_xml(lab.make_image(
+        env.path("later.raw"), 4), "vda")])
+    assert later.isActive()
 
     # Purge: nothing of either package is left, nor what they made.
     deb.dpkg("--purge", "nbdsnap", "nbdsnap-client")
@@ -146,9 +190,8 @@ def test_packages_install_work_upgrade_and_purge(virt, packages, built):
     left = [f for f in files if os.path.lexists(f) and f not in shared
             and not os.path.isdir(f)]
     assert left == []
-    for path in MADE + ("/etc/nbdsnap.conf", RECOVER_LINK,
-                        "/usr/lib/python3/dist-packages/nbdsnap",
-                        "/etc/libvirt/hooks/qemu.d/nbdsnap"):
+    for path in deb.MADE + (RECOVER_LINK, timer_link, HOOK,
+                            "/usr/lib/python3/dist-packages/nbdsnap"):
         assert not os.path.lexists(path), path
     assert not run("dpkg-query", "-W", "nbdsnap", check=None).stdout
 
@@ -186,7 +229,7 @@ def test_the_clone_hosts_timer_pulls_under_systemd(virt, packages, built):
     metrics = env.path("pull.prom")
     args = "/etc/nbdsnap/pull/%s.args" % dom.name()
     with open(args, "w") as f:
-        f.write("# what nbd-pull@%s pulls\n--metrics\n%s\n\n%s\n%s\n"
+        f.write("# what nbd-pull@%s pulls\n--metrics %s\n\n%s\n%s\n"
                 % (dom.name(), metrics, server.uri(name), copy))
     service = "nbd-pull@%s.service" % dom.name()
     timer = "nbd-pull@%s.timer" % dom.name()
@@ -228,10 +271,13 @@ def test_the_clone_hosts_timer_pulls_under_systemd(virt, packages, built):
         assert systemd.show(service, "Result") == "exit-code"
         assert systemd.show(service, "ExecMainStatus") == "1"
         assert lab.sha256(copy) == pulled
-        # No NAME.args: the unit does not run at all.
+        # A NAME without its .args (a typo): a failed unit, not a silent
+        # skip every hour.
         other = "nbd-pull@nothing-%s.service" % dom.name()
-        assert systemd.systemctl("start", other).returncode == 0
-        assert systemd.show(other, "ConditionResult") == "no"
+        assert systemd.systemctl("start", other).returncode != 0
+        assert systemd.show(other, "ExecMainStatus") == "2"
+        assert systemd.systemctl("is-failed", other).stdout.strip() == \
+            "failed"
     finally:
         systemd.close()
         os.unlink(args)

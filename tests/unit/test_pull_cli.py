@@ -1,5 +1,7 @@
 """nbd-pull's command line: rates, statuses, progress, usage errors."""
 
+import os
+
 import pytest
 
 from nbdsnap.pull import cli, disk, fetch, source, state
@@ -123,3 +125,27 @@ def test_a_missing_args_file_is_a_one_line_usage_error(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gone.args" in err
+
+
+@pytest.mark.parametrize("line, args", [
+    ("--define web1-standby", ["--define", "web1-standby"]),
+    ("  --metrics   /srv/m m.prom  ", ["--metrics", "/srv/m m.prom"]),
+    ("--rescan", ["--rescan"]), ("--bwlimit=50M", ["--bwlimit=50M"]),
+    ("/srv/my clones/a.img", ["/srv/my clones/a.img"]),
+    ("# --define x", []), ("   ", [])])
+def test_an_args_files_line(line, args):
+    assert cli.args_of_line(line) == args
+
+
+def test_a_units_stderr_is_the_journal_and_gets_no_syslog_copy(
+        tmp_path, monkeypatch):
+    with open(tmp_path / "stream", "w") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", "%d:%d" % (st.st_dev,
+                                                        st.st_ino))
+        assert cli._journal(stream)
+        monkeypatch.setenv("JOURNAL_STREAM", "%d:%d" % (st.st_dev,
+                                                        st.st_ino + 1))
+        assert not cli._journal(stream)
+        monkeypatch.delenv("JOURNAL_STREAM")
+        assert not cli._journal(stream)
