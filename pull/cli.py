@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import logging.handlers
 import os
 import re
 import signal
@@ -19,7 +18,8 @@ from nbdsnap.verify import argtypes, nbd, sources
 from nbdsnap.verify.errors import Error as VerifyError
 from nbdsnap.verify.errors import ManifestError, UnknownExport
 
-from . import apply, disk, fetch, run, source, standby, standby_xml, state
+from . import (apply, disk, fetch, report, run, source, standby, standby_xml,
+               state)
 
 PROG = "nbd-pull"
 DONE, NOT_DONE, ERROR = 0, 1, 2
@@ -47,13 +47,6 @@ nbd-pull(1)).
 """
 
 log = logging.getLogger(PROG)
-
-
-class _QuietSyslog(logging.handlers.SysLogHandler):
-    # No syslog daemon (or one that went away) must not print a
-    # "--- Logging error ---" traceback: stderr has the line already.
-    def handleError(self, record):
-        pass
 
 
 class _Parser(argtypes.parser_class(PROG)):
@@ -146,7 +139,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.pairs) % 2:
         build_parser().error("SOURCE and COPY come in pairs")
-    _logging(args.syslog_socket)
+    report.setup_logging(log, args.syslog_socket)
     opts = run.Options(connections=args.connections, wait=args.wait,
                        bwlimit=args.bwlimit, state_dir=args.state_dir,
                        rescan=args.rescan, threads=args.threads)
@@ -180,12 +173,12 @@ def main(argv=None) -> int:
     if args.metrics:
         _write_metrics(args.metrics, outcomes, opts.state_dir)
     if args.json:
-        report = {"status": status,
-                  "pulls": [o for o in outcomes if "copy" in o]}
+        outcome = {"status": status,
+                   "pulls": [o for o in outcomes if "copy" in o]}
         if standby:
-            report["standby"] = next(
+            outcome["standby"] = next(
                 (o for o in outcomes if "standby" in o), None)
-        print(json.dumps(report, indent=2))
+        print(json.dumps(outcome, indent=2))
     return status
 
 
@@ -231,14 +224,14 @@ def _pull_all(pairs, opts, show, outcomes, standby=None) -> int:
             if export is not _FAILED:
                 exports[pair] = export
         for pair in list(jobs):
-            bar = _Progress(pair[1]) if show else None
+            bar = report.Progress(pair[1]) if show else None
             result = step(pair, run.pull, jobs[pair], exports[pair],
                           say=lambda line: log.info("%s", line),
                           progress=bar)
             if bar:
                 bar.end()
             if result is not _FAILED:
-                log.info("%s", _summary(result))
+                log.info("%s", report.summary(result))
                 outcomes.append(dict(result._asdict(), status=DONE))
         if standby:
             outcomes.append(_define(*standby, jobs, outcomes))
@@ -338,80 +331,6 @@ def _copy_state(job, e) -> str:
     if job.phase == "unchanged" and job.kind == "missing":
         return "no copy was made"
     return _STATES[job.phase]
-
-
-def _summary(r: run.Result) -> str:
-    return (f"{r.copy}: equal to {r.source} ({r.kind}, digest "
-            f"{r.digest[:16]}), {_mib(r.bytes_read)} read, "
-            f"{r.blocks_changed} of {r.blocks_total} blocks changed "
-            f"({r.blocks_fetched} fetched, {r.blocks_zero} zero, "
-            f"{r.blocks_reused} reused), {r.seconds:.1f} s"
-            + (f"; read the copy again: {r.why_scan}" if r.why_scan else ""))
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
-
-
-class _Progress:
-    """One line, rewritten: bytes fetched of those to fetch, rate, ETA."""
-
-    def __init__(self, copy: str, clock=None):
-        import time
-        self.copy, self.clock = copy, clock or time.monotonic
-        self.start = self.clock()
-        self.total = None
-
-    def __call__(self, done: int, total: int = None) -> None:
-        if total is not None:
-            self.total = total
-        seconds = max(self.clock() - self.start, 1e-6)
-        rate = done / seconds
-        text = f"{self.copy}: {_mib(done)}"
-        if self.total:
-            left = (self.total - done) / rate if rate else 0
-            text += (f" of {_mib(self.total)} "
-                     f"({100 * done / self.total:.0f}%), ETA {left:.0f} s")
-        print(f"\r{text}, {rate / (1 << 20):.1f} MiB/s\033[K", end="",
-              file=sys.stderr, flush=True)
-
-    def end(self) -> None:
-        print(file=sys.stderr, flush=True)
-
-
-def _journal(stream) -> bool:
-    """Is stream systemd's journal (a unit's stderr)?  Then it has every
-    line already, with the unit's name: syslog would record each twice."""
-    try:
-        st = os.fstat(stream.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
-
-
-def _logging(socket_path: str) -> None:
-    """Lines on stderr; to syslog too when no terminal sees them (cron).
-    The verify package's warnings (tls-verify-peer=false, no certificate
-    folder) go the same ways."""
-    verify_log = logging.getLogger("nbdsnap.verify")
-    handlers = [logging.StreamHandler(sys.stderr)]
-    handlers[0].setFormatter(logging.Formatter(PROG + ": %(message)s"))
-    if not sys.stderr.isatty() and not _journal(sys.stderr):
-        try:
-            handler = _QuietSyslog(
-                address=socket_path,
-                facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-            handler.ident = f"{PROG}[{os.getpid()}]: "
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            handlers.append(handler)
-        except OSError:
-            pass
-    for logger in (log, verify_log):
-        logger.handlers.clear()
-        logger.propagate = False
-        logger.setLevel(logging.INFO if logger is log else logging.WARNING)
-        for handler in handlers:
-            logger.addHandler(handler)
 
 
 if __name__ == "__main__":

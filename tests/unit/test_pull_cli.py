@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from nbdsnap.pull import cli, disk, fetch, source, state
+from nbdsnap.pull import cli, disk, fetch, report, source, state
 from nbdsnap.verify.errors import NbdError, UnknownExport
 
 
@@ -33,7 +33,7 @@ def test_statuses(error, status):
 
 def test_progress_is_a_true_percentage_with_the_time_left(capsys):
     now = [0.0]
-    bar = cli._Progress("copy.img", clock=lambda: now[0])
+    bar = report.Progress("copy.img", clock=lambda: now[0])
     now[0] = 2.0
     bar(50 << 20, 200 << 20)
     err = capsys.readouterr().err
@@ -143,9 +143,9 @@ def test_a_units_stderr_is_the_journal_and_gets_no_syslog_copy(
         st = os.fstat(stream.fileno())
         monkeypatch.setenv("JOURNAL_STREAM", "%d:%d" % (st.st_dev,
                                                         st.st_ino))
-        assert cli._journal(stream)
+        assert report.journal(stream)
         monkeypatch.setenv("JOURNAL_STREAM", "%d:%d" % (st.st_dev,
                                                         st.st_ino + 1))
-        assert not cli._journal(stream)
+        assert not report.journal(stream)
         monkeypatch.delenv("JOURNAL_STREAM")
-        assert not cli._journal(stream)
+        assert not report.journal(stream)

@@ -4,7 +4,7 @@ import json
 import os
 import stat
 
-from nbdsnap.pull import cli, metrics, state
+from nbdsnap.pull import cli, metrics, report, state
 
 NOW = 1_700_000_000.0
 SRC = "nbd://vmhost/dom1-vda"
@@ -70,7 +70,7 @@ def test_text_reads_record_json_beside_a_file_copy(tmp_path):
 def test_nbd_pull_writes_the_metrics_of_a_failed_run(tmp_path,
                                                      monkeypatch):
     # main() would take over the package's loggers for the other tests.
-    monkeypatch.setattr(cli, "_logging", lambda socket_path: None)
+    monkeypatch.setattr(report, "setup_logging", lambda log, socket_path: None)
     prom = tmp_path / "nbd-pull.prom"
     status = cli.main(["--metrics", str(prom), "--wait", "0",
                        "nbd://127.0.0.1:1/none", str(tmp_path / "a.raw")])
