@@ -257,7 +257,8 @@ def _nbdsnap_parser():
                     "address may")
     ex.add_argument("-o", "--output", metavar="FILE",
                     help="write FILE (e.g. /etc/nbd-server/conf.d/DOM.conf) "
-                    "instead of printing")
+                    "instead of printing, and print 'wrote FILE', or "
+                    "'unchanged FILE' when it held the same already")
     ex.add_argument("--force", action="store_true",
                     help="replace a FILE (or authfile) nbdsnap did not write")
     ex.add_argument("--tls", action="store_true",

@@ -25,6 +25,11 @@ of [generic]'s cacertfile never freezes the domain.  Without --tls export
 warns, as it does without --allow: the disk crosses the network in plain
 text, and whoever reaches the port may freeze the domain.
 
+With -o, a file (FILE or its authfile) that holds already what export
+would write is left untouched, and export prints one line a file, ``wrote
+FILE`` or ``unchanged FILE``: a rerun by a configuration tool changes
+nothing and says so.
+
 The authfile (--allow) is written with the sections, first, and only so:
 printed sections would name an authfile that nothing writes, and
 nbd-server lets every address in when an export's authfile is missing.
@@ -38,6 +43,7 @@ import logging
 import os
 import shlex
 import shutil
+import stat
 import sys
 import textwrap
 
@@ -222,20 +228,44 @@ def _ours(path):
         raise Error("cannot read %s: %s" % (path, e.strerror))
 
 
+def same(path, text):
+    """Whether path is already text, mode 0644: then export leaves it
+    untouched (same inode, same mtime), so that a configuration tool
+    (Ansible, the role in contrib/ansible) that reruns export learns that
+    nothing changed and nbd-server need not reread anything."""
+    data = text.encode("utf-8")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise Error("cannot read %s: %s" % (path, e.strerror))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (stat.S_IMODE(st.st_mode) != 0o644 or st.st_size != len(data)
+                or st.st_uid != os.geteuid()):
+            return False
+        return f.read(len(data) + 1) == data
+
+
 def write_file(path, text, force=False):
     """Write text to path atomically, mode 0644; refuse to replace a file
-    that nbdsnap export did not write, unless force."""
+    that nbdsnap export did not write, unless force.  Return False, and
+    write nothing, when path holds text already (same())."""
     if os.path.islink(path) or (os.path.lexists(path)
                                 and not os.path.isfile(path)):
         raise Unsupported("%s exists and is not a regular file" % path)
     if not force and not _ours(path):
         raise Unsupported("%s exists and was not written by nbdsnap export; "
                           "--force replaces it" % path)
+    if same(path, text):
+        return False
     try:
         # The temporary name ends in .tmp: nbd-server's includedir skips it.
         write_atomic(path, text, mode=0o644)
     except OSError as e:
         raise ConfigError("cannot write %s: %s" % (path, e.strerror))
+    return True
 
 
 def run(domain_name, targets=(), name=None, allow=(), output=None,
@@ -297,12 +327,20 @@ def run(domain_name, targets=(), name=None, allow=(), output=None,
     if not output.endswith(".conf"):
         log.warning("%s: nbd-server reads only *.conf files from its "
                     "includedir", output)
+    files = []
     if allow:
         # The authfile first: a section naming a missing authfile would
         # let every address in.
-        write_file(authfile, "%s for %s\n%s\n" % (MARK, ", ".join(names),
-                                                  "\n".join(allow)), force)
-    write_file(output, text, force)
-    log.info("wrote %s (%s)%s", output, ", ".join(names),
-             " and %s" % authfile if allow else "")
+        files.append((authfile, write_file(
+            authfile, "%s for %s\n%s\n" % (MARK, ", ".join(names),
+                                           "\n".join(allow)), force)))
+    files.append((output, write_file(output, text, force)))
+    # One line a file on stdout, "wrote FILE" or "unchanged FILE": what a
+    # script (the Ansible role) reads to learn whether nbd-server must
+    # reread its configuration.
+    for path, wrote in files:
+        out("%s %s" % ("wrote" if wrote else "unchanged", path))
+    log.info("%s (%s): %s", output, ", ".join(names), ", ".join(
+        "%s %s" % ("wrote" if wrote else "unchanged", path)
+        for path, wrote in files))
     return names
