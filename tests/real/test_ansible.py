@@ -1,0 +1,215 @@
+"""The Ansible roles (contrib/ansible/site.yml) on this machine, as an
+operator runs them: Debian's ansible-core, connection local, this host
+both the VM host and the clone host, the packages built from this tree.
+
+Check mode first (it changes nothing), then for real, then again: the
+second run changes nothing (the PLAY RECAP says changed=0), nor does a
+check after it.  Then what a user would look at: lint passes on the
+configuration written, the clone's arguments, its timer enabled, its TLS
+folder 0700 with its files 0600; and the pull the timer would run (the
+installed unit's ExecStart) copies the disk through nbd-server on that
+configuration, over TLS.  The packages are purged at the end, whatever
+happened: other tests install them too.
+"""
+
+import contextlib
+import fcntl
+import os
+import shlex
+import stat
+import subprocess
+
+import pytest
+
+import lab
+from lab import deb, playbook
+
+MiB = 1 << 20
+SIZE = 16               # MiB
+ARGS_DIR = "/etc/nbdsnap/pull"
+WANTS = "/etc/systemd/system/timers.target.wants"
+# Held while the packages are installed: the package test holds it too.
+PACKAGES_LOCK = "/run/lock/nbdsnap-packages.lock"
+
+
+@contextlib.contextmanager
+def packages_lock():
+    with open(PACKAGES_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def enabled(unit):
+    return subprocess.run(["systemctl", "is-enabled", unit],
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def site(host):
+    """The test's folder, a running domain, and an inventory of this host
+    in both groups; afterwards the pull's files, the timer, the packages
+    and the domain are gone."""
+    folder = lab.workdir("ans-")
+    name = "ans-" + os.path.basename(folder)[-6:]
+    the_lab = lab.Lab()
+    was_enabled = enabled("nbd-server.service")
+    with packages_lock():
+        assert not any(map(deb.installed, deb.PACKAGES)), \
+            "nbdsnap packages are installed: purge them first"
+        try:
+            yield Site(folder, name, the_lab)
+        finally:
+            # nbd-server stopped leaves its clients' freeze: recover it
+            # while the domain still runs, as an operator would.
+            for server in the_lab.servers:
+                server.stop()
+            if deb.installed("nbdsnap"):
+                subprocess.run(["/usr/bin/nbdsnap", "recover", "--all"],
+                               capture_output=True, timeout=300)
+            the_lab.close()
+            subprocess.run(["systemctl", "disable", "--quiet",
+                            "nbd-pull@%s.timer" % name], capture_output=True)
+            for path in (os.path.join(ARGS_DIR, name + ".args"),
+                         "/etc/systemd/system/nbd-pull@%s.timer.d/"
+                         "schedule.conf" % name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir("/etc/systemd/system/nbd-pull@%s.timer.d" % name)
+            deb.purge()
+            if enabled("nbd-server.service") != was_enabled:
+                subprocess.run(["systemctl", "disable" if was_enabled !=
+                                "enabled" else "enable", "--quiet",
+                                "nbd-server.service"], capture_output=True)
+            lab.cleanup_folder(folder)
+
+
+class Site:
+    def __init__(self, folder, name, the_lab):
+        self.folder, self.name, self.lab = folder, name, the_lab
+        self.base = lab.make_image(self.path("base.raw"), SIZE, fill=0x11)
+        self.dom = the_lab.define(name, [lab.disk_xml(self.base, "vda")])
+        self.port = lab.free_port()
+        self.inventory = self.path("inventory.yml")
+        with open(self.inventory, "w") as f:
+            f.write("all:\n  hosts:\n    localhost:\n"
+                    "      ansible_connection: local\n"
+                    "      ansible_python_interpreter: /usr/bin/python3\n"
+                    "  children:\n"
+                    "    nbdsnap_vmhosts: {hosts: {localhost: }}\n"
+                    "    nbdsnap_clones: {hosts: {localhost: }}\n")
+        os.makedirs(self.path("metrics"))
+        self.vars = {
+            "nbdsnap_debs": deb.build(self.path("build")),
+            "nbdsnap_deb_cache": self.path("debs"),
+            "nbdsnap_config": {
+                "state_dir": self.path("state"),
+                "snapshot_dir": self.path("overlays"),
+                "manifest_dir": self.path("manifests"),
+                "quiesce": False},              # YAML's off
+            "nbdsnap_nbd_server_config": self.path("nbd-server", "config"),
+            "nbdsnap_nbd_server_confd": self.path("nbd-server", "conf.d"),
+            "nbdsnap_nbd_server_pidfile": self.path("nbd-server.pid"),
+            "nbdsnap_nbd_server_generic": {"listenaddr": "127.0.0.1",
+                                           "port": self.port},
+            "nbdsnap_tls_dir": self.path("tls"),
+            "nbdsnap_tls_server_names": ["localhost", "127.0.0.1"],
+            "nbdsnap_exports": [{"domain": name, "allow": ["127.0.0.1"]}],
+            "nbdsnap_clone_tls_dir": self.path("vmhosts"),
+            "nbdsnap_pull_metrics_dir": self.path("metrics"),
+            "nbdsnap_pulls": [{
+                "name": name, "vmhost": "localhost", "address": "127.0.0.1",
+                "port": self.port, "schedule": "*:0/15",
+                "disks": [{"export": name + "-vda",
+                           "copy": self.path("clones", name + "-vda.img")}],
+            }],
+        }
+
+    def path(self, *names):
+        return os.path.join(self.folder, *names)
+
+    def play(self, check=False):
+        return playbook.run(self.folder, self.inventory, self.vars,
+                            check=check)
+
+
+def test_roles_install_configure_and_rerun_without_change(site):
+    name = site.name
+    args = os.path.join(ARGS_DIR, name + ".args")
+    first = site.play(check=True)
+    assert first.returncode == 0, first.output[-4000:]
+    assert first.total("failed") == 0 and first.total("changed") > 0
+    # Check mode changed nothing.
+    assert deb.installed("nbdsnap") is None
+    assert deb.installed("nbdsnap-client") is None
+    assert not os.path.exists(args)
+    assert not os.path.exists(site.path("nbd-server"))
+
+    real = site.play()
+    assert real.returncode == 0, real.output[-4000:]
+    assert real.total("changed") > 0
+    again = site.play()
+    assert again.returncode == 0, again.output[-4000:]
+    assert again.total("changed") == 0, again.changed_tasks()
+    checked = site.play(check=True)
+    assert checked.returncode == 0, checked.output[-4000:]
+    assert checked.total("changed") == 0, checked.changed_tasks()
+
+    # What the VM host's side wrote: nbd-server's configuration, linted.
+    config = site.path("nbd-server", "config")
+    text = open(config).read()
+    assert "\tincludedir = %s" % site.path("nbd-server", "conf.d") in text
+    assert "\tport = %d" % site.port in text
+    assert "user" not in text and "group" not in text
+    lint = subprocess.run(["/usr/bin/nbdsnap", "lint", config],
+                          capture_output=True, text=True)
+    assert (lint.returncode, lint.stdout) == (0, ""), lint.stdout
+    section = open(site.path("nbd-server", "conf.d", name + ".conf")).read()
+    assert "force_tls = true" in section
+    assert "prerun = /usr/bin/nbd-prerun --domain %s --disk vda" % name \
+        in section
+    assert enabled("nbdsnap-recover.service") == "enabled"
+
+    # The clone's side: its arguments, its timer, its TLS folder.
+    tls = site.path("vmhosts", "localhost")
+    copy = site.path("clones", name + "-vda.img")
+    lines = [line for line in open(args).read().splitlines()
+             if line and not line.startswith("#")]
+    assert lines == [
+        "--metrics", site.path("metrics", "nbd-pull-%s.prom" % name),
+        "nbds://127.0.0.1:%d/%s-vda?tls-certificates=%s"
+        % (site.port, name, tls), copy]
+    timer = os.path.join(WANTS, "nbd-pull@%s.timer" % name)
+    assert os.readlink(timer) == "/lib/systemd/system/nbd-pull@.timer"
+    schedule = "/etc/systemd/system/nbd-pull@%s.timer.d/schedule.conf" % name
+    assert "OnCalendar=\nOnCalendar=*:0/15\n" in open(schedule).read()
+    assert stat.S_IMODE(os.stat(tls).st_mode) == 0o700
+    made = site.path("tls", "clients", "localhost")
+    for pem in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        st = os.stat(os.path.join(tls, pem))
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+        assert open(os.path.join(tls, pem)).read() == \
+            open(os.path.join(made, pem)).read()
+
+    # The pull the timer would run, through nbd-server on that
+    # configuration: the copy is the disk.
+    server = lab.NbdServer(site.folder, {}, {"LIBVIRT_DEFAULT_URI": lab.URI})
+    server.conf, server.port = config, site.port
+    server.pidfile = site.path("nbd-server.pid")
+    server.write_config = lambda: None
+    server.start()
+    site.lab.servers.append(server)
+    unit = open("/lib/systemd/system/nbd-pull@.service").read()
+    start = [line.split("=", 1)[1] for line in unit.splitlines()
+             if line.startswith("ExecStart=")]
+    assert len(start) == 1
+    pull = subprocess.run(shlex.split(start[0].replace("%i", name)),
+                          capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert pull.returncode == 0, pull.stderr
+    assert lab.sha256(copy) == lab.sha256(site.base)
+    metrics = open(site.path("metrics", "nbd-pull-%s.prom" % name)).read()
+    assert "nbdsnap_pull_last_complete_timestamp_seconds{" in metrics
+    lab.wait_until(lambda: not os.listdir(site.path("state", "sessions")),
+                   60, what="the freeze to end")
+    assert lab.disk_source(site.dom, "vda") == site.base
