@@ -44,6 +44,13 @@ def enabled(unit):
                           capture_output=True, text=True).stdout.strip()
 
 
+def disks(domain):
+    """virsh domblklist: a new connection, whatever became of the lab's
+    (another test may restart libvirtd)."""
+    return subprocess.run(["virsh", "-c", lab.URI, "domblklist", domain],
+                          capture_output=True, text=True, check=True).stdout
+
+
 @pytest.fixture
 def site(host):
     """The test's folder, a running domain, and an inventory of this host
@@ -67,6 +74,7 @@ def site(host):
                 subprocess.run(["/usr/bin/nbdsnap", "recover", "--all"],
                                capture_output=True, timeout=300)
             the_lab.close()
+            lab.remove_domains(name)    # if libvirtd restarted meanwhile
             subprocess.run(["systemctl", "disable", "--quiet",
                             "nbd-pull@%s.timer" % name], capture_output=True)
             for path in (os.path.join(ARGS_DIR, name + ".args"),
@@ -115,6 +123,7 @@ class Site:
             "nbdsnap_tls_dir": self.path("tls"),
             "nbdsnap_tls_server_names": ["localhost", "127.0.0.1"],
             "nbdsnap_exports": [{"domain": name, "allow": ["127.0.0.1"]}],
+            "nbdsnap_lint_accept": ["AppArmor is on"],
             "nbdsnap_clone_tls_dir": self.path("vmhosts"),
             "nbdsnap_pull_metrics_dir": self.path("metrics"),
             "nbdsnap_pulls": [{
@@ -212,4 +221,22 @@ def test_roles_install_configure_and_rerun_without_change(site):
     assert "nbdsnap_pull_last_complete_timestamp_seconds{" in metrics
     lab.wait_until(lambda: not os.listdir(site.path("state", "sessions")),
                    60, what="the freeze to end")
-    assert lab.disk_source(site.dom, "vda") == site.base
+    assert site.base in disks(name)         # committed, back on its base
+
+    # A new export while nbd-server runs: the handler's SIGHUP makes
+    # nbd-server serve it, and nothing else changes.
+    other = lab.make_image(site.path("other.raw"), SIZE, fill=0x22)
+    site.lab.define(name + "b", [lab.disk_xml(other, "vda")])
+    site.vars["nbdsnap_exports"].append({"domain": name + "b",
+                                         "allow": ["127.0.0.1"]})
+    added = site.play()
+    assert added.returncode == 0, added.output[-4000:]
+    assert "reloaded %d" % server.pid in added.output
+    assert added.total("changed") == 2, added.changed_tasks()
+    compare = subprocess.run(
+        ["/usr/bin/nbd-verify", "compare", "nbds://127.0.0.1:%d/%sb-vda?"
+         "tls-certificates=%s" % (site.port, name, tls), other],
+        capture_output=True, text=True, timeout=120)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    lab.wait_until(lambda: not os.listdir(site.path("state", "sessions")),
+                   60, what="the freeze to end")
