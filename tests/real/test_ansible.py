@@ -117,6 +117,7 @@ class Site:
             "nbdsnap_pulls": [{
                 "name": name, "vmhost": "localhost", "address": "127.0.0.1",
                 "port": self.port, "schedule": "*:0/15",
+                "define": name + "-standby", "args": ["-c", "2"],
                 "disks": [{"export": name + "-vda",
                            "copy": self.path("clones", name + "-vda.img")}],
             }],
@@ -173,6 +174,7 @@ def test_roles_install_configure_and_rerun_without_change(site):
     lines = [line for line in open(args).read().splitlines()
              if line and not line.startswith("#")]
     assert lines == [
+        "-c", "2", "--define", name + "-standby",
         "--metrics", site.path("metrics", "nbd-pull-%s.prom" % name),
         "nbds://127.0.0.1:%d/%s-vda?tls-certificates=%s"
         % (site.port, name, tls), copy]
@@ -205,6 +207,7 @@ def test_roles_install_configure_and_rerun_without_change(site):
                           stdin=subprocess.DEVNULL)
     assert pull.returncode == 0, pull.stderr
     assert lab.sha256(copy) == lab.sha256(site.base)
+    assert copy in disks(name + "-standby")     # --define: the standby
     metrics = open(site.path("metrics", "nbd-pull-%s.prom" % name)).read()
     assert "nbdsnap_pull_last_complete_timestamp_seconds{" in metrics
     lab.wait_until(lambda: not os.listdir(site.path("state", "sessions")),
