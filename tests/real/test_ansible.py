@@ -1,20 +1,23 @@
 """The Ansible roles (contrib/ansible/site.yml) on this machine, as an
 operator runs them: Debian's ansible-core, connection local, this host
 both the VM host and the clone host, the packages built from this tree.
+This host's PID 1 is not systemd: the roles enable the units and start
+nothing, and the pull runs under a systemd of the test's own.
 
 Check mode first (it changes nothing), then for real, then again: the
 second run changes nothing (the PLAY RECAP says changed=0), nor does a
 check after it.  Then what a user would look at: lint passes on the
 configuration written, the clone's arguments, its timer enabled, its TLS
-folder 0700 with its files 0600; and the pull the timer would run (the
-installed unit's ExecStart) copies the disk through nbd-server on that
-configuration, over TLS.  The packages are purged at the end, whatever
+folder 0700 with its files 0600; and the pull the timer runs (the
+installed units with the role's drop-in, under systemd) copies the disk
+through nbd-server on that configuration, over TLS; a new export is
+served once nbd-server restarts.  (No --define: the test's systemd has a
+/run of its own, without libvirtd's socket.)  The packages are purged at the end, whatever
 happened: other tests install them too.
 """
 
 import contextlib
 import os
-import shlex
 import stat
 import subprocess
 
@@ -22,6 +25,7 @@ import pytest
 
 import lab
 from lab import deb, playbook
+from lab.systemd import Systemd
 
 MiB = 1 << 20
 SIZE = 16               # MiB
@@ -117,7 +121,7 @@ class Site:
             "nbdsnap_pulls": [{
                 "name": name, "vmhost": "localhost", "address": "127.0.0.1",
                 "port": self.port, "schedule": "*:0/15",
-                "define": name + "-standby", "args": ["-c", "2"],
+                "args": ["-c", "2"],
                 "disks": [{"export": name + "-vda",
                            "copy": self.path("clones", name + "-vda.img")}],
             }],
@@ -174,12 +178,12 @@ def test_roles_install_configure_and_rerun_without_change(site):
     lines = [line for line in open(args).read().splitlines()
              if line and not line.startswith("#")]
     assert lines == [
-        "-c", "2", "--define", name + "-standby",
+        "-c", "2",
         "--metrics", site.path("metrics", "nbd-pull-%s.prom" % name),
         "nbds://127.0.0.1:%d/%s-vda?tls-certificates=%s"
         % (site.port, name, tls), copy]
-    timer = os.path.join(WANTS, "nbd-pull@%s.timer" % name)
-    assert os.readlink(timer) == "/lib/systemd/system/nbd-pull@.timer"
+    link = os.path.join(WANTS, "nbd-pull@%s.timer" % name)
+    assert os.readlink(link) == "/lib/systemd/system/nbd-pull@.timer"
     schedule = "/etc/systemd/system/nbd-pull@%s.timer.d/schedule.conf" % name
     assert "OnCalendar=\nOnCalendar=*:0/15\n" in open(schedule).read()
     assert stat.S_IMODE(os.stat(tls).st_mode) == 0o700
@@ -190,24 +194,32 @@ def test_roles_install_configure_and_rerun_without_change(site):
         assert open(os.path.join(tls, pem)).read() == \
             open(os.path.join(made, pem)).read()
 
-    # The pull the timer would run, through nbd-server on that
-    # configuration: the copy is the disk.
+    # nbd-server on that configuration, as the role left it.
     server = lab.NbdServer(site.folder, {}, {"LIBVIRT_DEFAULT_URI": lab.URI})
     server.conf, server.port = config, site.port
     server.pidfile = site.path("nbd-server.pid")
     server.write_config = lambda: None
     server.start()
     site.lab.servers.append(server)
-    unit = open("/lib/systemd/system/nbd-pull@.service").read()
-    start = [line.split("=", 1)[1] for line in unit.splitlines()
-             if line.startswith("ExecStart=")]
-    assert len(start) == 1
-    pull = subprocess.run(shlex.split(start[0].replace("%i", name)),
-                          capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
-    assert pull.returncode == 0, pull.stderr
+    # The timer's pull as systemd runs it (PID 1 of a namespace of the
+    # test's own): the installed units, the role's drop-in and args; the
+    # copy is the disk.
+    service, timer = ("nbd-pull@%s.%s" % (name, kind)
+                      for kind in ("service", "timer"))
+    systemd = Systemd(site.path("systemd"))
+    try:
+        for unit in ("nbd-pull@.service", "nbd-pull@.timer"):
+            systemd.add("/lib/systemd/system/" + unit)
+        systemd.add(schedule)
+        assert systemd.show(timer, "TimersCalendar").startswith(
+            "{ OnCalendar=*-*-* *:00/15:00 ;")
+        pull = systemd.systemctl("start", service)
+        assert pull.returncode == 0, systemd.systemctl(
+            "status", "--lines=20", service).stdout
+        assert systemd.show(service, "Result") == "success"
+    finally:
+        systemd.close()
     assert lab.sha256(copy) == lab.sha256(site.base)
-    assert copy in disks(name + "-standby")     # --define: the standby
     metrics = open(site.path("metrics", "nbd-pull-%s.prom" % name)).read()
     assert "nbdsnap_pull_last_complete_timestamp_seconds{" in metrics
     lab.wait_until(lambda: not os.listdir(site.path("state", "sessions")),
