@@ -12,8 +12,8 @@ folder 0700 with its files 0600; and the pull the timer runs (the
 installed units with the role's drop-in, under systemd) copies the disk
 through nbd-server on that configuration, over TLS; a new export is
 served once nbd-server restarts.  (No --define: the test's systemd has a
-/run of its own, without libvirtd's socket.)  The packages are purged at the end, whatever
-happened: other tests install them too.
+/run of its own, without libvirtd's socket.)  The packages are purged at
+the end, whatever happened: other tests install them too.
 """
 
 import contextlib
@@ -48,13 +48,13 @@ def site(host):
     """The test's folder, a running domain, and an inventory of this host
     in both groups; afterwards the pull's files, the timer, the packages
     and the domain are gone."""
-    folder = lab.workdir("ans-")
-    name = "ans-" + os.path.basename(folder)[-6:]
-    the_lab = lab.Lab()
     was_enabled = enabled("nbd-server.service")
+    # machine(): no other package test meanwhile, no nbdsnap installed
+    # before, both packages purged after.
     with deb.machine():
-        assert not any(map(deb.installed, deb.PACKAGES)), \
-            "nbdsnap packages are installed: purge them first"
+        folder = lab.workdir("ans-")
+        name = "ans-" + os.path.basename(folder)[-6:]
+        the_lab = lab.Lab()
         try:
             yield Site(folder, name, the_lab)
         finally:
@@ -76,7 +76,7 @@ def site(host):
                     os.unlink(path)
             with contextlib.suppress(FileNotFoundError):
                 os.rmdir("/etc/systemd/system/nbd-pull@%s.timer.d" % name)
-            deb.purge()
+            deb.purge()             # before machine()'s: the timer first
             if enabled("nbd-server.service") != was_enabled:
                 subprocess.run(["systemctl", "disable" if was_enabled !=
                                 "enabled" else "enable", "--quiet",
