@@ -131,8 +131,11 @@ class Site:
         return os.path.join(self.folder, *names)
 
     def play(self, check=False):
-        return playbook.run(self.folder, self.inventory, self.vars,
-                            check=check)
+        run = playbook.run(self.folder, self.inventory, self.vars,
+                           check=check)
+        # --diff shows what changed: never a key.
+        assert "PRIVATE KEY" not in run.output
+        return run
 
 
 def test_roles_install_configure_and_rerun_without_change(site):
